@@ -1,0 +1,1 @@
+"""Frozen networks used as teachers, feature extractors and perceptual losses, and how their weights are found."""

@@ -1,0 +1,75 @@
+"""Finding pretrained weights: a local file first, then the hub, and a clear message when neither works.
+
+Nothing here unpickles: weights are safetensors, or TorchScript for the FID Inception network.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+
+class MissingWeightsError(FileNotFoundError):
+    """Pretrained weights that are needed but cannot be found locally nor downloaded."""
+
+
+def shared_data_dir() -> Path | None:
+    """The read-only data folder beside the checkout, or $MAETOK_SHARED_DATA. None when absent."""
+    env = os.environ.get("MAETOK_SHARED_DATA")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[3] / ".." / "shared" / "data")
+    for c in candidates:
+        if c.is_dir():
+            return c.resolve()
+    return None
+
+
+def find_weights(what: str, local: str | Path | None, filename: str | None = None,
+                 hint: str = "") -> Path:
+    """Resolve a weights file: an explicit path, else `filename` in $MAETOK_SHARED_DATA / ../shared/data."""
+    if local:
+        p = Path(local).expanduser()
+        if p.is_file():
+            return p
+        raise MissingWeightsError(f"{what}: weights file {p} does not exist. {hint}".strip())
+    if filename:
+        d = shared_data_dir()
+        if d is not None and (d / filename).is_file():
+            return d / filename
+    raise MissingWeightsError(
+        f"{what}: no weights found (looked for {filename or 'an explicit path'} in $MAETOK_SHARED_DATA and "
+        f"../shared/data). {hint}".strip())
+
+
+def hub_download(repo_id: str, filename: str, what: str) -> Path:
+    """Download one file from the Hugging Face hub, turning offline failures into a message a person can act on."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise MissingWeightsError(f"{what}: huggingface_hub is not installed (pip install 'maetok[teachers]'), "
+                                  f"or download {repo_id}/{filename} yourself and pass its local path.") from e
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except Exception as e:  # network errors come in many types; all mean the same thing to the user
+        raise MissingWeightsError(
+            f"{what}: could not download {filename} from the hub repository {repo_id} ({type(e).__name__}: {e}). "
+            f"On an offline machine, download it elsewhere and pass the local path instead.") from e
+
+
+def load_safetensors_strict(model: torch.nn.Module, path: str | Path) -> None:
+    """Load a safetensors state dict, naming missing/unexpected keys and shape mismatches in the error."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: weights are read from .safetensors files only (pickles can execute code)")
+    state = load_file(str(path))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in set(own) & set(state) if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{path} does not match {type(model).__name__}: missing {missing[:8]}, "
+                         f"unexpected {unexpected[:8]}, shape mismatches {shapes[:8]}")
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,306 @@
+"""MAETok: a plain ViT autoencoder with 1D latent tokens, trained with mask modelling.
+
+    images ─► Encoder (ViT + CLS + APE + RoPE-Mixed, L latent tokens appended) ─► z (B, L, C)
+    z ─► LatentDecoder (N image queries + latents, adaLN from z on the latent positions) ─► pixels
+    z ─► auxiliary LatentDecoders (shallow) ─► HOG / DINOv2 / SigLIP features of the masked patches (training)
+
+The same code gives the baselines: `ae` (no mask, no aux), `vae` (diagonal Gaussian posterior + KL) and `mae`
+(mask, pixel target only). The forward pass matches the official `AEModel` (see tokenizer/convert.py and the
+parity test) so the released checkpoints load.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from .. import __version__
+from ..config import ConfigError, TokenizerConfig, from_dict, to_dict
+from ..layers import Attention, LayerScale, Mlp, RoPEMixed
+from .masking import random_patch_mask, sample_mask_ratio
+
+CONFIG_KIND = "maetok-tokenizer"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Encoder
+# --------------------------------------------------------------------------------------------------------------
+class EncoderBlock(nn.Module):
+    """Pre-norm ViT block with LayerScale (DINOv2 style)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, ls_init: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.attn = Attention(width, heads, qkv_bias=True)
+        self.ls1 = LayerScale(width, ls_init)
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = Mlp(width, int(width * mlp_ratio))
+        self.ls2 = LayerScale(width, ls_init)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], rope_start: int) -> torch.Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x), rope, rope_start))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class Encoder(nn.Module):
+    """Sequence [CLS, N patches, L latents]; RoPE on the patches only; the last L tokens become the latent."""
+
+    def __init__(self, cfg: TokenizerConfig, out_dim: int):
+        super().__init__()
+        W, N, L = cfg.enc_width, cfg.num_patches, cfg.latent_tokens
+        self.patch_embed = nn.Conv2d(cfg.in_channels, W, cfg.patch_size, cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, W))
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + N, W) * 0.02)  # learned APE over [CLS, patches]
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, W)) if cfg.uses_mask else None
+        self.latent_tokens = nn.Parameter(torch.randn(1, L, W) * 0.02)
+        self.latent_pos_embed = nn.Parameter(torch.randn(1, L, W) * 0.02)
+        self.rope = RoPEMixed(cfg.enc_depth, cfg.enc_heads, W // cfg.enc_heads, cfg.grid, cfg.rope_theta)
+        self.blocks = nn.ModuleList(EncoderBlock(W, cfg.enc_heads, cfg.mlp_ratio, cfg.layerscale_init)
+                                    for _ in range(cfg.enc_depth))
+        self.norm = nn.LayerNorm(W, eps=1e-6)
+        self.to_latent = nn.Linear(W, out_dim)
+        self.grad_checkpointing = False
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, W), row-major patches
+        if mask is not None:
+            # Masked patches become the mask token *before* the position embedding, so the encoder still knows
+            # where the missing patches are.
+            x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = torch.cat([x, (self.latent_tokens + self.latent_pos_embed).expand(x.shape[0], -1, -1)], dim=1)
+        cos, sin = self.rope()
+        for i, block in enumerate(self.blocks):
+            x = _maybe_checkpoint(block, self.grad_checkpointing, x, (cos[i], sin[i]), 1)
+        latents = self.norm(x)[:, -self.latent_tokens.shape[1]:]
+        return self.to_latent(latents)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Decoder (pixel decoder and the shallow auxiliary decoders)
+# --------------------------------------------------------------------------------------------------------------
+class DecoderBlock(nn.Module):
+    """Non-affine pre-norm block; the latent positions are modulated by the raw latent as h*scale + shift.
+
+    Note the plain `scale` (not 1 + scale) and the absence of gates: this is what the released weights expect.
+    """
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, latent_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=1e-6, elementwise_affine=False)
+        self.attn = Attention(width, heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(width, eps=1e-6, elementwise_affine=False)
+        self.mlp = Mlp(width, int(width * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(latent_dim, 4 * width))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(z).chunk(4, dim=-1)
+        n_img = x.shape[1] - z.shape[1]
+        x = x + self.attn(_modulate_latents(self.norm1(x), n_img, shift_msa, scale_msa), rope, 0)
+        return x + self.mlp(_modulate_latents(self.norm2(x), n_img, shift_mlp, scale_mlp))
+
+
+def _modulate_latents(h: torch.Tensor, n_img: int, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.cat([h[:, :n_img], h[:, n_img:] * scale + shift], dim=1)
+
+
+class LatentModulatedNorm(nn.Module):
+    """Final norm of the decoder: non-affine LayerNorm, latent positions modulated by the raw latent."""
+
+    def __init__(self, width: int, latent_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=1e-6, elementwise_affine=False)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(latent_dim, 2 * width))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(z).chunk(2, dim=-1)
+        return _modulate_latents(self.norm(x), x.shape[1] - z.shape[1], shift, scale)
+
+
+class LatentDecoder(nn.Module):
+    """Sequence [N image queries (one shared mask token), L projected latents]; RoPE on the image slots only.
+
+    Returns per-patch outputs (B, N, out_dim): pixels for the pixel decoder, target features for aux decoders.
+    """
+
+    def __init__(self, latent_dim: int, latent_tokens: int, grid: tuple[int, int], width: int, depth: int,
+                 heads: int, mlp_ratio: float, rope_theta: float, out_dim: int):
+        super().__init__()
+        self.num_image_tokens = grid[0] * grid[1]
+        self.from_latent = nn.Linear(latent_dim, width)
+        self.mask_token = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.latent_pos_embed = nn.Parameter(torch.randn(1, latent_tokens, width) * 0.02)
+        self.rope = RoPEMixed(depth, heads, width // heads, grid, rope_theta)
+        self.blocks = nn.ModuleList(DecoderBlock(width, heads, mlp_ratio, latent_dim) for _ in range(depth))
+        self.final_norm = LatentModulatedNorm(width, latent_dim)
+        self.head = nn.Linear(width, out_dim)
+        self.grad_checkpointing = False
+        for m in [*(b.adaLN_modulation[-1] for b in self.blocks), self.final_norm.adaLN_modulation[-1]]:
+            nn.init.zeros_(m.weight)  # official init: latent positions start at zero and open up during training
+            nn.init.zeros_(m.bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        B = z.shape[0]
+        queries = self.mask_token.expand(B, self.num_image_tokens, -1)
+        x = torch.cat([queries, self.from_latent(z) + self.latent_pos_embed], dim=1)
+        cos, sin = self.rope()
+        for i, block in enumerate(self.blocks):
+            x = _maybe_checkpoint(block, self.grad_checkpointing, x, z, (cos[i], sin[i]))
+        x = self.final_norm(x, z)
+        return self.head(x[:, :self.num_image_tokens])
+
+
+def _maybe_checkpoint(block: nn.Module, enabled: bool, *args):
+    if enabled and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
+def unpatchify(tokens: torch.Tensor, patch: int, grid: tuple[int, int], channels: int) -> torch.Tensor:
+    """(B, N, p*p*C) with (row-in-patch, col-in-patch, channel) layout, channel fastest -> (B, C, H, W)."""
+    B = tokens.shape[0]
+    gh, gw = grid
+    x = tokens.view(B, gh, gw, patch, patch, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, channels, gh * patch, gw * patch)
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """Inverse of `unpatchify`: (B, C, H, W) -> (B, N, p*p*C)."""
+    B, C, H, W = images.shape
+    x = images.view(B, C, H // patch, patch, W // patch, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // patch) * (W // patch), patch * patch * C)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The tokenizer
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class TokenizerOutput:
+    recon: torch.Tensor                                   # (B, C, H, W)
+    z: torch.Tensor                                       # (B, L, C) latent fed to the decoders
+    mask: torch.Tensor | None = None                      # (B, N) bool, True = masked patch
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B, N, dim) predictions
+    posterior: tuple[torch.Tensor, torch.Tensor] | None = None  # VAE (mean, logvar)
+
+
+class MAETok(nn.Module):
+    """MAETok tokenizer. `aux_dims` maps auxiliary target names to feature sizes; inference models have none."""
+
+    def __init__(self, cfg: TokenizerConfig, aux_dims: dict[str, int] | None = None):
+        super().__init__()
+        self.config = cfg
+        C = cfg.latent_dim
+        self.encoder = Encoder(cfg, out_dim=2 * C if cfg.variant == "vae" else C)
+        self.decoder = LatentDecoder(C, cfg.latent_tokens, cfg.grid, cfg.dec_width, cfg.dec_depth, cfg.dec_heads,
+                                     cfg.mlp_ratio, cfg.rope_theta, cfg.patch_size ** 2 * cfg.in_channels)
+        self.aux_decoders = nn.ModuleDict()
+        if cfg.uses_aux and aux_dims:
+            for t in cfg.aux_targets:
+                if t.name not in aux_dims:
+                    raise ConfigError(f"model.aux_targets: no feature size given for target {t.name!r}")
+                self.aux_decoders[t.name] = LatentDecoder(
+                    C, cfg.latent_tokens, cfg.grid, cfg.aux_width, cfg.aux_depth, cfg.aux_heads, cfg.mlp_ratio,
+                    cfg.rope_theta, aux_dims[t.name])
+
+    # ----- the public interface -----------------------------------------------------------------------------
+    def encode(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> latent (B, L, C). VAE: the posterior mean unless `sample`."""
+        self._check_images(images)
+        h = self.encoder(images)
+        if self.config.variant == "vae":
+            mean, logvar = _split_posterior(h)
+            return mean + torch.randn_like(mean) * torch.exp(0.5 * logvar) if sample else mean
+        return h
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent (B, L, C) -> images (B, C, H, W), roughly in [-1, 1] (not clamped)."""
+        cfg = self.config
+        if z.dim() != 3 or z.shape[1:] != (cfg.latent_tokens, cfg.latent_dim):
+            raise ValueError(f"decode expects latents of shape (B, {cfg.latent_tokens}, {cfg.latent_dim}), "
+                             f"got {tuple(z.shape)}")
+        return unpatchify(self.decoder(z), cfg.patch_size, cfg.grid, cfg.in_channels)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.config.latent_mean) / self.config.latent_std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.config.latent_std + self.config.latent_mean
+
+    def forward(self, images: torch.Tensor, mask_ratio: float | None = None,
+                generator: torch.Generator | None = None) -> TokenizerOutput:
+        """Training forward. Masks patches when the variant uses masking and the module is in training mode
+        (or when `mask_ratio` is given explicitly, e.g. for the stage-2 anneal); eval mode never masks."""
+        self._check_images(images)
+        cfg, mask = self.config, None
+        if mask_ratio is None and self.training and cfg.uses_mask:
+            mask_ratio = sample_mask_ratio(cfg.mask, generator)
+        if mask_ratio:
+            if self.encoder.mask_token is None:
+                raise ValueError(f"variant {cfg.variant!r} has no mask token; masking needs maetok or mae")
+            mask = random_patch_mask(images.shape[0], cfg.num_patches, mask_ratio, images.device, generator)
+        h = self.encoder(images, mask)
+        posterior = None
+        if cfg.variant == "vae":
+            mean, logvar = _split_posterior(h)
+            posterior = (mean, logvar)
+            z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar) if self.training else mean
+        else:
+            z = h
+        recon = unpatchify(self.decoder(z), cfg.patch_size, cfg.grid, cfg.in_channels)
+        aux = {name: dec(z) for name, dec in self.aux_decoders.items()}
+        return TokenizerOutput(recon=recon, z=z, mask=mask, aux=aux, posterior=posterior)
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        cfg = self.config
+        want = (cfg.in_channels, cfg.image_size, cfg.image_size)
+        if images.dim() != 4 or tuple(images.shape[1:]) != want:
+            raise ValueError(f"expected images of shape (B, {want[0]}, {want[1]}, {want[2]}) in [-1, 1], "
+                             f"got {tuple(images.shape)}")
+
+    # ----- weights ------------------------------------------------------------------------------------------
+    def inference_state_dict(self) -> dict[str, torch.Tensor]:
+        """Encoder and pixel decoder only: what encode/decode need (aux decoders are training scaffolding)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("aux_decoders.")}
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.inference_state_dict().items()}
+        meta = {"kind": CONFIG_KIND, "maetok_version": __version__, "config": to_dict(self.config)}
+        _atomic_write_text(out / "config.json", json.dumps(meta, indent=2))
+        tmp = out / "model.safetensors.tmp"
+        save_file(state, str(tmp), metadata={"kind": CONFIG_KIND})
+        tmp.replace(out / "model.safetensors")
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | Path, map_location: str | torch.device = "cpu") -> "MAETok":
+        """Load our format, or an official MAETok checkpoint (converted on the fly), from a folder or hub id."""
+        from .convert import load_official_tokenizer, resolve_checkpoint_dir
+
+        src = resolve_checkpoint_dir(path_or_hub_id)
+        meta = json.loads((src / "config.json").read_text())
+        if meta.get("kind") != CONFIG_KIND:
+            model, _ = load_official_tokenizer(src)
+            return model.to(map_location).eval()
+        cfg = from_dict(TokenizerConfig, meta["config"], "config.json:config")
+        model = cls(cfg)
+        from ..nets.hub import load_safetensors_strict
+
+        load_safetensors_strict(model, src / "model.safetensors")
+        return model.to(map_location).eval()
+
+
+def _split_posterior(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean, logvar = h.chunk(2, dim=-1)
+    return mean, logvar.clamp(-30.0, 20.0)  # the usual VAE guard against exp overflow
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -1,0 +1,35 @@
+"""Shared test fixtures. Parity and real-data tests read ../shared (or $MAETOK_SHARED) in place."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_root() -> Path | None:
+    root = Path(os.environ.get("MAETOK_SHARED", REPO.parent / "shared"))
+    return root if root.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    root = shared_root()
+    if root is None:
+        pytest.skip("../shared (or $MAETOK_SHARED) is not present: official-parity fixtures and real data unavailable")
+    return root
+
+
+@pytest.fixture(scope="session")
+def parity_dir(shared_dir: Path) -> Path:
+    return shared_dir / "fixtures" / "official_parity"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield
