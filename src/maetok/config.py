@@ -8,6 +8,7 @@ allowed, before any work starts. The resolved config is saved (YAML) in every ru
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -384,6 +385,13 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string; people write it anyway
+            try:
+                parsed = float(value)
+            except ValueError:
+                parsed = None
+            if parsed is not None and math.isfinite(parsed):
+                return parsed
         raise ConfigError(f"{key} must be a number, got {type(value).__name__}: {value!r}")
     if tp is str:
         if isinstance(value, str):

@@ -1,0 +1,276 @@
+"""SiT (and LightningDiT) on 1D latent tokens: a velocity-predicting diffusion transformer over (B, L, C).
+
+    model = SiT(sit_config("XL", in_channels=32, num_tokens=128, num_classes=1000))
+    v = model(x, t, y)        # x (B, L, C), t (B,) in [0, 1] with t = 0 data and t = 1 noise, y (B,) int labels
+
+Parameter names equal the official SiT's (x_embedder, t_embedder.mlp.0/2, y_embedder.embedding_table,
+blocks.i.attn.qkv/proj, blocks.i.mlp.fc1/fc2, blocks.i.adaLN_modulation.1, final_layer.*, pos_embed), so
+official checkpoints load with a near-identity conversion (see convert.py).
+
+`SiTConfig.variant = "lightningdit"` builds the LightningDiT block from the same classes: 1D RoPE instead of the
+absolute position table, SwiGLU MLP, RMSNorm and qk-norm.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
+
+from maetok import __version__
+from maetok.config import ConfigError, SiTConfig, from_dict, to_dict
+from maetok.layers import Attention, Mlp, RMSNorm, RoPE1D, SwiGLU, modulate, sincos_1d, timestep_features
+from maetok.nets.hub import load_safetensors_strict
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+# depth, hidden width, heads. S/B/L/XL are the SiT/DiT sizes; tiny is the official-parity fixture's size and
+# mini a CPU pilot that trains in minutes.
+SIT_SIZES: dict[str, dict[str, int]] = {
+    "S": dict(depth=12, hidden=384, heads=6),
+    "B": dict(depth=12, hidden=768, heads=12),
+    "L": dict(depth=24, hidden=1024, heads=16),
+    "XL": dict(depth=28, hidden=1152, heads=16),
+    "tiny": dict(depth=2, hidden=64, heads=4),
+    "mini": dict(depth=4, hidden=192, heads=3),
+}
+
+
+def sit_config(size: str, **overrides) -> SiTConfig:
+    """A validated SiTConfig of a named size, e.g. sit_config("XL", in_channels=32, num_tokens=128)."""
+    if size not in SIT_SIZES:
+        raise ConfigError(f"unknown SiT size {size!r}; choose one of {list(SIT_SIZES)}")
+    cfg = SiTConfig(**{**SIT_SIZES[size], **overrides})
+    cfg.validate("model")
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Embedders
+# --------------------------------------------------------------------------------------------------------------
+class TimestepEmbedder(nn.Module):
+    """Raw t in [0, 1] (no x1000) -> sinusoidal features [cos, sin] -> MLP. Features stay float32 like the official."""
+
+    def __init__(self, hidden: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_features(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> vector. Row `num_classes` is the null label: label dropout in training, CFG at sampling."""
+
+    def __init__(self, num_classes: int, hidden: int, dropout: float):
+        super().__init__()
+        self.num_classes, self.dropout = num_classes, dropout
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < self.dropout
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return self.embedding_table(labels)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------------------------------
+def _norm(hidden: int, lightning: bool) -> nn.Module:
+    # Official SiT: LayerNorm without affine parameters (adaLN supplies scale and shift). LightningDiT: RMSNorm.
+    return RMSNorm(hidden, eps=1e-6) if lightning else nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+
+
+class SiTBlock(nn.Module):
+    """adaLN-Zero block: x += gate * f(LN(x) * (1 + scale) + shift) for f = attention, then the MLP."""
+
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float, lightning: bool = False):
+        super().__init__()
+        mlp_hidden = int(hidden * mlp_ratio)
+        self.norm1 = _norm(hidden, lightning)
+        self.attn = Attention(hidden, heads, qkv_bias=True, qk_norm=lightning)
+        self.norm2 = _norm(hidden, lightning)
+        self.mlp = SwiGLU(hidden, mlp_hidden) if lightning else Mlp(hidden, mlp_hidden, approximate_gelu=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        # (B, 1, H) chunks broadcast over tokens; order fixed by the official checkpoints.
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
+            self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=rope)
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden: int, out_channels: int, lightning: bool = False):
+        super().__init__()
+        self.norm_final = _norm(hidden, lightning)
+        self.linear = nn.Linear(hidden, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------------------
+class SiT(nn.Module):
+    """Velocity model v(x_t, t, y) over (B, L, C) latent tokens; output has the shape of x."""
+
+    def __init__(self, cfg: SiTConfig):
+        super().__init__()
+        cfg.validate("model")
+        self.cfg = cfg
+        lightning = cfg.variant == "lightningdit"
+        self.x_embedder = nn.Linear(cfg.in_channels, cfg.hidden)
+        self.t_embedder = TimestepEmbedder(cfg.hidden)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden, cfg.class_dropout) if cfg.num_classes else None
+        if lightning:
+            self.pos_embed = None
+            self.rope = RoPE1D(cfg.hidden // cfg.heads, cfg.num_tokens)
+        else:
+            # A fixed table, but persistent: official checkpoints store it, and converted weights keep it.
+            self.register_buffer("pos_embed", sincos_1d(cfg.num_tokens, cfg.hidden)[None])
+            self.rope = None
+        self.blocks = nn.ModuleList(SiTBlock(cfg.hidden, cfg.heads, cfg.mlp_ratio, lightning)
+                                    for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg.hidden, cfg.in_channels, lightning)
+        self.initialize_weights()
+
+    # -- construction ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: SiTConfig) -> SiT:
+        return cls(cfg)
+
+    def initialize_weights(self) -> None:
+        """DiT init: xavier linears, N(0, 0.02) embeddings, and every adaLN and the output linear at zero.
+
+        The zeros make each block start as the identity and the whole model output 0, which is what keeps
+        adaLN-Zero training stable.
+        """
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
+                                                                      self.final_layer.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    @property
+    def null_label(self) -> int | None:
+        """The label that means "no class" (CFG's unconditional branch); None for an unconditional model."""
+        return self.cfg.num_classes if self.cfg.num_classes else None
+
+    # -- forward -----------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_inputs(x, t, y)
+        h = self.x_embedder(x)
+        if self.pos_embed is not None:
+            h = h + self.pos_embed
+        c = self.t_embedder(t)
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(y)
+        rope = self.rope() if self.rope is not None else None
+        for block in self.blocks:
+            if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(block, h, c, rope, use_reentrant=False)
+            else:
+                h = block(h, c, rope)
+        return self.final_layer(h, c)
+
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> None:
+        L, C = self.cfg.num_tokens, self.cfg.in_channels
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or tuple(x.shape[1:]) != (L, C):
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"SiT expects x of shape (B, {L}, {C}) = (batch, latent tokens, latent dim); got {shape}")
+        B = x.shape[0]
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (B,) or not t.is_floating_point():
+            shape = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"SiT expects t as a float tensor of shape ({B},), one time in [0, 1] per sample; "
+                             f"got {shape}")
+        if self.y_embedder is None:
+            if y is not None:
+                raise ValueError("this SiT is unconditional (num_classes=0) but labels y were given; pass y=None")
+            return
+        if not isinstance(y, torch.Tensor) or tuple(y.shape) != (B,) or y.is_floating_point() or y.is_complex():
+            shape = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else repr(y)
+            raise ValueError(f"SiT expects labels y as an integer tensor of shape ({B},); got {shape}")
+        n = self.cfg.num_classes
+        bad = (y < 0) | (y > n)
+        if bad.any():  # an out-of-range index would otherwise be a cryptic device-side assert on GPU
+            raise ValueError(f"labels must lie in [0, {n}] ({n} is the null label); got {y[bad][:8].tolist()}")
+
+    # -- files -------------------------------------------------------------------------------------------------
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write config.json (the SiTConfig plus a kind/version marker) and model.safetensors into out_dir."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        meta = {"kind": "sit", "maetok_version": __version__, **to_dict(self.cfg)}
+        (out_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt", "kind": "sit"})
+        return out_dir
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> SiT:
+        """Load a directory written by save_pretrained (safetensors only; nothing is unpickled)."""
+        path = Path(path)
+        cfg_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+        for p in (cfg_path, weights_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"{p} not found: SiT.from_pretrained needs a directory with "
+                                        f"{CONFIG_FILE} and {WEIGHTS_FILE} (as written by save_pretrained)")
+        try:
+            data = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{cfg_path}: not valid JSON ({e})") from e
+        if not isinstance(data, dict) or data.pop("kind", None) != "sit":
+            raise ConfigError(f"{cfg_path}: not a maetok SiT config (expected \"kind\": \"sit\"); official "
+                              f"checkpoints must first go through maetok.diffusion.convert_official_sit")
+        data.pop("maetok_version", None)
+        try:
+            cfg = from_dict(SiTConfig, data)
+        except ConfigError as e:
+            raise ConfigError(f"{cfg_path}: {e}") from e
+        model = cls(cfg)
+        load_safetensors_strict(model, weights_path)
+        return model.to(device)
+
+
+def SiT_S(**overrides) -> SiT:
+    return SiT(sit_config("S", **overrides))
+
+
+def SiT_B(**overrides) -> SiT:
+    return SiT(sit_config("B", **overrides))
+
+
+def SiT_L(**overrides) -> SiT:
+    return SiT(sit_config("L", **overrides))
+
+
+def SiT_XL(**overrides) -> SiT:
+    return SiT(sit_config("XL", **overrides))
+
+
+def SiT_tiny(**overrides) -> SiT:
+    return SiT(sit_config("tiny", **overrides))
+
+
+def LightningDiT_XL(**overrides) -> SiT:
+    return SiT(sit_config("XL", variant="lightningdit", **overrides))

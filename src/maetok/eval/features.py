@@ -1,0 +1,167 @@
+"""Feature networks for FID/KID/IS/precision-recall, each known by a name that goes into every metric it produces.
+
+    net = build_feature_net("resnet56-cifar10")          # or "inception" (the number papers report)
+    feats = extract_features(net, images, batch_size=256) # FeatureSet: features (N, D), logits (N, K) or None
+    register_feature_net("pilot-classifier", lambda: wrap_feature_net(my_classifier, "pilot-classifier", 32))
+
+A network registers a factory; `FeatureNet` adapts any module with `.features(images)` (images in [-1, 1]),
+resizing inputs to the size the network expects.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@dataclass
+class FeatureSet:
+    """Features of N images under one named network; `logits` only when the network has a classifier."""
+    features: np.ndarray
+    logits: np.ndarray | None
+    net: str
+
+    @property
+    def n(self) -> int:
+        return int(self.features.shape[0])
+
+
+class FeatureNet(nn.Module):
+    """A named feature network. `input_size` None: any size; `resizes_itself`: the module does its own resize
+    (the FID Inception follows TF's resize, not F.interpolate)."""
+
+    def __init__(self, module: nn.Module, name: str, input_size: int | None = None, has_logits: bool = True,
+                 resizes_itself: bool = False):
+        super().__init__()
+        if not callable(getattr(module, "features", None)):
+            raise TypeError(f"feature net {name!r}: {type(module).__name__} has no .features(images) method")
+        self.module, self.name, self.input_size = module, name, input_size
+        self.has_logits, self.resizes_itself = has_logits, resizes_itself
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.input_size
+        if self.resizes_itself or size is None or tuple(images.shape[-2:]) == (size, size):
+            return images
+        down = images.shape[-1] > size or images.shape[-2] > size
+        return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=down)
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(features, logits or None) for images in [-1, 1]."""
+        x = self.prepare(images)
+        feats = self.module.features(x)
+        if not self.has_logits:
+            return feats, None
+        head = getattr(self.module, "linear", None)
+        # CIFAR ResNets: the classifier is one linear layer on the pooled features, so reuse them.
+        if isinstance(head, nn.Linear) and head.in_features == feats.shape[1]:
+            return feats, head(feats)
+        logits_fn = getattr(self.module, "logits", None)
+        return feats, (logits_fn(x) if callable(logits_fn) else self.module(x))
+
+
+_REGISTRY: dict[str, Callable[..., FeatureNet]] = {}
+
+
+def register_feature_net(name: str, factory: Callable[..., FeatureNet], overwrite: bool = False) -> None:
+    """Make `build_feature_net(name, **kwargs)` call `factory(**kwargs)`; e.g. the pilot's own classifier."""
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"feature net {name!r} is already registered (pass overwrite=True to replace it)")
+    _REGISTRY[name] = factory
+
+
+def available_feature_nets() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_feature_net(name: str, device: str | torch.device = "cpu", **kwargs) -> FeatureNet:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown feature net {name!r}; registered: {available_feature_nets()}")
+    return _REGISTRY[name](**kwargs).to(device).eval()
+
+
+def wrap_feature_net(module: nn.Module, name: str, input_size: int | None = None,
+                     has_logits: bool = True) -> FeatureNet:
+    """Any module with `.features(images in [-1, 1]) -> (B, D)`; logits from `.logits(x)` or `forward(x)`."""
+    return FeatureNet(module.eval(), name, input_size, has_logits)
+
+
+def _inception(path: str | Path | None = None, allow_download: bool = True) -> FeatureNet:
+    from ..nets.inception import INPUT_SIZE, build_fid_inception
+
+    return FeatureNet(build_fid_inception(path, allow_download), "inception", INPUT_SIZE, has_logits=False,
+                      resizes_itself=True)
+
+
+def _resnet_cifar(arch: str) -> Callable[..., FeatureNet]:
+    def factory(weights: str | Path | None = None, pretrained: bool = True) -> FeatureNet:
+        from ..nets.hub import find_weights
+        from ..nets.resnet_cifar import build_resnet_cifar
+
+        path = None
+        if pretrained:
+            path = find_weights(f"{arch}-cifar10 feature net", weights, f"cifar10-{arch}.safetensors",
+                                "Pass weights=... or set $MAETOK_SHARED_DATA to the folder holding it.")
+        # The random-init network keeps a distinct name so its numbers are never mistaken for the real ones.
+        name = f"{arch}-cifar10" if pretrained else f"{arch}-cifar10-random"
+        return FeatureNet(build_resnet_cifar(arch, path), name, input_size=32)
+
+    return factory
+
+
+register_feature_net("inception", _inception)
+register_feature_net("resnet56-cifar10", _resnet_cifar("resnet56"))
+register_feature_net("resnet20-cifar10", _resnet_cifar("resnet20"))
+
+
+def uint8_to_images(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC (the file format, e.g. ADM's arr_0) -> float NCHW in [-1, 1]."""
+    t = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
+    if t.dtype != torch.uint8 or t.dim() != 4 or t.shape[-1] not in (1, 3):
+        raise ValueError(f"expected uint8 NHWC images, got {t.dtype} {tuple(t.shape)}")
+    return t.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def _as_images(batch) -> torch.Tensor:
+    if isinstance(batch, np.ndarray) or (isinstance(batch, torch.Tensor) and batch.dtype == torch.uint8):
+        return uint8_to_images(batch)
+    if not isinstance(batch, torch.Tensor) or not batch.is_floating_point() or batch.dim() != 4:
+        raise TypeError("expected float NCHW image tensors in [-1, 1] (or uint8 NHWC arrays), got "
+                        f"{type(batch).__name__} {getattr(batch, 'dtype', '')} {tuple(getattr(batch, 'shape', ()))}")
+    return batch
+
+
+def extract_features(net: FeatureNet, images_or_iterable, batch_size: int = 64, progress: bool = True,
+                     device: str | torch.device | None = None, total: int | None = None) -> FeatureSet:
+    """Stream images through `net` in chunks of at most `batch_size`.
+
+    `images_or_iterable`: a float (N, C, H, W) tensor in [-1, 1], a uint8 NHWC array, or an iterable of such
+    batches (or of (images, labels) tuples). `total` (images) sizes the progress bar for iterables.
+    """
+    if device is None:
+        device = next(iter(net.parameters()), torch.empty(0)).device
+    single = isinstance(images_or_iterable, (torch.Tensor, np.ndarray))
+    batches = [images_or_iterable] if single else images_or_iterable
+    if single:
+        total = len(images_or_iterable)
+    feats, logits = [], []
+    with tqdm(total=total, disable=not progress, unit="img", desc=f"features[{net.name}]") as bar:
+        for batch in batches:
+            if isinstance(batch, (tuple, list)):  # (images, labels) from a DataLoader
+                batch = batch[0]
+            for start in range(0, len(batch), batch_size):
+                x = _as_images(batch[start:start + batch_size]).to(device)
+                f, lg = net.embed(x)
+                feats.append(f.double().cpu().numpy())
+                if lg is not None:
+                    logits.append(lg.double().cpu().numpy())
+                bar.update(len(x))
+    if not feats:
+        raise ValueError("extract_features: no images were given")
+    return FeatureSet(np.concatenate(feats), np.concatenate(logits) if logits else None, net.name)

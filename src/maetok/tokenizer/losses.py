@@ -1,0 +1,199 @@
+"""Tokenizer losses: pixel MSE, perceptual (LPIPS or CIFAR-ResNet features), GAN, KL, auxiliary targets.
+
+The GAN follows MAETok / VQGAN practice: hinge loss, a start step, an adaptive weight that balances the GAN
+gradient against the reconstruction gradient at the decoder's last layer, optional DiffAugment and LeCAM.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import GanConfig, TokenizerLossConfig
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Perceptual
+# --------------------------------------------------------------------------------------------------------------
+class ResNetPerceptual(nn.Module):
+    """LPIPS-style distance on a frozen CIFAR ResNet: unit-normalise each stage's channels, mean squared diff.
+
+    A small-scale stand-in for LPIPS-VGG (whose weights cannot be downloaded everywhere); recorded as such.
+    """
+
+    def __init__(self, weights: str = "", arch: str = "resnet20", pretrained: bool = True):
+        super().__init__()
+        from ..nets.hub import find_weights
+        from ..nets.resnet_cifar import build_resnet_cifar
+
+        path = find_weights(f"perceptual loss ({arch}-cifar10)", weights or None, f"cifar10-{arch}.safetensors",
+                            "Set loss.perceptual_weights to the file, or loss.perceptual=none.") if pretrained else None
+        self.net = build_resnet_cifar(arch, path).requires_grad_(False)
+
+    def train(self, mode: bool = True):  # the feature network stays frozen in eval mode (BatchNorm statistics)
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        fx, fy = self.net.feature_maps(x), self.net.feature_maps(y)
+        total = 0.0
+        for k in fx:
+            total = total + (F.normalize(fx[k], dim=1) - F.normalize(fy[k], dim=1)).pow(2).sum(1).mean()
+        return total
+
+
+def build_perceptual(cfg: TokenizerLossConfig) -> nn.Module | None:
+    if cfg.perceptual == "none" or cfg.perceptual_weight == 0:
+        return None
+    if cfg.perceptual == "resnet-cifar":
+        return ResNetPerceptual(cfg.perceptual_weights)
+    from ..nets.lpips import LPIPS
+
+    return LPIPS.from_weights(cfg.perceptual_weights or None).requires_grad_(False).eval()
+
+
+def ramp(step: int, warmup: int) -> float:
+    return 1.0 if warmup <= 0 else min(1.0, step / warmup)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Discriminators
+# --------------------------------------------------------------------------------------------------------------
+class PatchGAN(nn.Module):
+    """PatchGAN (pix2pix / taming) with spectral-norm-free BatchNorm-free GroupNorm layers; logits per patch."""
+
+    def __init__(self, in_channels: int = 3, width: int = 64, layers: int = 3):
+        super().__init__()
+        seq: list[nn.Module] = [nn.Conv2d(in_channels, width, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        ch = width
+        for i in range(1, layers):
+            nxt = width * min(2 ** i, 8)
+            seq += [nn.Conv2d(ch, nxt, 4, 2 if i < layers - 1 else 1, 1, bias=False),
+                    nn.GroupNorm(min(32, nxt // 4), nxt), nn.LeakyReLU(0.2, True)]
+            ch = nxt
+        seq += [nn.Conv2d(ch, 1, 3, 1, 1)]
+        self.net = nn.Sequential(*seq)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class DinoDiscriminator(nn.Module):
+    """Frozen DINO ViT-S/16 feature stack with light trainable heads on several blocks (as MAETok trains its GAN).
+
+    Weights come from a local file (`loss.gan.disc_weights`) or the hub through timm; offline and absent, the
+    error says what to download.
+    """
+
+    def __init__(self, weights: str = "", blocks: tuple[int, ...] = (2, 5, 8, 11), pretrained: bool = True,
+                 image_size: int = 224):
+        super().__init__()
+        try:
+            import timm
+        except ImportError as e:  # pragma: no cover
+            raise ImportError("the DINO discriminator needs timm: pip install 'maetok[teachers]'") from e
+        from ..nets.hub import MissingWeightsError
+
+        kwargs = dict(pretrained=pretrained, num_classes=0, img_size=image_size, dynamic_img_size=True)
+        if pretrained and weights:
+            kwargs["pretrained_cfg_overlay"] = dict(file=weights)
+        try:
+            self.backbone = timm.create_model("vit_small_patch16_224.dino", **kwargs).requires_grad_(False).eval()
+        except Exception as e:
+            if not pretrained:
+                raise
+            raise MissingWeightsError(
+                "DINO discriminator: could not load vit_small_patch16_224.dino weights "
+                f"({type(e).__name__}: {e}). Download the timm weights and set loss.gan.disc_weights to the file, "
+                "or use loss.gan.discriminator=patchgan.") from e
+        self.blocks = blocks
+        dim = self.backbone.embed_dim
+        self.heads = nn.ModuleList(nn.Sequential(nn.Conv1d(dim, 64, 1), nn.LeakyReLU(0.2), nn.Conv1d(64, 1, 1))
+                                   for _ in blocks)
+        self.register_buffer("mean", torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = ((x + 1) / 2 - self.mean) / self.std
+        if x.shape[-1] < 224:
+            x = F.interpolate(x, size=224, mode="bilinear", align_corners=False)
+        feats = self.backbone.forward_intermediates(x, indices=list(self.blocks), intermediates_only=True,
+                                                    output_fmt="NLC")
+        return torch.cat([h(f.transpose(1, 2)).flatten(1) for h, f in zip(self.heads, feats)], dim=1)
+
+
+def build_discriminator(cfg: GanConfig, in_channels: int = 3) -> nn.Module:
+    if cfg.discriminator == "dino":
+        return DinoDiscriminator(cfg.disc_weights)
+    return PatchGAN(in_channels)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GAN terms
+# --------------------------------------------------------------------------------------------------------------
+def diff_augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """DiffAugment (Zhao et al. 2020): colour, translation, cutout; differentiable, same policy for real/fake."""
+    B, _, H, W = x.shape
+    dev = x.device
+
+    def rnd(*shape):
+        return torch.rand(*shape, generator=generator).to(dev)
+
+    x = x + (rnd(B, 1, 1, 1) - 0.5)                                           # brightness
+    mean = x.mean(dim=1, keepdim=True)
+    x = (x - mean) * (rnd(B, 1, 1, 1) * 2) + mean                             # saturation
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * (rnd(B, 1, 1, 1) + 0.5) + mean                           # contrast
+    shift = (torch.randint(-H // 8, H // 8 + 1, (B, 2), generator=generator)).to(dev)
+    gy = (torch.arange(H, device=dev)[None, :] - shift[:, :1]).clamp(0, H - 1)  # translation, edge-clamped
+    gx = (torch.arange(W, device=dev)[None, :] - shift[:, 1:]).clamp(0, W - 1)
+    x = x[torch.arange(B, device=dev)[:, None, None], :, gy[:, :, None], gx[:, None, :]].permute(0, 3, 1, 2)
+    cy = torch.randint(0, H, (B, 1, 1), generator=generator).to(dev)          # cutout of half the side
+    cx = torch.randint(0, W, (B, 1, 1), generator=generator).to(dev)
+    yy, xx = torch.arange(H, device=dev)[None, :, None], torch.arange(W, device=dev)[None, None, :]
+    keep = ((yy - cy).abs() >= H // 4) | ((xx - cx).abs() >= W // 4)
+    return x * keep[:, None].to(x.dtype)
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    return -logits_fake.mean()
+
+
+class LeCAM(nn.Module):
+    """LeCAM regulariser (Tseng et al. 2021): keeps D's outputs near EMAs of its opposite-class outputs."""
+
+    def __init__(self, decay: float = 0.99):
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("ema_real", torch.zeros(()))
+        self.register_buffer("ema_fake", torch.zeros(()))
+
+    def forward(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.ema_real.mul_(self.decay).add_((1 - self.decay) * logits_real.mean())
+            self.ema_fake.mul_(self.decay).add_((1 - self.decay) * logits_fake.mean())
+        return F.relu(logits_real - self.ema_fake).pow(2).mean() + F.relu(self.ema_real - logits_fake).pow(2).mean()
+
+
+def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor,
+                        max_weight: float = 1e4) -> torch.Tensor:
+    """||grad rec|| / ||grad gan|| at the decoder's last layer (VQGAN): keeps the GAN from swamping recon."""
+    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_gan = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+
+
+def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(q(z|x) || N(0, I)), summed over latent elements, averaged over the batch."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean()

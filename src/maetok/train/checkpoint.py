@@ -1,0 +1,93 @@
+"""Training-state checkpoints: one file per checkpoint, written atomically, `last` pointing at the newest.
+
+A crash mid-write leaves the previous checkpoint and `last` intact: the data goes to a temporary file that is
+flushed and fsynced before an atomic rename, and `last` is itself replaced atomically afterwards.
+Loading uses `torch.load(weights_only=True)`: tensors and plain containers only, nothing is executed.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
+LAST = "last"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems do not allow opening directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, write_fn) -> None:
+    """Write through `write_fn(file)` into a temporary file, fsync it, rename over `path`, fsync the folder."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, state: dict[str, Any], keep_last: int = 2,
+                    name: str | None = None) -> Path:
+    """Write `state` as ckpt-<step>.pt (or `name`), point `last` at it, keep the newest `keep_last`."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / (name or f"ckpt-{step:08d}.pt")
+    atomic_write_bytes(path, lambda f: torch.save(state, f))
+    if name is None:
+        atomic_write_bytes(ckpt_dir / LAST, lambda f: f.write(path.name.encode()))
+        for old in sorted(p for p in ckpt_dir.iterdir() if CKPT_RE.match(p.name))[:-keep_last]:
+            old.unlink()
+    return path
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The checkpoint `last` names; falls back to the newest complete ckpt-*.pt if `last` is missing."""
+    ckpt_dir = Path(ckpt_dir)
+    pointer = ckpt_dir / LAST
+    if pointer.is_file():
+        target = ckpt_dir / pointer.read_text().strip()
+        if target.is_file():
+            return target
+    found = sorted(p for p in ckpt_dir.glob("ckpt-*.pt") if CKPT_RE.match(p.name))
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot be loaded as a training checkpoint ({type(e).__name__}: {e}). "
+                         f"Only weights-only files are accepted; nothing is unpickled.") from e
+
+
+def code_version() -> str:
+    """git describe of the source tree when available (recorded in every checkpoint), else the package version."""
+    from .. import __version__
+
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+        if out.returncode == 0 and out.stdout.strip():
+            return f"{__version__}+{out.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return __version__

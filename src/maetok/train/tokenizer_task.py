@@ -1,0 +1,163 @@
+"""The tokenizer as a training task: stage 1 (mask modelling + auxiliary targets) and stage 2 (decoder fine-tuning).
+
+Loss = pixel MSE + perceptual (ramped in) + sum_k w_k * aux_k (masked patches) + KL (vae) + adaptive GAN.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import TokenizerRunConfig
+from ..tokenizer.losses import (LeCAM, adaptive_gan_weight, build_discriminator, build_perceptual, diff_augment,
+                                hinge_d_loss, hinge_g_loss, kl_loss, ramp)
+from ..tokenizer.model import MAETok
+from ..tokenizer.targets import build_target, target_loss
+
+log = logging.getLogger("maetok.train")
+
+
+class TokenizerTask:
+    def __init__(self, cfg: TokenizerRunConfig, device: torch.device, preview: torch.Tensor | None = None):
+        self.cfg, self.device = cfg, device
+        mcfg = cfg.model
+        self.targets = nn.ModuleDict()
+        if cfg.stage == 1 and mcfg.uses_aux:
+            for t in mcfg.aux_targets:
+                self.targets[t.name] = build_target(t, mcfg.image_size, mcfg.patch_size).to(device).eval()
+            log.info("auxiliary targets: %s", ", ".join(f"{t.name} (dim {self.targets[t.name].dim}, "
+                                                        f"weight {t.weight})" for t in mcfg.aux_targets))
+        elif mcfg.aux_targets and mcfg.variant != "maetok":
+            log.info("variant %s: auxiliary targets %s are not used", mcfg.variant,
+                     [t.name for t in mcfg.aux_targets])
+        aux_dims = {n: t.dim for n, t in self.targets.items()}
+        self.model = MAETok(mcfg, aux_dims).to(device)
+        if cfg.stage == 2:
+            self._init_stage2()
+        self.perceptual = build_perceptual(cfg.loss)
+        if self.perceptual is not None:
+            self.perceptual = self.perceptual.to(device)
+        self.disc = self.disc_opt = self.lecam = None
+        if cfg.loss.gan.weight > 0:
+            self.disc = build_discriminator(cfg.loss.gan, mcfg.in_channels).to(device)
+            self.disc_opt = torch.optim.AdamW([p for p in self.disc.parameters() if p.requires_grad],
+                                              lr=cfg.loss.gan.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
+            self.lecam = LeCAM().to(device) if cfg.loss.gan.lecam_weight > 0 else None
+        self.preview = preview
+
+    def _init_stage2(self) -> None:
+        """Load stage-1 encoder + decoder, freeze the encoder; aux decoders are gone (not built)."""
+        src = Path(self.cfg.decoder_ft.init_from)
+        weights_dir = src / "model" if (src / "model" / "config.json").is_file() else src
+        stage1 = MAETok.from_pretrained(weights_dir)
+        missing, unexpected = self.model.load_state_dict(stage1.state_dict(), strict=False)
+        if unexpected or [k for k in missing if not k.startswith("aux_decoders.")]:
+            raise ValueError(f"{weights_dir}: stage-1 weights do not fit this model (missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}); use the same model config for both stages")
+        self.model.encoder.requires_grad_(False)
+        log.info("stage 2: decoder fine-tuning from %s; encoder frozen; mask ratio %.2f -> 0 over %d steps",
+                 weights_dir, self.cfg.decoder_ft.mask_ratio_start, self.cfg.decoder_ft.anneal_steps)
+
+    # ----- Task protocol ------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def mask_ratio(self, step: int) -> float | None:
+        if self.cfg.stage == 2:
+            ft = self.cfg.decoder_ft
+            return ft.mask_ratio_start * max(0.0, 1.0 - step / max(1, ft.anneal_steps)) if self.model.config.uses_mask else None
+        return None  # stage 1: the model samples its own ratio per batch
+
+    def training_step(self, model: nn.Module, batch: Any, step: int) -> dict[str, torch.Tensor]:
+        cfg, lcfg = self.cfg, self.cfg.loss
+        images = batch[0]
+        if cfg.data.random_flip:  # flips on the main process RNG: part of the resumable state
+            flip = torch.rand(images.shape[0]) < 0.5
+            images = torch.where(flip.to(images.device)[:, None, None, None], images.flip(-1), images)
+        if cfg.stage == 2:
+            self.model.encoder.eval()
+        out = model(images, mask_ratio=self.mask_ratio(step))
+        losses: dict[str, torch.Tensor] = {}
+        recon = out.recon.float()
+        losses["loss_pixel"] = F.mse_loss(recon, images)
+        rec = lcfg.pixel_weight * losses["loss_pixel"]
+        if self.perceptual is not None:
+            losses["loss_perceptual"] = self.perceptual(recon, images)
+            rec = rec + lcfg.perceptual_weight * ramp(step, lcfg.perceptual_warmup_steps) * losses["loss_perceptual"]
+        total = rec
+        if out.aux:
+            with torch.no_grad():
+                feats = {n: t(images, self.model.config.patch_size) for n, t in self.targets.items()}
+            mask = out.mask if self.model.config.aux_loss_on == "masked" else None
+            for t in self.model.config.aux_targets:
+                tgt = self.targets[t.name]
+                losses[f"loss_aux_{t.name}"] = target_loss(out.aux[t.name].float(), feats[t.name], tgt.loss, mask)
+                total = total + t.weight * losses[f"loss_aux_{t.name}"]
+        if out.posterior is not None:
+            losses["loss_kl"] = kl_loss(*out.posterior)
+            total = total + lcfg.kl_weight * losses["loss_kl"]
+        if self.disc is not None and step >= lcfg.gan.start_step:
+            fake = diff_augment(recon) if lcfg.gan.diffaug else recon
+            losses["loss_gan_g"] = hinge_g_loss(self.disc(fake))
+            weight = torch.tensor(1.0, device=recon.device)
+            if lcfg.gan.adaptive_weight and torch.is_grad_enabled():
+                weight = adaptive_gan_weight(rec, losses["loss_gan_g"], self.model.decoder.head.weight)
+            losses["gan_weight"] = weight
+            total = total + lcfg.gan.weight * weight * losses["loss_gan_g"]
+        losses["loss"] = total
+        losses["_recon"] = recon.detach()  # for the discriminator step; not logged (not a scalar)
+        losses["_images"] = images
+        if out.mask is not None:
+            losses["mask_ratio"] = out.mask.float().mean().detach()
+        return losses
+
+    def after_step(self, batch: Any, step: int, outputs: dict[str, Any]) -> dict[str, float]:
+        gan = self.cfg.loss.gan
+        if self.disc is None or step < gan.start_step:
+            return {}
+        real, fake = outputs["_images"], outputs["_recon"]
+        if gan.diffaug:
+            real, fake = diff_augment(real), diff_augment(fake)
+        logits_real, logits_fake = self.disc(real), self.disc(fake)
+        d_loss = hinge_d_loss(logits_real, logits_fake)
+        if self.lecam is not None:
+            d_loss = d_loss + gan.lecam_weight * self.lecam(logits_real, logits_fake)
+        self.disc_opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.disc_opt.step()
+        return {"loss_disc": float(d_loss.detach())}
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.disc is None:
+            return {}
+        state = {"disc": self.disc.state_dict(), "disc_opt": self.disc_opt.state_dict()}
+        if self.lecam is not None:
+            state["lecam"] = self.lecam.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.disc is not None:
+            self.disc.load_state_dict(state["disc"])
+            self.disc_opt.load_state_dict(state["disc_opt"])
+            if self.lecam is not None:
+                self.lecam.load_state_dict(state["lecam"])
+
+    @torch.no_grad()
+    def write_images(self, ema_model: nn.Module, step: int, out_dir: Path) -> None:
+        if self.preview is None:
+            return
+        from ..data.images import save_image_grid
+
+        x = self.preview.to(self.device)
+        recon = ema_model.eval().decode(ema_model.encode(x)).clamp(-1, 1)
+        # Row pairs: originals above their reconstructions.
+        n = x.shape[0]
+        save_image_grid(torch.cat([x, recon]).cpu(), out_dir / "images" / f"recon_{step:08d}.png", nrow=n)
+
+    @torch.no_grad()
+    def finish(self, ema_model: nn.Module, out_dir: Path) -> None:
+        """Nothing to do here: latent statistics need data and are measured by the runner (see run_tokenizer)."""

@@ -1,0 +1,166 @@
+"""Official SiT parity: convert the sit_tiny fixture, reproduce its outputs and intermediates; SiT-XL/1 key list."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from maetok.diffusion import SiT, build_from_key_list, convert_official_sit
+from maetok.diffusion.convert import ConversionError
+from maetok.layers import sincos_1d
+
+F32_ATOL = 1e-5   # the issue's bar (the fixture README suggests 5e-5 for SiT)
+F64_ATOL = 5e-6
+CFG_SCALE = 1.9
+
+
+@pytest.fixture(scope="module")
+def sit_dir(parity_dir):
+    return parity_dir / "sit_tiny"
+
+
+@pytest.fixture(scope="module")
+def converted(sit_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sit_tiny_converted")
+    report = convert_official_sit(sit_dir, out)
+    return out, report
+
+
+def _run_with_intermediates(model: SiT, x, t, y) -> dict[str, torch.Tensor]:
+    """Forward once, capturing the fixture's intermediates with hooks (the model itself returns only v)."""
+    got: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        got["v_null_label"] = model(x, t, torch.full_like(y, model.null_label))
+    hooks = [
+        model.x_embedder.register_forward_hook(lambda m, i, o: got.__setitem__("x_embedder_out", o)),
+        model.t_embedder.mlp.register_forward_hook(lambda m, i, o: got.update(t_freq=i[0], t_emb=o)),
+        model.y_embedder.register_forward_hook(lambda m, i, o: got.__setitem__("y_emb", o)),
+    ]
+    for n, block in enumerate(model.blocks):
+        hooks.append(block.register_forward_hook(lambda m, i, o, n=n: got.__setitem__(f"block{n}_out", o)))
+    with torch.no_grad():
+        got["v"] = model(x, t, y)
+    for h in hooks:
+        h.remove()
+    got["v_cfg"] = got["v_null_label"] + CFG_SCALE * (got["v"] - got["v_null_label"])
+    return got
+
+
+def _max_errors(got, want) -> dict[str, float]:
+    return {k: (got[k].double() - want[k].double()).abs().max().item() for k in want}
+
+
+def test_conversion_report(converted, sit_dir):
+    _, report = converted
+    assert report.converted_keys == 32 and report.unused_keys == [] and not report.used_ema
+    c = report.config
+    assert (c.depth, c.hidden, c.heads, c.in_channels, c.num_tokens, c.num_classes) == (2, 64, 4, 12, 16, 1000)
+    assert report.num_elements == 245004
+    # near-identity conversion: every tensor is saved unchanged under the same name
+    official = load_file(str(sit_dir / "model.safetensors"))
+    ours = load_file(str(converted[0] / "model.safetensors"))
+    assert ours.keys() == official.keys()
+    assert all(torch.equal(ours[k], official[k]) for k in official)
+
+
+def test_pos_embed_formula_is_bit_exact(sit_dir):
+    official = load_file(str(sit_dir / "model.safetensors"))["pos_embed"]
+    assert torch.equal(sincos_1d(16, 64)[None], official)
+
+
+@pytest.mark.parametrize("backend", ["default", "math"])
+def test_float32_forward_matches_official(converted, sit_dir, backend):
+    """The official code uses plain softmax attention. PyTorch's math SDPA backend computes exactly that and
+    reproduces the fixture bit for bit; the default fused CPU kernel sums in another order (measured 4.3e-6 on v).
+    v_cfg = 1.9 v - 0.9 v_null amplifies any error in v by up to 2.8x, hence its own bound."""
+    model = SiT.from_pretrained(converted[0]).eval()
+    inputs = load_file(str(sit_dir / "inputs.safetensors"))
+    want = load_file(str(sit_dir / "outputs.safetensors"))
+    kernels = [SDPBackend.MATH] if backend == "math" else list(SDPBackend)
+    with sdpa_kernel(kernels):
+        got = _run_with_intermediates(model, inputs["x"], inputs["t"], inputs["y"])
+    assert set(want) <= set(got)
+    errors = _max_errors(got, want)
+    print(f"float32 ({backend} attention) max abs errors:", {k: f"{v:.2e}" for k, v in errors.items()})
+    assert errors["t_freq"] == 0.0 and errors["x_embedder_out"] == 0.0 and errors["y_emb"] == 0.0
+    bounds = {k: F32_ATOL * (2.8 if k == "v_cfg" and backend == "default" else 1.0) for k in errors}
+    bad = {k: v for k, v in errors.items() if v > bounds[k]}
+    assert not bad, f"float32 parity worse than {F32_ATOL}: {bad}"
+
+
+def test_float64_forward_matches_official(converted, sit_dir):
+    model = SiT.from_pretrained(converted[0]).double().eval()
+    inputs = load_file(str(sit_dir / "inputs.safetensors"))
+    want = load_file(str(sit_dir / "outputs_f64.safetensors"))
+    got = _run_with_intermediates(model, inputs["x"].double(), inputs["t"].double(), inputs["y"])
+    assert got["v"].dtype == torch.float64
+    errors = _max_errors(got, want)
+    print("float64 max abs errors:", {k: f"{v:.2e}" for k, v in errors.items()})
+    bad = {k: v for k, v in errors.items() if v > F64_ATOL}
+    assert not bad, f"float64 parity worse than {F64_ATOL}: {bad}"
+
+
+def test_mutations_are_caught(converted, sit_dir):
+    """The fixture is sensitive to the conventions we rely on: breaking one moves v far beyond the tolerance."""
+    model = SiT.from_pretrained(converted[0]).eval()
+    inputs = load_file(str(sit_dir / "inputs.safetensors"))
+    want = load_file(str(sit_dir / "outputs.safetensors"))["v"]
+    x, t, y = inputs["x"], inputs["t"], inputs["y"]
+    with torch.no_grad():
+        assert (model(x, t * 1000, y) - want).abs().max() > 1.0
+        assert (model(x, t, torch.where(y == 1000, 999, y)) - want).abs().max() > 0.1
+        model.pos_embed.zero_()
+        assert (model(x, t, y) - want).abs().max() > 1.0
+
+
+def test_sit_xl_key_list_builds_exactly(parity_dir):
+    path = parity_dir / "reference_keys" / "sit_xl_1_maetok_keys.txt"
+    model = build_from_key_list(path)  # meta device: no 675M-parameter allocation
+    c = model.cfg
+    assert (c.depth, c.hidden, c.heads, c.in_channels, c.num_tokens, c.num_classes) == (28, 1152, 16, 32, 128, 1000)
+    listed = {}
+    for line in path.read_text().splitlines():
+        if line and not line.startswith("#"):
+            key, shape, _ = line.split("\t")
+            listed[key] = tuple(int(s) for s in shape.strip("[]").split(","))
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert list(ours) == list(listed)  # same keys, same (state-dict) order
+    assert ours == listed
+    assert sum(v.numel() for v in model.state_dict().values()) == 675_000_608
+
+
+def test_convert_handles_wrapped_pickle_and_prefers_ema(sit_dir, tmp_path):
+    official = load_file(str(sit_dir / "model.safetensors"))
+    ema = {k: v + 1 for k, v in official.items()}
+    torch.save({"model": {f"module.{k}": v for k, v in official.items()}, "ema": ema, "steps": 7},
+               tmp_path / "ckpt.pt")
+    report = convert_official_sit(tmp_path / "ckpt.pt", tmp_path / "out", config=sit_dir / "config.json")
+    assert report.used_ema and any("ema" in n for n in report.notes)
+    loaded = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert torch.equal(loaded["blocks.0.attn.qkv.weight"], ema["blocks.0.attn.qkv.weight"])
+
+
+def test_convert_infers_sizes_and_reports_unused(sit_dir, tmp_path):
+    official = load_file(str(sit_dir / "model.safetensors"))
+    save_file({**official, "projectors.0.0.weight": torch.zeros(2, 2)}, str(tmp_path / "w.safetensors"))
+    # hidden 64 has no default head count: it must be given ...
+    with pytest.raises(ConversionError, match="heads"):
+        convert_official_sit(tmp_path / "w.safetensors", tmp_path / "a")
+    # ... and the rest is read off the shapes
+    report = convert_official_sit(tmp_path / "w.safetensors", tmp_path / "b", config={"kind": "sit", "heads": 4})
+    assert report.unused_keys == ["projectors.0.0.weight"]
+    assert (report.config.depth, report.config.num_classes, report.config.num_tokens) == (2, 1000, 16)
+
+
+def test_convert_errors_name_key_and_shapes(sit_dir, tmp_path):
+    official = load_file(str(sit_dir / "model.safetensors"))
+    broken = dict(official)
+    broken["blocks.1.mlp.fc1.weight"] = torch.zeros(128, 64)
+    del broken["final_layer.linear.bias"]
+    save_file(broken, str(tmp_path / "w.safetensors"))
+    with pytest.raises(ConversionError) as err:
+        convert_official_sit(tmp_path / "w.safetensors", tmp_path / "out", config=sit_dir / "config.json")
+    msg = str(err.value)
+    assert "blocks.1.mlp.fc1.weight: expected [256, 64], found [128, 64]" in msg
+    assert "final_layer.linear.bias" in msg and "w.safetensors" in msg
