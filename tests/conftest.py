@@ -33,3 +33,13 @@ def _deterministic():
     torch.manual_seed(0)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests run with `-m slow` (or MAETOK_TEST_ALL=1); the default suite stays under 10 minutes."""
+    if config.getoption("-m") or os.environ.get("MAETOK_TEST_ALL") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow or MAETOK_TEST_ALL=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -1,6 +1,8 @@
 """Official SiT parity: convert the sit_tiny fixture, reproduce its outputs and intermediates; SiT-XL/1 key list."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -11,7 +13,7 @@ from maetok.diffusion.convert import ConversionError
 from maetok.layers import sincos_1d
 
 F32_ATOL = 1e-5   # the issue's bar (the fixture README suggests 5e-5 for SiT)
-F64_ATOL = 5e-6
+F64_ATOL = 1e-10  # README suggests 5e-6; emulating its float32 t_freq we measure ~1e-14
 CFG_SCALE = 1.9
 
 
@@ -77,8 +79,7 @@ def test_float32_forward_matches_official(converted, sit_dir, backend):
     model = SiT.from_pretrained(converted[0]).eval()
     inputs = load_file(str(sit_dir / "inputs.safetensors"))
     want = load_file(str(sit_dir / "outputs.safetensors"))
-    kernels = [SDPBackend.MATH] if backend == "math" else list(SDPBackend)
-    with sdpa_kernel(kernels):
+    with sdpa_kernel(SDPBackend.MATH) if backend == "math" else contextlib.nullcontext():
         got = _run_with_intermediates(model, inputs["x"], inputs["t"], inputs["y"])
     assert set(want) <= set(got)
     errors = _max_errors(got, want)

@@ -55,7 +55,7 @@ def cmd_tokenizer_reconstruct(a: argparse.Namespace) -> int:
     # Interleave rows: originals, then their reconstructions, so pairs sit one above the other.
     rows = [t for i in range(0, x.shape[0], nrow) for t in (x[i:i + nrow], recon[i:i + nrow])]
     save_image_grid(torch.cat(rows), out / "reconstructions.png", nrow=nrow)
-    metrics = {"psnr": float(psnr(recon, x)), "ssim": float(ssim(recon, x)), "num_images": int(x.shape[0])}
+    metrics = {"psnr": psnr(recon, x).mean().item(), "ssim": ssim(recon, x).mean().item(), "num_images": int(x.shape[0])}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps({**metrics, "grid": str(out / "reconstructions.png")}, indent=2))
     return 0

@@ -54,6 +54,12 @@ class AuxTargetConfig:
     # Target-specific options, e.g. {"weights": "path.safetensors", "layer": "layer2"} for resnet-cifar.
     options: dict[str, Any] = field(default_factory=dict)
 
+    def validate(self, key: str) -> None:
+        if not self.name:
+            raise ConfigError(f"{key}.name must name a registered auxiliary target (hog, dinov2, ...)")
+        if self.weight < 0:
+            raise ConfigError(f"{key}.weight={self.weight} must be >= 0")
+
 
 @dataclass
 class TokenizerConfig:
@@ -234,6 +240,15 @@ class DataConfig:
     num_workers: int = 0
     strict: bool = False                # first unreadable image is an error instead of a skip
     limit: int = 0                      # use only the first N items (0 = all)
+    cache_dir: str = ""                 # decoded-array cache ("" = $MAETOK_CACHE or ~/.cache/maetok)
+
+    def validate(self, key: str) -> None:
+        if not self.spec:
+            raise ConfigError(f"{key}.spec must name a dataset: shapes, a folder, zip:..., cifar:... or npz:...")
+        if self.image_size <= 0:
+            raise ConfigError(f"{key}.image_size={self.image_size} must be a positive integer")
+        if self.num_workers < 0 or self.limit < 0:
+            raise ConfigError(f"{key}.num_workers and {key}.limit must be >= 0")
 
 
 @dataclass

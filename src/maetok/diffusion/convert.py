@@ -46,6 +46,9 @@ class ConversionReport:
     notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
+        return self.summary()
+
+    def summary(self) -> str:
         c = self.config
         lines = [f"converted {self.weights_file} -> {self.out_dir}",
                  f"  config ({self.config_source}): variant={c.variant} depth={c.depth} hidden={c.hidden} "

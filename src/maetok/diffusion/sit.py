@@ -211,6 +211,8 @@ class SiT(nn.Module):
             shape = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else repr(y)
             raise ValueError(f"SiT expects labels y as an integer tensor of shape ({B},); got {shape}")
         n = self.cfg.num_classes
+        if y.device.type == "meta":  # shape-only runs (FLOP counting) have no values to check
+            return
         bad = (y < 0) | (y > n)
         if bad.any():  # an out-of-range index would otherwise be a cryptic device-side assert on GPU
             raise ValueError(f"labels must lie in [0, {n}] ({n} is the null label); got {y[bad][:8].tolist()}")

@@ -162,22 +162,26 @@ def fid(evaluated: FeatureSet | FeatureStats, reference: FeatureSet | FeatureSta
 # KID, IS, precision/recall
 # ==============================================================================================================
 def kid(evaluated: FeatureSet, reference: FeatureSet, num_subsets: int = 100, subset_size: int = 1000,
-        seed: int = 0) -> dict[str, float]:
+        seed: int = 0, device: str | torch.device = "cpu") -> dict[str, float]:
     """Kernel Inception Distance (Binkowski et al. 2018): unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3, averaged
-    over random subsets; returns the mean and the std across subsets."""
+    over random subsets (without replacement, min(subset_size, N) each); the mean and the std across subsets.
+    float64 throughout; `device` can be a GPU for 2048-d features."""
     net = _same_net(evaluated, reference)
-    x, y = np.asarray(evaluated.features, np.float64), np.asarray(reference.features, np.float64)
+    x = torch.as_tensor(np.asarray(evaluated.features, np.float64), device=device)
+    y = torch.as_tensor(np.asarray(reference.features, np.float64), device=device)
     m, n = min(subset_size, len(x)), min(subset_size, len(y))
     if m < 2 or n < 2:
         raise ValueError("KID needs at least 2 samples in each set")
     d, rng = x.shape[1], np.random.default_rng(seed)
-    values = np.empty(num_subsets)
-    for i in range(num_subsets):
-        xs, ys = x[rng.choice(len(x), m, replace=False)], y[rng.choice(len(y), n, replace=False)]
-        kxx, kyy, kxy = ((xs @ xs.T / d + 1) ** 3, (ys @ ys.T / d + 1) ** 3, (xs @ ys.T / d + 1) ** 3)
+    values = []
+    for _ in range(num_subsets):
+        xs = x[torch.as_tensor(rng.choice(len(x), m, replace=False), device=device)]
+        ys = y[torch.as_tensor(rng.choice(len(y), n, replace=False), device=device)]
+        kxx, kyy, kxy = (xs @ xs.T / d + 1) ** 3, (ys @ ys.T / d + 1) ** 3, (xs @ ys.T / d + 1) ** 3
         # Unbiased: drop the k(x_i, x_i) terms from the within-set means.
-        values[i] = ((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
-                     - 2 * kxy.mean())
+        values.append((kxx.sum() - kxx.trace()) / (m * (m - 1)) + (kyy.sum() - kyy.trace()) / (n * (n - 1))
+                      - 2 * kxy.mean())
+    values = torch.stack(values).cpu().numpy()
     return {metric_name("kid", net, evaluated.n): float(values.mean()),
             metric_name("kid_std", net, evaluated.n): float(values.std())}
 
@@ -213,30 +217,30 @@ def _inside_manifold(points: torch.Tensor, centres: torch.Tensor, radii: torch.T
                       for i in range(0, len(points), chunk)])
 
 
-def precision_recall(evaluated: FeatureSet, reference: FeatureSet, k: int = 3,
-                     chunk: int = 1024) -> dict[str, float]:
+def precision_recall(evaluated: FeatureSet, reference: FeatureSet, k: int = 3, chunk: int = 1024,
+                     device: str | torch.device = "cpu") -> dict[str, float]:
     """Improved precision/recall (Kynkaanniemi et al. 2019): a set's manifold is the union of balls reaching each
     point's k-th nearest neighbour. Precision: evaluated samples inside the reference manifold; recall: reference
-    samples inside the evaluated manifold."""
+    samples inside the evaluated manifold. Distances in float32 (chunks of `chunk` rows; `device` may be a GPU)."""
     net = _same_net(evaluated, reference)
-    gen = torch.as_tensor(np.asarray(evaluated.features, np.float32))
-    ref = torch.as_tensor(np.asarray(reference.features, np.float32))
+    gen = torch.as_tensor(np.asarray(evaluated.features, np.float32), device=device)
+    ref = torch.as_tensor(np.asarray(reference.features, np.float32), device=device)
     if min(len(gen), len(ref)) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} samples in each set")
-    precision = _inside_manifold(gen, ref, _kth_neighbour_radii(ref, k, chunk), chunk).double().mean()
-    recall = _inside_manifold(ref, gen, _kth_neighbour_radii(gen, k, chunk), chunk).double().mean()
+    precision = _inside_manifold(gen, ref, _kth_neighbour_radii(ref, k, chunk), chunk).double().mean().cpu()
+    recall = _inside_manifold(ref, gen, _kth_neighbour_radii(gen, k, chunk), chunk).double().mean().cpu()
     return {metric_name("precision", net, evaluated.n): float(precision),
             metric_name("recall", net, evaluated.n): float(recall)}
 
 
 def generation_metrics(evaluated: FeatureSet, reference: FeatureSet | FeatureStats, kid_subsets: int = 100,
-                       is_splits: int = 10) -> dict[str, float]:
+                       is_splits: int = 10, device: str | torch.device = "cpu") -> dict[str, float]:
     """FID always; KID and precision/recall when reference features (not only statistics) are given; IS when the
     evaluated set has logits."""
     out = fid(evaluated, reference)
     if isinstance(reference, FeatureSet):
-        out |= kid(evaluated, reference, num_subsets=kid_subsets)
-        out |= precision_recall(evaluated, reference)
+        out |= kid(evaluated, reference, num_subsets=kid_subsets, device=device)
+        out |= precision_recall(evaluated, reference, device=device)
     if evaluated.logits is not None:
         out |= inception_score(evaluated, splits=is_splits)
     return out

@@ -50,9 +50,12 @@ def _gaussian(window: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
 def ssim(pred: torch.Tensor, target: torch.Tensor, value_range: tuple[float, float] | None = None,
          window: int = 11, sigma: float = 1.5) -> torch.Tensor:
     """Per-image SSIM (B,) (Wang et al. 2004): Gaussian window 11 / sigma 1.5, K1=0.01, K2=0.03, C = (K L)^2 with L
-    the data range; computed per channel over valid (unpadded) windows, then averaged over channels and pixels."""
+    the data range, on intensities in [0, L]; per channel over valid (unpadded) windows, then averaged over
+    channels and pixels."""
     lo, hi = _resolve_range(target, value_range)
-    x, y = _pair(pred, target)
+    # SSIM's luminance term depends on absolute levels: measure from the range's bottom, so [-1, 1] images score
+    # exactly as the [0, 1] or uint8 images they encode.
+    x, y = (t - lo for t in _pair(pred, target))
     b, c, h, w = x.shape
     if min(h, w) < window:
         raise ValueError(f"images of {h}x{w} are smaller than the {window}x{window} SSIM window")

@@ -65,11 +65,12 @@ def load_safetensors_strict(model: torch.nn.Module, path: str | Path) -> None:
         raise ValueError(f"{path}: weights are read from .safetensors files only (pickles can execute code)")
     state = load_file(str(path))
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
+    # BatchNorm's step counter is bookkeeping, not weights; published files often leave it out.
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in set(own) & set(state) if state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
         raise ValueError(f"{path} does not match {type(model).__name__}: missing {missing[:8]}, "
                          f"unexpected {unexpected[:8]}, shape mismatches {shapes[:8]}")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict({**{k: v for k, v in own.items() if k not in state}, **state}, strict=True)

@@ -180,9 +180,9 @@ class HOGTarget(Target):
         # Exact float32 arithmetic: under bf16 autocast the bins of near-boundary gradients would flip.
         with torch.autocast(images.device.type, enabled=False):
             x = F.pad(images.float().reshape(b * c, 1, h, w), (1, 1, 1, 1), mode="reflect")
-            grad = F.conv2d(x, self.sobel)                     # (B*C, 2, H, W): gx, gy
+            grad = F.conv2d(x, self.sobel.float())             # (B*C, 2, H, W): gx, gy
             gx, gy = grad[:, 0], grad[:, 1]
-            magnitude = torch.sqrt(gx * gx + gy * gy) * self.gauss.repeat(h // window, w // window)
+            magnitude = torch.sqrt(gx * gx + gy * gy) * self.gauss.float().repeat(h // window, w // window)
             # Same expression as the official code so floor() agrees at bin boundaries.
             phase = torch.atan2(gx, gy) / math.pi * self.bins
             bin_index = torch.floor(phase).long() % self.bins
@@ -347,7 +347,7 @@ def build_timm_target(target: str, options: dict, image_size: int, patch_size: i
         import timm
     except ImportError as e:  # pragma: no cover - depends on the install
         raise ImportError(f"auxiliary target {target!r} needs timm: pip install 'maetok[teachers]'") from e
-    kwargs = dict(img_size=image_size, patch_size=patch_size, num_classes=0, **opts["model_kwargs"])
+    kwargs = {"img_size": image_size, "patch_size": patch_size, "num_classes": 0, **opts["model_kwargs"]}
     what = f"auxiliary target {target!r} ({name})"
     arch = name.split(".")[0]
     where = (f"Download the weights on a machine with internet access (for example model.safetensors from the "

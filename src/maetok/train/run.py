@@ -37,11 +37,9 @@ def setup_logging(out_dir: Path | None = None, is_main: bool = True) -> None:
 def _open_training_data(data_cfg, image_size: int):
     from ..data import open_dataset
 
-    ds = open_dataset(data_cfg.spec, split=data_cfg.split, image_size=image_size, random_flip=False,
-                      strict=data_cfg.strict, limit=data_cfg.limit)
-    if getattr(ds, "skipped", None):
-        log.warning("skipped %d unreadable images: %s", len(ds.skipped), [p for p, _ in ds.skipped][:20])
-    return ds
+    # Flips happen in the training step on the main RNG (resumable), so the dataset never flips.
+    return open_dataset(data_cfg.spec, split=data_cfg.split, image_size=image_size, random_flip=False,
+                        strict=data_cfg.strict, limit=data_cfg.limit, cache_dir=data_cfg.cache_dir or None)
 
 
 def run_tokenizer(cfg: TokenizerRunConfig, out_dir: str | Path, resume: bool = False, force: bool = False,
@@ -98,7 +96,50 @@ def finalize_tokenizer(ema_model, dataset, cfg: TokenizerRunConfig, out: Path, d
     ema_model.save_pretrained(out / "model")
     x = torch.stack([dataset[i][0] for i in range(min(64, len(dataset)))]).to(device)
     recon = ema_model.decode(ema_model.encode(x)).clamp(-1, 1)
-    value = float(psnr(recon, x))
+    value = psnr(recon, x).mean().item()
     log.info("saved %s (latent mean %.4f, std %.4f); train-set PSNR %.2f dB on %d images", out / "model", mean, std,
              value, x.shape[0])
     return {"latent_mean": mean, "latent_std": std, "psnr_train": value, "model_dir": str(out / "model")}
+
+
+def run_diffusion(cfg, out_dir: str | Path, resume: bool = False, force: bool = False,
+                  device: str = "auto") -> dict[str, Any]:
+    """Train SiT / LightningDiT on a latent cache (or on images encoded online); saves `<out>/model` (EMA)."""
+    from ..data.latents import LatentDataset
+    from ..tokenizer import MAETok
+    from .diffusion_task import DiffusionTask
+
+    info = init_distributed(device)
+    out = prepare_run_dir(Path(out_dir), resume, force, info.is_main)
+    setup_logging(out, info.is_main)
+    try:
+        torch.manual_seed(cfg.train.seed)
+        tokenizer = MAETok.from_pretrained(cfg.tokenizer) if cfg.tokenizer else None
+        if cfg.latents:
+            dataset = LatentDataset(cfg.latents)
+            mean, std, num_classes = dataset.mean, dataset.std, dataset.num_classes
+            shape = tuple(dataset.meta["latent_shape"])
+        else:
+            dataset = _open_training_data(cfg.data, tokenizer.config.image_size)
+            mean, std = tokenizer.config.latent_mean, tokenizer.config.latent_std
+            num_classes = getattr(dataset, "num_classes", 0)
+            shape = (tokenizer.config.latent_tokens, tokenizer.config.latent_dim)
+        if shape != (cfg.model.num_tokens, cfg.model.in_channels):
+            from ..config import ConfigError
+
+            raise ConfigError(f"model.num_tokens/in_channels = {cfg.model.num_tokens}/{cfg.model.in_channels} but "
+                              f"the latents are {shape[0]} tokens of dim {shape[1]}")
+        if cfg.model.num_classes and num_classes and cfg.model.num_classes != num_classes:
+            from ..config import ConfigError
+
+            raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the data has {num_classes} classes")
+        task = DiffusionTask(cfg, info.device, mean, std, tokenizer, num_classes)
+        log.info("diffusion %s: %.2fM parameters on %d latents (%d x %d), normalised with mean %.4f std %.4f",
+                 cfg.model.variant, sum(p.numel() for p in task.model.parameters()) / 1e6, len(dataset), *shape,
+                 mean, std)
+        trainer = Trainer(task, cfg.train, dataset, out, cfg, info, num_workers=cfg.data.num_workers)
+        if resume:
+            trainer.try_resume()
+        return trainer.fit()
+    finally:
+        cleanup(info)

@@ -1,0 +1,95 @@
+"""Latent cache: encode a dataset once with a tokenizer into sharded safetensors, then train diffusion on it.
+
+Layout of a cache folder:
+    meta.json                      tokenizer config (with its latent mean/std), counts, shard names, flip flag
+    shard-00000.safetensors ...    `latents` (n, L, C) float32 raw (un-normalised), `labels` (n,) int64,
+                                   and `latents_flip` (n, L, C) for the horizontally flipped images when cached
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
+
+from ..train.checkpoint import atomic_write_bytes
+
+
+@torch.no_grad()
+def cache_latents(tokenizer, dataset, out_dir: str | Path, batch_size: int = 64, flip: bool = True,
+                  shard_size: int = 10_000, device: str | torch.device = "cpu", progress: bool = True,
+                  num_workers: int = 0) -> Path:
+    """Encode every item of `dataset` ((image, label) pairs, images in [-1, 1]); resumable by shard."""
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = tokenizer.to(device).eval()
+    n = len(dataset)
+    shards = []
+    bar = tqdm(total=n, desc="encode latents", disable=not progress, dynamic_ncols=True)
+    for s, start in enumerate(range(0, n, shard_size)):
+        name = f"shard-{s:05d}.safetensors"
+        shards.append(name)
+        stop = min(n, start + shard_size)
+        if (out / name).is_file():  # written atomically, so present means complete
+            bar.update(stop - start)
+            continue
+        subset = torch.utils.data.Subset(dataset, range(start, stop))
+        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers)
+        zs, zfs, ys = [], [], []
+        for images, labels in loader:
+            images = images.to(device)
+            zs.append(tokenizer.encode(images).float().cpu())
+            if flip:
+                zfs.append(tokenizer.encode(images.flip(-1)).float().cpu())
+            ys.append(torch.as_tensor(labels, dtype=torch.int64))
+            bar.update(images.shape[0])
+        tensors = {"latents": torch.cat(zs), "labels": torch.cat(ys)}
+        if flip:
+            tensors["latents_flip"] = torch.cat(zfs)
+        tmp = out / f".{name}.tmp"
+        save_file(tensors, str(tmp))
+        tmp.replace(out / name)
+    bar.close()
+    from ..config import to_dict
+
+    meta = {"kind": "maetok-latent-cache", "count": n, "shards": shards, "flip": flip,
+            "latent_shape": [tokenizer.config.latent_tokens, tokenizer.config.latent_dim],
+            "latent_mean": tokenizer.config.latent_mean, "latent_std": tokenizer.config.latent_std,
+            "num_classes": int(getattr(dataset, "num_classes", 0) or 0),
+            "tokenizer_config": to_dict(tokenizer.config)}
+    atomic_write_bytes(out / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    return out
+
+
+class LatentDataset(Dataset):
+    """Items are (latents (L, C), latents of the flipped image or the same again, label); all in memory.
+
+    Latents are raw; the diffusion task normalises them with the cache's mean/std and picks flipped or not
+    per item with the training RNG (so the choice is part of the resumable state).
+    """
+
+    def __init__(self, cache_dir: str | Path):
+        root = Path(cache_dir)
+        meta_path = root / "meta.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{root} is not a latent cache (no meta.json); create one with "
+                                    f"`maetok latents cache`")
+        self.meta = json.loads(meta_path.read_text())
+        parts = [load_file(str(root / s)) for s in self.meta["shards"]]
+        self.latents = torch.cat([p["latents"] for p in parts])
+        self.latents_flip = torch.cat([p["latents_flip"] for p in parts]) if self.meta["flip"] else self.latents
+        self.labels = torch.cat([p["labels"] for p in parts])
+        if len(self.latents) != self.meta["count"]:
+            raise ValueError(f"{root}: meta.json says {self.meta['count']} items, shards hold {len(self.latents)}")
+        self.num_classes = self.meta["num_classes"]
+        self.mean, self.std = float(self.meta["latent_mean"]), float(self.meta["latent_std"])
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, i: int):
+        return self.latents[i], self.latents_flip[i], self.labels[i]

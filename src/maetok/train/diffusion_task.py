@@ -1,0 +1,82 @@
+"""The diffusion model as a training task: flow matching on normalised tokenizer latents.
+
+Batches come from a latent cache (latents, flipped latents, labels) or from images encoded online by a frozen
+tokenizer. The flip choice and the noise use the main-process RNG, so they are part of the resumable state.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..config import DiffusionRunConfig
+from ..diffusion.sit import SiT
+from ..diffusion.transport import training_loss
+
+
+class DiffusionTask:
+    def __init__(self, cfg: DiffusionRunConfig, device: torch.device, latent_mean: float, latent_std: float,
+                 tokenizer: nn.Module | None = None, num_classes: int = 0):
+        self.cfg, self.device = cfg, device
+        self.mean, self.std = latent_mean, latent_std
+        self.tokenizer = tokenizer.to(device).eval().requires_grad_(False) if tokenizer is not None else None
+        self.model = SiT.from_config(cfg.model).to(device)
+        self.losses: list[tuple[int, float]] = []
+        self.preview_labels = None
+        if cfg.model.num_classes:
+            self.preview_labels = torch.arange(16) % cfg.model.num_classes
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.model.parameters())
+
+    def latents_from_batch(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if len(batch) == 3:  # latent cache: (z, z_flip, y); pick flipped or not per item
+            z, z_flip, y = batch
+            pick = (torch.rand(z.shape[0]) < 0.5).to(z.device)[:, None, None]
+            z = torch.where(pick, z_flip, z)
+        else:  # images encoded online
+            images, y = batch
+            flip = (torch.rand(images.shape[0]) < 0.5).to(images.device)[:, None, None, None]
+            with torch.no_grad():
+                z = self.tokenizer.encode(torch.where(flip, images.flip(-1), images))
+        z = (z.float() - self.mean) / self.std
+        return z, (y.long() if self.cfg.model.num_classes else None)
+
+    def training_step(self, model: nn.Module, batch: Any, step: int) -> dict[str, torch.Tensor]:
+        x0, y = self.latents_from_batch(batch)
+        return training_loss(model, x0, y, self.cfg.transport)
+
+    def after_step(self, batch: Any, step: int, outputs: dict[str, Any]) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    @torch.no_grad()
+    def sample_images(self, model: nn.Module, n: int, seed: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+        from ..diffusion.samplers import sample
+
+        g = torch.Generator().manual_seed(seed)
+        shape = (n, self.cfg.model.num_tokens, self.cfg.model.in_channels)
+        noise = torch.randn(shape, generator=g).to(self.device)
+        y = labels.to(self.device) if labels is not None else None
+        x = sample(model.eval(), noise, y, self.cfg.sample).float()
+        z = x * self.std + self.mean
+        return self.tokenizer.decode(z).clamp(-1, 1)
+
+    def write_images(self, ema_model: nn.Module, step: int, out_dir: Path) -> None:
+        if self.tokenizer is None:
+            return
+        from ..data.images import save_image_grid
+
+        n = 16
+        images = self.sample_images(ema_model, n, seed=self.cfg.sample.seed, labels=self.preview_labels)
+        save_image_grid(images.cpu(), out_dir / "images" / f"samples_{step:08d}.png", nrow=8)
+
+    def finish(self, ema_model: nn.Module, out_dir: Path) -> None:
+        ema_model.save_pretrained(out_dir / "model")

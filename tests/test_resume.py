@@ -1,0 +1,185 @@
+"""Reliability of training runs: a real SIGKILL mid-run, then --resume, gives bit-identical weights on CPU.
+
+Also: run directories are never silently overwritten, checkpoints are atomic, pickles are refused, non-finite
+steps are skipped and eventually stop the run with an emergency checkpoint, SIGTERM writes a final checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from maetok.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+TINY = ["model.image_size=16", "data.image_size=16", "model.patch_size=4", "model.latent_tokens=4",
+        "model.latent_dim=4", "model.enc_width=32", "model.enc_heads=2", "model.enc_depth=1",
+        "model.dec_width=32", "model.dec_heads=2", "model.dec_depth=1", "model.aux_width=16",
+        "model.aux_heads=1", "model.aux_depth=1", "data.limit=48", "train.batch_size=8", "train.log_every=1",
+        "train.image_every=1000", "train.ckpt_every=1", "train.keep_last=3", "stats_batches=1",
+        "train.optim.warmup_steps=3", "loss.gan.weight=0.1", "loss.gan.start_step=2", "loss.gan.diffaug=true",
+        "loss.gan.lecam_weight=0.01"]
+
+
+def _train(out: Path, steps: int, *extra: str, resume: bool = False) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "maetok.cli", "tokenizer", "train", "--config", "cpu-32", "--out", str(out),
+           "--device", "cpu", *(["--resume"] if resume else []), *TINY, f"train.steps={steps}", *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _final_state(out: Path) -> dict[str, torch.Tensor]:
+    state = load_checkpoint(latest_checkpoint(out / "checkpoints"))
+    return {**{f"model.{k}": v for k, v in state["model"].items()},
+            **{f"ema.{k}": v for k, v in state["ema"].items()},
+            **{f"task.disc.{k}": v for k, v in state["task"]["disc"].items()}}
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path: Path):
+    steps = 14
+    ref = _train(tmp_path / "ref", steps)
+    out_ref, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, out_ref
+
+    run = tmp_path / "killed"
+    proc = _train(run, steps)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill as soon as a mid-run checkpoint exists, wherever the process is
+        ckpt = latest_checkpoint(run / "checkpoints") if (run / "checkpoints").exists() else None
+        if ckpt is not None and int(ckpt.stem.split("-")[1]) >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    killed_at = int(latest_checkpoint(run / "checkpoints").stem.split("-")[1])
+    assert killed_at < steps, "the run finished before it could be killed"
+
+    again = _train(run, steps, resume=True)
+    out_again, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out_again
+    a, b = _final_state(tmp_path / "ref"), _final_state(run)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"killed at step {killed_at}; resumed weights differ in {different[:5]}"
+    assert (run / "model" / "model.safetensors").is_file()
+
+
+def test_existing_run_dir_needs_resume_or_force(tmp_path: Path):
+    from maetok.train.loop import RunDirExists, prepare_run_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("x: 1")
+    with pytest.raises(RunDirExists, match="--resume"):
+        prepare_run_dir(out, resume=False, force=False)
+    assert prepare_run_dir(out, resume=True, force=False) == out and (out / "config.yaml").exists()
+    prepare_run_dir(out, resume=False, force=True)
+    assert out.exists() and not any(out.iterdir())
+
+
+def test_checkpoint_is_atomic_and_keeps_last_k(tmp_path: Path):
+    for step in range(1, 6):
+        save_checkpoint(tmp_path, step, {"step": step, "w": torch.full((2,), float(step))}, keep_last=2)
+    names = sorted(p.name for p in tmp_path.glob("ckpt-*.pt"))
+    assert names == ["ckpt-00000004.pt", "ckpt-00000005.pt"]
+    assert load_checkpoint(latest_checkpoint(tmp_path))["step"] == 5
+    assert not list(tmp_path.glob(".*tmp*"))
+
+    class Boom(RuntimeError):
+        pass
+
+    def failing_write(f):
+        f.write(b"partial")
+        raise Boom()
+
+    from maetok.train.checkpoint import atomic_write_bytes
+
+    with pytest.raises(Boom):
+        atomic_write_bytes(tmp_path / "ckpt-00000006.pt", failing_write)
+    assert not (tmp_path / "ckpt-00000006.pt").exists() and not list(tmp_path.glob(".*tmp*"))
+    assert load_checkpoint(latest_checkpoint(tmp_path))["step"] == 5
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_pickle_payload_is_refused(tmp_path: Path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"model": _Payload()}, f)
+    with pytest.raises(ValueError, match="nothing is unpickled"):
+        load_checkpoint(path)
+    from maetok.tokenizer.convert import read_official_weights
+
+    with pytest.raises(ValueError, match="refusing to unpickle"):
+        read_official_weights(path)
+
+
+def test_nonfinite_steps_are_skipped_then_stop_with_emergency_checkpoint(tmp_path: Path):
+    from maetok.config import TrainConfig
+    from maetok.train.distributed import DistInfo
+    from maetok.train.loop import Trainer
+
+    class NaNTask:
+        def __init__(self):
+            self.model = torch.nn.Linear(2, 1)
+            self.calls = 0
+
+        def trainable_parameters(self):
+            return list(self.model.parameters())
+
+        def training_step(self, model, batch, step):
+            self.calls += 1
+            loss = model(batch[0]).pow(2).mean()
+            return {"loss": loss * float("nan") if self.calls > 2 else loss}
+
+        def after_step(self, batch, step, outputs):
+            return {}
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+        def write_images(self, ema, step, out):
+            pass
+
+        def finish(self, ema, out):
+            pass
+
+    data = torch.utils.data.TensorDataset(torch.randn(32, 2), torch.zeros(32))
+    cfg = TrainConfig(steps=50, batch_size=4, max_bad_steps=3, log_every=1, ckpt_every=100)
+    task = NaNTask()
+    trainer = Trainer(task, cfg, data, tmp_path, cfg, DistInfo())
+    good = None
+    with pytest.raises(FloatingPointError, match="3 consecutive non-finite"):
+        trainer.fit()
+    emergency = list((tmp_path / "checkpoints").glob("emergency-*.pt"))
+    assert len(emergency) == 1
+    state = load_checkpoint(emergency[0])
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert state["counters"]["skipped_steps"] == 3
+    del good
+
+
+def test_sigterm_writes_a_final_checkpoint(tmp_path: Path):
+    proc = _train(tmp_path / "run", 10_000, "train.ckpt_every=100000")
+    deadline = time.time() + 120
+    log = tmp_path / "run" / "log.jsonl"
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert ckpt is not None and load_checkpoint(ckpt)["step"] >= 2
+    assert "SIGTERM" in out
