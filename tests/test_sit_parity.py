@@ -118,7 +118,7 @@ def test_mutations_are_caught(converted, sit_dir):
 def test_sit_xl_key_list_builds_exactly(parity_dir):
     path = parity_dir / "reference_keys" / "sit_xl_1_maetok_keys.txt"
     model = build_from_key_list(path)  # meta device: no 675M-parameter allocation
-    c = model.cfg
+    c = model.config
     assert (c.depth, c.hidden, c.heads, c.in_channels, c.num_tokens, c.num_classes) == (28, 1152, 16, 32, 128, 1000)
     listed = {}
     for line in path.read_text().splitlines():

@@ -76,6 +76,73 @@ def cmd_convert(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_latents_cache(a: argparse.Namespace) -> int:
+    from .data import open_dataset
+    from .data.latents import cache_latents
+    from .tokenizer import MAETok
+
+    tok = MAETok.from_pretrained(a.tokenizer)
+    ds = open_dataset(a.data, split=a.split, image_size=tok.config.image_size, limit=a.limit)
+    out = cache_latents(tok, ds, a.out, batch_size=a.batch_size, flip=not a.no_flip, device=_device(a.device))
+    print(f"cached {len(ds)} latents of {a.data} ({a.split}) in {out}")
+    return 0
+
+
+def cmd_diffusion_train(a: argparse.Namespace) -> int:
+    from .config import DiffusionRunConfig, load_config
+    from .train.run import run_diffusion
+
+    cfg = load_config(DiffusionRunConfig, a.config, a.overrides)
+    summary = run_diffusion(cfg, a.out, resume=a.resume, force=a.force, device=a.device)
+    print(json.dumps(summary, indent=2))
+    return 0 if summary.get("finished") or summary.get("stopped_by") else 1
+
+
+def cmd_sample(a: argparse.Namespace) -> int:
+    from .config import SampleConfig, from_dict
+    from .diffusion.generate import generate_to_dir
+    from .diffusion.sit import SiT
+    from .tokenizer import MAETok
+
+    low, high = (float(v) for v in a.interval.split(","))
+    cfg = from_dict(SampleConfig, {"sampler": a.sampler, "steps": a.steps, "cfg_scale": a.cfg,
+                                   "cfg_interval": [low, high], "seed": a.seed})
+    model, tok = SiT.from_pretrained(a.model), MAETok.from_pretrained(a.tokenizer)
+    path = generate_to_dir(model, tok, a.num, cfg, Path(a.out), balanced=a.balanced, batch_size=a.batch_size,
+                           device=_device(a.device))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .eval.api import evaluate_command
+
+    print(json.dumps(evaluate_command(a), indent=2))
+    return 0
+
+
+def cmd_analyze(a: argparse.Namespace) -> int:
+    from .eval.api import analyze_command
+
+    print(json.dumps(analyze_command(a), indent=2))
+    return 0
+
+
+def cmd_pilot(a: argparse.Namespace) -> int:
+    from .pilot import run_pilot
+
+    report = run_pilot(a.data, a.variants.split(","), a.budget, Path(a.out), resume=a.resume, force=a.force,
+                       device=_device(a.device), inception=a.inception)
+    print(f"report: {report}")
+    return 0
+
+
+def _device(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -107,6 +174,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="weights file, if not in --src")
     p.add_argument("--config", default=None, help="config file, if not --src/config.json")
     p.set_defaults(fn=cmd_convert)
+
+    lat = sub.add_parser("latents", help="latent caches").add_subparsers(dest="action", required=True)
+    p = lat.add_parser("cache", help="encode a dataset once into sharded safetensors (with flipped copies)")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--data", required=True, help="data spec: folder, zip:FILE, cifar:DIR, npz:FILE or shapes")
+    p.add_argument("--split", default="train")
+    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-flip", action="store_true", help="do not also cache horizontally flipped images")
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(fn=cmd_latents_cache)
+
+    dif = sub.add_parser("diffusion", help="train SiT / LightningDiT").add_subparsers(dest="action", required=True)
+    p = dif.add_parser("train", help="train a diffusion model on a latent cache or on images encoded online")
+    _add_run_args(p, "sit-cpu")
+    p.set_defaults(fn=cmd_diffusion_train)
+
+    p = sub.add_parser("sample", help="sample images: PNG grid + ADM-compatible .npz (sharded under torchrun)")
+    p.add_argument("--model", required=True, help="SiT weights folder")
+    p.add_argument("--tokenizer", required=True, help="tokenizer weights folder")
+    p.add_argument("--num", type=int, default=64)
+    p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (1 = none)")
+    p.add_argument("--interval", default="0,1", help="guidance interval low,high in t (t=0 data, t=1 noise)")
+    p.add_argument("--sampler", default="heun", choices=["euler", "heun", "sde"])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--balanced", action="store_true", help="num/num_classes samples per class")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser("eval", help="FID/KID/IS/PR of samples, or rFID/PSNR/SSIM of a tokenizer")
+    p.add_argument("what", choices=["gen", "recon"])
+    p.add_argument("--samples", help="gen: .npz with arr_0 (uint8 NHWC), or an image folder")
+    p.add_argument("--tokenizer", help="recon: tokenizer weights folder")
+    p.add_argument("--ref", required=True, help="reference: data spec, ADM .npz batch or cached stats .npz")
+    p.add_argument("--split", default="test")
+    p.add_argument("--num", type=int, default=0, help="images from --ref (0 = all)")
+    p.add_argument("--features", default="inception", help="feature network: inception, resnet56-cifar10, ...")
+    p.add_argument("--stats-cache", default=None, help="where to cache the reference statistics")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("analyze", help="latent-space analysis: GMM NLL per K, linear probe, token statistics")
+    p.add_argument("--latents", nargs="+", required=True, help="NAME=CACHE_DIR (train) pairs, one per tokenizer")
+    p.add_argument("--test-latents", nargs="*", default=[], help="NAME=CACHE_DIR (held-out) pairs")
+    p.add_argument("--ks", default="1,2,4,8,16,32")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_analyze)
+
+    p = sub.add_parser("pilot", help="train AE/VAE/MAETok + the same diffusion model on each; one report")
+    p.add_argument("--data", default="shapes", help="data spec (default: built-in shapes, no download)")
+    p.add_argument("--variants", default="ae,vae,maetok")
+    p.add_argument("--budget", default="quick", choices=["quick", "standard", "full"])
+    p.add_argument("--out", default="runs/pilot")
+    p.add_argument("--inception", action="store_true", help="also compute Inception FIDs (slow on CPU)")
+    p.add_argument("--resume", action="store_true", help="continue a pilot in --out")
+    p.add_argument("--force", action="store_true", help="delete --out and start over")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(fn=cmd_pilot)
 
     p = sub.add_parser("demo", help="the CPU demo: train a tiny tokenizer on built-in shapes and reconstruct")
     p.add_argument("--out", default="runs/demo")

@@ -53,6 +53,9 @@ class AuxTargetConfig:
     weight: float = 1.0
     # Target-specific options, e.g. {"weights": "path.safetensors", "layer": "layer2"} for resnet-cifar.
     options: dict[str, Any] = field(default_factory=dict)
+    # True: when the teacher's weights cannot be found, train without this target (said at start-up)
+    # instead of stopping with an error.
+    optional: bool = False
 
     def validate(self, key: str) -> None:
         if not self.name:
@@ -143,7 +146,9 @@ class TokenizerLossConfig:
     pixel_weight: float = 1.0
     perceptual: Literal["none", "lpips", "resnet-cifar"] = "none"
     perceptual_weight: float = 1.0
-    perceptual_weights: str = ""        # local weights file for the perceptual network ("" = look in shared data)
+    # Local weights: resnet-cifar: one safetensors file; lpips: "VGG16_FILE,LPIPS_LIN_FILE". "" = look in
+    # $MAETOK_SHARED_DATA (LPIPS weights cannot be downloaded on every machine).
+    perceptual_weights: str = ""
     perceptual_warmup_steps: int = 0    # linear ramp-in of the perceptual term
     kl_weight: float = 1e-6             # VAE variant only
     gan: GanConfig = field(default_factory=GanConfig)

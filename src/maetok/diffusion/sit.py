@@ -129,7 +129,7 @@ class SiT(nn.Module):
     def __init__(self, cfg: SiTConfig):
         super().__init__()
         cfg.validate("model")
-        self.cfg = cfg
+        self.config = cfg
         lightning = cfg.variant == "lightningdit"
         self.x_embedder = nn.Linear(cfg.in_channels, cfg.hidden)
         self.t_embedder = TimestepEmbedder(cfg.hidden)
@@ -174,7 +174,7 @@ class SiT(nn.Module):
     @property
     def null_label(self) -> int | None:
         """The label that means "no class" (CFG's unconditional branch); None for an unconditional model."""
-        return self.cfg.num_classes if self.cfg.num_classes else None
+        return self.config.num_classes if self.config.num_classes else None
 
     # -- forward -----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -187,14 +187,14 @@ class SiT(nn.Module):
             c = c + self.y_embedder(y)
         rope = self.rope() if self.rope is not None else None
         for block in self.blocks:
-            if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
+            if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
                 h = checkpoint(block, h, c, rope, use_reentrant=False)
             else:
                 h = block(h, c, rope)
         return self.final_layer(h, c)
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> None:
-        L, C = self.cfg.num_tokens, self.cfg.in_channels
+        L, C = self.config.num_tokens, self.config.in_channels
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or tuple(x.shape[1:]) != (L, C):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"SiT expects x of shape (B, {L}, {C}) = (batch, latent tokens, latent dim); got {shape}")
@@ -210,7 +210,7 @@ class SiT(nn.Module):
         if not isinstance(y, torch.Tensor) or tuple(y.shape) != (B,) or y.is_floating_point() or y.is_complex():
             shape = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else repr(y)
             raise ValueError(f"SiT expects labels y as an integer tensor of shape ({B},); got {shape}")
-        n = self.cfg.num_classes
+        n = self.config.num_classes
         if y.device.type == "meta":  # shape-only runs (FLOP counting) have no values to check
             return
         bad = (y < 0) | (y > n)
@@ -222,7 +222,7 @@ class SiT(nn.Module):
         """Write config.json (the SiTConfig plus a kind/version marker) and model.safetensors into out_dir."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        meta = {"kind": "sit", "maetok_version": __version__, **to_dict(self.cfg)}
+        meta = {"kind": "sit", "maetok_version": __version__, **to_dict(self.config)}
         (out_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt", "kind": "sit"})

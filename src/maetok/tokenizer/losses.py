@@ -46,9 +46,24 @@ def build_perceptual(cfg: TokenizerLossConfig) -> nn.Module | None:
         return None
     if cfg.perceptual == "resnet-cifar":
         return ResNetPerceptual(cfg.perceptual_weights)
-    from ..nets.lpips import LPIPS
+    from ..nets.lpips import build_lpips
 
-    return LPIPS.from_weights(cfg.perceptual_weights or None).requires_grad_(False).eval()
+    # "VGG_FILE,LIN_FILE" (both safetensors) or "" to look for them in the shared data folder.
+    files = [p.strip() for p in cfg.perceptual_weights.split(",")] if cfg.perceptual_weights else [None, None]
+    if len(files) != 2:
+        raise ValueError("loss.perceptual_weights for lpips must be 'VGG16_FILE,LPIPS_LIN_FILE' (safetensors)")
+    return _MeanLPIPS(build_lpips(files[0], files[1]))
+
+
+class _MeanLPIPS(nn.Module):
+    """LPIPS gives one distance per image; the loss is their mean."""
+
+    def __init__(self, lpips: nn.Module):
+        super().__init__()
+        self.lpips = lpips
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.lpips(x, y).mean()
 
 
 def ramp(step: int, warmup: int) -> float:

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import TokenizerRunConfig
+from ..nets.hub import MissingWeightsError
 from ..tokenizer.losses import (LeCAM, adaptive_gan_weight, build_discriminator, build_perceptual, diff_augment,
                                 hinge_d_loss, hinge_g_loss, kl_loss, ramp)
 from ..tokenizer.model import MAETok
@@ -27,8 +28,18 @@ class TokenizerTask:
         mcfg = cfg.model
         self.targets = nn.ModuleDict()
         if cfg.stage == 1 and mcfg.uses_aux:
+            kept = []
             for t in mcfg.aux_targets:
-                self.targets[t.name] = build_target(t, mcfg.image_size, mcfg.patch_size).to(device).eval()
+                try:
+                    self.targets[t.name] = build_target(t, mcfg.image_size, mcfg.patch_size).to(device).eval()
+                    kept.append(t)
+                except MissingWeightsError as e:
+                    if not t.optional:
+                        raise
+                    log.warning("auxiliary target %s is optional and its weights are missing: training WITHOUT "
+                                "it (%s)", t.name, e)
+            # The run's config records the targets actually used.
+            mcfg.aux_targets = kept
             log.info("auxiliary targets: %s", ", ".join(f"{t.name} (dim {self.targets[t.name].dim}, "
                                                         f"weight {t.weight})" for t in mcfg.aux_targets))
         elif mcfg.aux_targets and mcfg.variant != "maetok":

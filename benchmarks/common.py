@@ -1,0 +1,199 @@
+"""Shared pieces of the benchmark scripts: machine description, timing, FLOP counting, matmul peak, memory, output.
+
+The scripts run as `python benchmarks/<name>.py`, so this directory is on sys.path and `import common` works.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Machine
+# --------------------------------------------------------------------------------------------------------------
+def machine(device: torch.device | str | None = None) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": sys.version.split()[0], "platform": platform.platform()}
+    if device is not None and torch.device(device).type == "cuda":
+        props = torch.cuda.get_device_properties(torch.device(device))
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    multiprocessors=props.multi_processor_count, cuda=torch.version.cuda)
+    return info
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------------------
+def sync(device: torch.device | str | None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], object], reps: int, warmup: int = 1, device=None) -> list[float]:
+    """Seconds per call, `reps` calls after `warmup` untimed ones (allocator, first-call dispatch, autotuning).
+    Host clock with a device synchronize around each call: the scripts time whole steps of many kernels."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median_seconds(fn: Callable[[], object], reps: int, warmup: int = 1, device=None) -> float:
+    return statistics.median(time_calls(fn, reps, warmup, device))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# FLOPs
+# --------------------------------------------------------------------------------------------------------------
+def _sdpa_cpu_fwd(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(q, k, v)
+
+
+def _sdpa_cpu_bwd(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, q, k, v)
+
+
+def _custom_flop_mapping() -> dict:
+    # torch's counter knows the CUDA attention kernels but not the CPU flash kernel, which the CPU SDPA dispatches
+    # to: without these entries every attention matmul on CPU would count as zero.
+    aten = torch.ops.aten
+    mapping = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu_fwd
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _sdpa_cpu_bwd
+    return mapping
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs (2 per multiply-add) of the matmuls, convolutions and attention that one real call of `fn` runs.
+    Elementwise work (norms, activations, the optimizer) is not counted, as is usual for MFU."""
+    with FlopCounterMode(display=False, custom_mapping=_custom_flop_mapping()) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The machine's matmul peak
+# --------------------------------------------------------------------------------------------------------------
+def matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, n: int | None = None,
+                reps: int = 5) -> dict:
+    """FLOP/s of a large square matmul on random data. CPU: the best of `reps` (a shared machine's other load
+    only ever slows it down); GPU: the median of `reps` after warm-up, timed with CUDA events."""
+    device = torch.device(device)
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    flops = 2 * n ** 3
+    if device.type == "cuda":
+        for _ in range(3):
+            a @ b
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            a @ b
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        seconds = statistics.median(times)
+    else:
+        seconds = min(time_calls(lambda: a @ b, reps, warmup=1))
+    return {"flops_per_s": flops / seconds, "n": n, "dtype": str(dtype).replace("torch.", ""),
+            "statistic": "median" if device.type == "cuda" else "best"}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------------------------
+def max_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB). Sees torch's allocations, which
+    tracemalloc does not; run one case per process to read a case's own peak from the delta."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------------------------
+def write_json(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_line(m: dict) -> str:
+    where = f"{m['gpu']} ({m['multiprocessors']} SMs), CUDA {m['cuda']}; host " if "gpu" in m else ""
+    return (f"Machine: {where}{m['cpu']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch threads, "
+            f"torch {m['torch']}, Python {m['python']}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One measured case
+# --------------------------------------------------------------------------------------------------------------
+def measure(fn: Callable[[], object], images: int, reps: int, warmup: int = 1, device=None,
+            flops: bool = True, prime: Callable[[], object] | None = None, memory: bool = False) -> dict:
+    """Time `fn` (one call handles `images` images) and count its FLOPs on one extra real call.
+
+    memory: peak memory growth of the timed calls per image. On CUDA from the allocator's peak; on CPU from the
+    process's peak RSS, so only meaningful in a fresh process running this one case. `prime` (e.g. a batch-1
+    training step) runs first so that state every step keeps (optimizer moments, gradients) is not counted.
+    """
+    device = torch.device(device or "cpu")
+    cuda = device.type == "cuda"
+    if prime is not None:
+        prime()
+        sync(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base = max_rss_bytes()
+    times = time_calls(fn, reps, warmup, device)
+    peak = (torch.cuda.max_memory_allocated(device) if cuda else max_rss_bytes()) - base
+    seconds = statistics.median(times)
+    out = {"images_per_call": images, "reps": reps, "seconds_per_call": seconds,
+           "seconds_all": times, "images_per_s": images / seconds}
+    if memory:
+        out["peak_memory_mib_per_image"] = max(peak, 0) / images / 2**20
+        out["memory_source"] = "torch.cuda.max_memory_allocated" if cuda else "ru_maxrss delta"
+    if flops:
+        total = count_flops(fn)
+        sync(device)
+        out.update(flops_per_call=total, gflops_per_image=total / images / 1e9, flops_per_s=total / seconds)
+    return out

@@ -1,0 +1,111 @@
+"""The pilot's report: one table across variants, the pictures, and what the numbers can and cannot say."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+PAPER_NOTE = ("The paper (ImageNet 256, SiT-L, equal diffusion training) reports gFID AE 24.47, VAE 22.17, "
+              "MAETok 5.78, with MAETok's latents needing the fewest GMM modes and giving the best linear probe.")
+
+
+def _flat_metrics(results: dict[str, Any]) -> dict[str, Any]:
+    """All named metrics of one variant in one flat dict (keys already carry feature net and sample count)."""
+    flat: dict[str, Any] = {}
+    rec = results.get("reconstruction", {})
+    flat.update({k: v for k, v in rec.items() if k != "wall_s"})
+    for name in ("nocfg", "cfg"):
+        for k, v in results.get(f"generation_{name}", {}).items():
+            if k in ("wall_s", "cfg_scale"):
+                continue
+            flat[f"{k} ({name})" if not k.startswith("sampling") else f"{k}_{name}"] = v
+    flat.update({k: v for k, v in results.get("cost", {}).items() if k != "wall_s"})
+    for key in ("tokenizer_train", "decoder_finetune", "diffusion_train", "latents"):
+        if key in results and "wall_s" in results[key]:
+            flat[f"{key}_wall_s"] = results[key]["wall_s"]
+    return flat
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "n/a"
+        return f"{v:.4g}" if abs(v) < 1000 else f"{v:,.0f}"
+    if isinstance(v, list):
+        return "x".join(str(x) for x in v)
+    return str(v)
+
+
+def _find(flat: dict[str, Any], prefix: str, suffix: str = "") -> tuple[str, Any] | None:
+    for k, v in flat.items():
+        if k.startswith(prefix) and k.endswith(suffix):
+            return k, v
+    return None
+
+
+def _ordering(values: dict[str, float], lower_is_better: bool) -> str:
+    items = sorted(values.items(), key=lambda kv: kv[1], reverse=not lower_is_better)
+    return " < ".join(f"{k} ({_fmt(v)})" for k, v in items) if lower_is_better else \
+        " > ".join(f"{k} ({_fmt(v)})" for k, v in items)
+
+
+def write_report(out: Path, top: dict[str, Any], per_variant: dict[str, dict], analysis: dict) -> Path:
+    variants = list(per_variant)
+    flat = {v: _flat_metrics(per_variant[v]) for v in variants}
+    for v in variants:
+        a = analysis["variants"][v]
+        for k, nll in zip(a["gmm"]["ks"], a["gmm"]["nll"]):
+            flat[v][f"gmm_nll@K={k}"] = nll
+        flat[v]["gmm_best_k_bic"] = a["gmm"]["best_k_bic"]
+        flat[v].update({k: val for k, val in a.items() if k.startswith("probe_top1")})
+    report = {"data": top["plan"]["data"], "budget": top["plan"]["budget"], "feature_net": top["feature_net"],
+              "real_floor": {k: v for k, v in top["real_floor"].items() if k != "wall_s"},
+              "gmm_pca_dim": analysis["pca_dim"], "settings": top["plan"]["settings"],
+              "environment": {k: top["plan"][k] for k in ("device", "torch", "threads")},
+              **{v: flat[v] for v in variants}}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+
+    net = top["feature_net"]["feature_net"]
+    keys = list(dict.fromkeys(k for v in variants for k in flat[v]))
+    lines = [f"# maetok pilot: {', '.join(variants)} on `{top['plan']['data']}` ({top['plan']['budget']} budget)", ""]
+    lines += ["Same backbone, budget and seed for every tokenizer; the same diffusion model trained on each.",
+              f"Feature network for FID/KID/IS/PR: **{net}** ({top['feature_net'].get('why', '')}). "
+              "Every metric name carries its feature network and sample count.", ""]
+    floor = report["real_floor"]
+    if floor:
+        lines += ["Real-data floor (training images vs held-out images, same count): "
+                  + ", ".join(f"{k} = {_fmt(v)}" for k, v in floor.items()), ""]
+    if "cifar" in top["plan"]["data"].lower():
+        lines += ["The CIFAR-10 copy used is JPEG-compressed: these FIDs compare our variants with each other "
+                  "and are not comparable with published CIFAR-10 FIDs.", ""]
+    lines += ["| metric | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    for k in keys:
+        lines.append(f"| {k} | " + " | ".join(_fmt(flat[v].get(k, "")) for v in variants) + " |")
+    lines += ["", "## Does the paper's ordering hold here?", "", PAPER_NOTE, ""]
+    checks = [("gfid", " (nocfg)", True, "gFID without CFG"), ("gfid", " (cfg)", True, "gFID with CFG"),
+              ("rfid", "", True, "rFID"), ("probe_top1", "", False, "linear-probe top-1")]
+    for prefix, suffix, lower, label in checks:
+        vals = {v: got[1] for v in variants if (got := _find(flat[v], prefix, suffix))}
+        if len(vals) == len(variants):
+            best = min(vals, key=vals.get) if lower else max(vals, key=vals.get)
+            verdict = "MAETok best" if best == "maetok" else f"MAETok not best ({best} is)"
+            lines.append(f"- {label}: {_ordering(vals, lower)} -> **{verdict}**")
+    ks = analysis["variants"][variants[0]]["gmm"]["ks"]
+    mid = ks[len(ks) // 2]
+    vals = {v: flat[v][f"gmm_nll@K={mid}"] for v in variants}
+    best = min(vals, key=vals.get)
+    lines.append(f"- GMM held-out NLL at K={mid} (PCA dim {analysis['pca_dim']} for all): {_ordering(vals, True)} -> "
+                 f"**{'MAETok lowest' if best == 'maetok' else f'MAETok not lowest ({best} is)'}**")
+    lines += ["", "## Pictures", "", "GMM held-out NLL vs number of components (lower = fewer modes needed):", "",
+              "![GMM NLL vs K](gmm_nll.png)", "", "Diffusion training loss per tokenizer:", "",
+              "![diffusion loss](diffusion_loss.png)", ""]
+    for v in variants:
+        lines += [f"### {v}", "", f"Held-out reconstructions (originals above reconstructions): "
+                  f"![{v} reconstructions]({v}/reconstructions.png)", "",
+                  f"Samples without CFG: ![{v} samples]({v}/samples-nocfg/samples.png)", "",
+                  f"Samples with CFG: ![{v} samples cfg]({v}/samples-cfg/samples.png)", ""]
+    lines += ["## Settings", "", "```json", json.dumps(top["plan"]["settings"], indent=1), "```", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,93 @@
+"""Tokenizer training end to end (in-process, tiny): stage 1 -> stage 2 decoder fine-tuning, latent statistics,
+optional teachers, and the resolved config saved with the run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from maetok.config import TokenizerRunConfig, load_config
+from maetok.tokenizer import MAETok
+from maetok.train.checkpoint import latest_checkpoint, load_checkpoint
+from maetok.train.run import run_tokenizer
+
+TINY = ["model.image_size=16", "data.image_size=16", "model.patch_size=4", "model.latent_tokens=4",
+        "model.latent_dim=4", "model.enc_width=32", "model.enc_heads=2", "model.enc_depth=1",
+        "model.dec_width=32", "model.dec_heads=2", "model.dec_depth=1", "model.aux_width=16",
+        "model.aux_heads=1", "model.aux_depth=1", "data.limit=32", "train.batch_size=8", "train.log_every=1",
+        "train.image_every=4", "train.ckpt_every=4", "stats_batches=2"]
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "stage1"
+    cfg = load_config(TokenizerRunConfig, "cpu-32", TINY + ["train.steps=8"])
+    summary = run_tokenizer(cfg, out, device="cpu")
+    assert summary["finished"]
+    return out
+
+
+def test_stage1_writes_model_stats_images_and_config(stage1: Path):
+    model = MAETok.from_pretrained(stage1 / "model")
+    assert model.config.latent_std > 0 and model.config.latent_std != 1.0  # measured, not the default
+    assert list((stage1 / "images").glob("recon_*.png"))
+    saved = yaml.safe_load((stage1 / "config.yaml").read_text())
+    assert saved["model"]["latent_tokens"] == 4 and saved["train"]["steps"] == 8
+    records = [json.loads(line) for line in (stage1 / "log.jsonl").read_text().splitlines()]
+    assert {"loss", "loss_pixel", "loss_aux_hog", "mask_ratio", "grad_norm", "images_per_s"} <= set(records[-1])
+    assert all(0.4 <= r["mask_ratio"] <= 0.6 + 1 / 16 for r in records)  # ceil(r*16)/16
+    state = load_checkpoint(latest_checkpoint(stage1 / "checkpoints"))
+    assert "model:" in state["config"] and state["code_version"]
+
+
+def test_stage2_freezes_encoder_drops_aux_and_anneals_mask(stage1: Path, tmp_path: Path):
+    cfg = load_config(TokenizerRunConfig, "cpu-32", TINY + [
+        "train.steps=6", "stage=2", f"decoder_ft.init_from={stage1}", "decoder_ft.anneal_steps=4",
+        "train.optim.warmup_steps=0"])
+    out = tmp_path / "stage2"
+    assert run_tokenizer(cfg, out, device="cpu")["finished"]
+    before, after = MAETok.from_pretrained(stage1 / "model"), MAETok.from_pretrained(out / "model")
+    enc_b, enc_a = before.encoder.state_dict(), after.encoder.state_dict()
+    assert all(torch.equal(enc_b[k], enc_a[k]) for k in enc_b), "stage 2 changed the encoder"
+    dec_b, dec_a = before.decoder.state_dict(), after.decoder.state_dict()
+    assert any(not torch.equal(dec_b[k], dec_a[k]) for k in dec_b), "stage 2 did not train the decoder"
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all("loss_aux_hog" not in r for r in records)
+    ratios = [r.get("mask_ratio", 0.0) for r in records]
+    assert ratios[0] > ratios[2] and ratios[-1] == 0.0  # annealed 0.6 -> 0 over 4 steps
+    state = load_checkpoint(latest_checkpoint(out / "checkpoints"))
+    assert not any(k.startswith("aux_decoders.") for k in state["model"])
+
+
+def test_optional_teacher_without_weights_trains_without_it(tmp_path: Path, caplog):
+    missing = str(tmp_path / "no-such-resnet.safetensors")
+    aux = (f"model.aux_targets=[{{name: hog, weight: 1.0}}, {{name: resnet-cifar, weight: 1.0, optional: true, "
+           f"options: {{weights: '{missing}'}}}}]")
+    cfg = load_config(TokenizerRunConfig, "cpu-32", TINY + ["train.steps=2", aux])
+    with caplog.at_level("WARNING"):
+        assert run_tokenizer(cfg, tmp_path / "run", device="cpu")["finished"]
+    assert "training WITHOUT it" in caplog.text
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert [t["name"] for t in saved["model"]["aux_targets"]] == ["hog"]
+
+
+def test_required_teacher_without_weights_stops_before_training(tmp_path: Path):
+    from maetok.nets.hub import MissingWeightsError
+
+    missing = str(tmp_path / "no-such-resnet.safetensors")
+    aux = f"model.aux_targets=[{{name: resnet-cifar, weight: 1.0, options: {{weights: '{missing}'}}}}]"
+    cfg = load_config(TokenizerRunConfig, "cpu-32", TINY + ["train.steps=2", aux])
+    with pytest.raises(MissingWeightsError, match="no-such-resnet"):
+        run_tokenizer(cfg, tmp_path / "run", device="cpu")
+
+
+@pytest.mark.parametrize("variant", ["ae", "vae", "mae"])
+def test_baseline_variants_train(variant: str, tmp_path: Path):
+    cfg = load_config(TokenizerRunConfig, "cpu-32", TINY + ["train.steps=2", f"model.variant={variant}"])
+    assert run_tokenizer(cfg, tmp_path / variant, device="cpu")["finished"]
+    records = [json.loads(line) for line in (tmp_path / variant / "log.jsonl").read_text().splitlines()]
+    assert ("loss_kl" in records[-1]) == (variant == "vae")
+    assert ("mask_ratio" in records[-1]) == (variant == "mae")
