@@ -183,3 +183,56 @@ def test_sigterm_writes_a_final_checkpoint(tmp_path: Path):
     ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert ckpt is not None and load_checkpoint(ckpt)["step"] >= 2
     assert "SIGTERM" in out
+
+
+def _tiny_latent_cache(root: Path) -> tuple[Path, Path]:
+    """A random-init tiny tokenizer and its latent cache of 48 shapes images (with flips)."""
+    from maetok.config import TokenizerConfig
+    from maetok.data import open_dataset
+    from maetok.data.latents import cache_latents
+    from maetok.tokenizer import MAETok
+
+    cfg = TokenizerConfig(image_size=16, patch_size=4, latent_tokens=4, latent_dim=4, enc_width=32, enc_depth=1,
+                          enc_heads=2, dec_width=32, dec_depth=1, dec_heads=2, aux_targets=[])
+    tok = MAETok(cfg).eval()
+    tok.save_pretrained(root / "tok")
+    cache_latents(tok, open_dataset("shapes", image_size=16, limit=48), root / "latents", progress=False)
+    return root / "tok", root / "latents"
+
+
+def test_diffusion_sigkill_then_resume_is_bit_identical(tmp_path: Path):
+    tok, latents = _tiny_latent_cache(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    args = ["--config", "sit-cpu", "--device", "cpu", f"latents={latents}", f"tokenizer={tok}",
+            "model.num_tokens=4", "model.in_channels=4", "model.hidden=32", "model.depth=2", "model.heads=2",
+            "train.batch_size=8", "train.steps=16", "train.ckpt_every=1", "train.log_every=1",
+            "train.image_every=8", "train.optim.warmup_steps=4", "sample.steps=2"]
+
+    def launch(out: Path, resume: bool = False) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "maetok.cli", "diffusion", "train", "--out", str(out),
+               *(["--resume"] if resume else []), *args]
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    ref = launch(tmp_path / "ref")
+    out_ref, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, out_ref
+    run = tmp_path / "killed"
+    proc = launch(run)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        ckpt = latest_checkpoint(run / "checkpoints") if (run / "checkpoints").exists() else None
+        if ckpt is not None and int(ckpt.stem.split("-")[1]) >= 6:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert int(latest_checkpoint(run / "checkpoints").stem.split("-")[1]) < 16
+    again = launch(run, resume=True)
+    out_again, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out_again
+    a = load_checkpoint(latest_checkpoint(tmp_path / "ref" / "checkpoints"))
+    b = load_checkpoint(latest_checkpoint(run / "checkpoints"))
+    for part in ("model", "ema"):
+        different = [k for k in a[part] if not torch.equal(a[part][k], b[part][k])]
+        assert not different, f"{part} differs after resume: {different[:5]}"
+    assert (run / "model" / "model.safetensors").is_file() and list((run / "images").glob("samples_*.png"))
