@@ -35,6 +35,8 @@ def machine(device: torch.device | str | None = None) -> dict:
         pass
     info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": sys.version.split()[0], "platform": platform.platform()}
+    if hasattr(os, "getloadavg"):  # other work on a shared machine shows here, and in the numbers
+        info["loadavg_1min"] = round(os.getloadavg()[0], 2)
     if device is not None and torch.device(device).type == "cuda":
         props = torch.cuda.get_device_properties(torch.device(device))
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),

@@ -15,23 +15,18 @@ Writes benchmarks/results/diffusion.json and prints markdown tables.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
 import sys
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from common import RESULTS_DIR, machine, median_seconds, utc_now, write_json
 from maetok.config import SampleConfig, SiTConfig, TransportConfig
 from maetok.diffusion import SiT, sample, sit_config, training_loss
 from maetok.diffusion.convert import build_meta
 
-RESULTS = Path(__file__).resolve().parent / "results" / "diffusion.json"
+RESULTS = RESULTS_DIR / "diffusion.json"
 LAYOUTS = [  # name, tokens, channels per token
     ("1D MAETok", 128, 32),
     ("2D latent, 4x tokens", 512, 16),
@@ -61,16 +56,6 @@ def analytic_macs(cfg: SiTConfig) -> float:
     return cfg.depth * per_block + embed
 
 
-def _median_seconds(fn, reps: int) -> float:
-    fn()  # warm-up: allocator, first-call dispatch
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def train_images_per_s(cfg: SiTConfig, batch: int, reps: int) -> float:
     torch.manual_seed(0)
     model = SiT(cfg).train()
@@ -85,7 +70,7 @@ def train_images_per_s(cfg: SiTConfig, batch: int, reps: int) -> float:
         loss.backward()
         opt.step()
 
-    return batch / _median_seconds(step, reps)
+    return batch / median_seconds(step, reps)
 
 
 def sample_images_per_s(cfg: SiTConfig, batch: int, steps: int, reps: int) -> float:
@@ -94,20 +79,7 @@ def sample_images_per_s(cfg: SiTConfig, batch: int, steps: int, reps: int) -> fl
     noise = torch.randn(batch, cfg.num_tokens, cfg.in_channels)
     y = torch.randint(0, cfg.num_classes, (batch,))
     run_cfg = SampleConfig("euler", steps=steps, cfg_scale=1.0)
-    return batch / _median_seconds(lambda: sample(model, noise, y, run_cfg), reps)
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": sys.version.split()[0], "platform": platform.platform()}
+    return batch / median_seconds(lambda: sample(model, noise, y, run_cfg), reps)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -145,14 +117,13 @@ def main(argv: list[str] | None = None) -> dict:
                    "gmacs_per_forward": flops / 2e9, "analytic_gmacs": analytic_macs(cfg) / 1e9,
                    "paper_gflops": PAPER_XL_GFLOPS[tokens]})
 
-    result = {"machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    result = {"machine": machine(), "date": utc_now(),
               "quick": args.quick,
               "settings": {"model": "SiT hidden 192, depth 4, heads 3, MLP 4x", "batch": batch, "reps": reps,
                            "sampler": f"Euler, {steps} steps, no CFG", "train": "fp32, AdamW, linear path",
                            "flops": "torch.utils.flop_counter on meta, batch 1, 2 FLOPs per multiply-add"},
               "small_sit": rows, "sit_xl_512px": xl}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(markdown(result))
     print(f"\nwrote {args.out}")
     return result

@@ -4,7 +4,8 @@
     maetok tokenizer reconstruct --model runs/tok/model --images shapes --out runs/recon
     maetok convert official-tokenizer --src DIR --out DIR [--weights FILE --config FILE]
     maetok convert official-sit --src DIR --out DIR [--weights FILE --config FILE]
-    maetok demo --out runs/demo
+    maetok pilot --data zip:../shared/data/cifar10-jpeg.zip --budget standard --out runs/pilot-cifar
+    maetok demo                      # the quick pilot on built-in shapes (the README's main command)
 
 Every training command takes dotted `key=value` overrides after its options.
 """
@@ -146,7 +147,7 @@ def _device(name: str) -> str:
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(Path(a.out), resume=a.resume, force=a.force, steps=a.steps)
+    run_demo(Path(a.out), budget=a.budget)
     return 0
 
 
@@ -229,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pilot", help="train AE/VAE/MAETok + the same diffusion model on each; one report")
     p.add_argument("--data", default="shapes", help="data spec (default: built-in shapes, no download)")
     p.add_argument("--variants", default="ae,vae,maetok")
-    p.add_argument("--budget", default="quick", choices=["quick", "standard", "full"])
+    p.add_argument("--budget", default="quick", choices=["smoke", "quick", "standard", "full"])
     p.add_argument("--out", default="runs/pilot")
     p.add_argument("--inception", action="store_true", help="also compute Inception FIDs (slow on CPU)")
     p.add_argument("--resume", action="store_true", help="continue a pilot in --out")
@@ -237,11 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(fn=cmd_pilot)
 
-    p = sub.add_parser("demo", help="the CPU demo: train a tiny tokenizer on built-in shapes and reconstruct")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--force", action="store_true")
+    p = sub.add_parser("demo", help="the CPU demo: the quick pilot on the built-in shapes data (resumes)")
+    p.add_argument("--out", default="runs/pilot-quick")
+    p.add_argument("--budget", default="quick", choices=["smoke", "quick"])
     p.set_defaults(fn=cmd_demo)
     return parser
 

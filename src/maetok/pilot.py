@@ -52,13 +52,13 @@ _TINY_TOK = ["model.enc_width=64", "model.enc_depth=2", "model.enc_heads=2", "mo
              "model.aux_width=32", "model.aux_depth=1", "model.aux_heads=1", "train.batch_size=32",
              "train.optim.lr=1e-3", "train.optim.warmup_steps=50", "train.log_every=20", "train.image_every=200",
              "train.ckpt_every=200", "stats_batches=10"]
-_TINY_SIT = ["model.hidden=128", "model.depth=4", "model.heads=2", "train.batch_size=128",
+_TINY_SIT = ["model.hidden=128", "model.depth=4", "model.heads=2", "train.batch_size=64",
              "train.optim.lr=5e-4", "train.optim.warmup_steps=100", "train.log_every=25", "train.image_every=500",
              "train.ckpt_every=500"]
 
 BUDGETS: dict[str, PilotBudget] = {
     # ~10 minutes on 2 CPU cores for three variants on the built-in shapes.
-    "quick": PilotBudget(tokenizer=_TINY_TOK, diffusion=_TINY_SIT),
+    "quick": PilotBudget(tokenizer=_TINY_TOK, diffusion=_TINY_SIT, diffusion_steps=800),
     # ~2 hours on 2 CPU cores on CIFAR-10: the small-scale reproduction of the paper's table.
     "standard": PilotBudget(
         n_train=0, n_eval=5000, tokenizer_steps=1800, decoder_ft_steps=300, diffusion_steps=3000,
@@ -71,6 +71,10 @@ BUDGETS: dict[str, PilotBudget] = {
                    "train.optim.lr=5e-4", "train.optim.warmup_steps=200", "train.log_every=25",
                    "train.image_every=1000", "train.ckpt_every=500"],
         classifier_steps=0, cache_flip=False, gmm_ks=(1, 2, 4, 8, 16, 32)),
+    # A minute-long run of every stage, for tests and for checking a set-up; its numbers mean nothing.
+    "smoke": PilotBudget(n_train=256, n_eval=64, tokenizer_steps=30, decoder_ft_steps=10, diffusion_steps=60,
+                         sample_steps=4, classifier_steps=40, gmm_ks=(1, 2, 4), tokenizer=_TINY_TOK,
+                         diffusion=_TINY_SIT),
     # GPU scale: the cpu presets at full width, longer; use torchrun for the training stages.
     "full": PilotBudget(n_train=0, n_eval=10000, tokenizer_steps=50000, decoder_ft_steps=10000,
                         diffusion_steps=100000, sampler="heun", sample_steps=50, classifier_steps=3000,

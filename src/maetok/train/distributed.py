@@ -45,10 +45,20 @@ def barrier(info: DistInfo) -> None:
 
 def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
-        x = x.clone()
+        # On the group's device: an NCCL group has no CPU backend, so a CPU tensor would fail there.
+        x = x.detach().to(info.device, copy=True)
         dist.all_reduce(x)
         x /= info.world
     return x
+
+
+def all_reduce_max(value: float, info: DistInfo) -> float:
+    """The largest `value` over all ranks, on every rank: for decisions that every rank must take together."""
+    if not info.enabled:
+        return value
+    x = torch.tensor(float(value), dtype=torch.float64, device=info.device)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return float(x)
 
 
 def cleanup(info: DistInfo) -> None:

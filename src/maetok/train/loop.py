@@ -7,6 +7,11 @@ DDP, non-finite step skipping, signals, logging and exact resume.
 Exact resume: the data order is a pure function of (seed, step), the learning rate a pure function of step, and
 every checkpoint holds model, EMA, optimizer, step, RNG and the task's own state (e.g. the discriminator). A run
 killed at any step and resumed reaches bit-identical weights on CPU.
+
+Under DDP the global RNG is reseeded every step from (seed, step, rank): ranks draw different flips, masks, noise
+and times (identical streams would repeat rank 0's draws on every rank), and a resumed run draws what it would
+have. Decisions that change the control flow (skip a non-finite step, stop on a signal) are agreed across ranks,
+since backward() is a collective and a rank that goes its own way deadlocks the others.
 """
 from __future__ import annotations
 
@@ -21,13 +26,14 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import OptimConfig, TrainConfig, dump_yaml
 from .checkpoint import code_version, latest_checkpoint, load_checkpoint, save_checkpoint
-from .distributed import DistInfo, all_reduce_mean
+from .distributed import DistInfo, all_reduce_max, all_reduce_mean
 
 log = logging.getLogger("maetok.train")
 
@@ -51,6 +57,10 @@ class RunDirExists(FileExistsError):
 def prepare_run_dir(out: Path, resume: bool, force: bool, is_main: bool = True) -> Path:
     """An existing, non-empty run directory needs --resume (continue) or --force (wipe); never overwritten silently."""
     out = Path(out)
+    if not is_main:
+        # Rank 0 alone checks and prepares: checking here too races with it (a fresh directory already holds
+        # rank 0's train.log when another rank looks, and was refused as "already exists").
+        return out
     if out.exists() and any(out.iterdir()):
         if resume:
             return out
@@ -246,12 +256,16 @@ class Trainer:
             while self.step < cfg.steps:
                 batch = _to_device(next(batches), dev)
                 lr = self._set_lr()
+                if self.dist.enabled:
+                    torch.manual_seed(rank_step_seed(cfg.seed, self.step, self.dist.rank))
                 self.model.train()
                 with autocast_for(dev, cfg.precision):
                     out = self.task.training_step(self.forward_model, batch, self.step)
                 loss = out["loss"]
                 self.optimizer.zero_grad(set_to_none=True)
                 finite = bool(torch.isfinite(loss))
+                if self.dist.enabled:  # every rank must take the same branch: backward() is a collective
+                    finite = all_reduce_max(float(not finite), self.dist) == 0
                 if finite:
                     loss.backward()
                     gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip or float("inf"))
@@ -281,6 +295,10 @@ class Trainer:
                     self.task.write_images(self.ema, self.step, self.out)
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
                     self.save()
+                if self.dist.enabled:  # a signal may reach one rank only, or ranks at different steps
+                    signum = all_reduce_max(signal.Signals[self.stop_requested] if self.stop_requested else 0,
+                                            self.dist)
+                    self.stop_requested = signal.Signals(int(signum)).name if signum else None
                 if self.stop_requested:
                     log.warning("received %s: wrote a checkpoint at step %d and stopped", self.stop_requested,
                                 self.step)
@@ -311,6 +329,11 @@ class Trainer:
             raise FloatingPointError(
                 f"{self.bad_steps} consecutive non-finite steps (up to step {self.step}); the last good weights "
                 f"are saved in {path}. Lower the learning rate or check the data, then resume from it.")
+
+
+def rank_step_seed(seed: int, step: int, rank: int) -> int:
+    """The global RNG's seed for one step of one DDP rank: well mixed, distinct for every (seed, step, rank)."""
+    return int(np.random.SeedSequence([seed % 2**64, step, rank]).generate_state(1, np.uint64)[0])
 
 
 def _can_compile() -> bool:

@@ -1,0 +1,274 @@
+"""Worker for tests/test_distributed.py, launched as `torchrun --nproc_per_node 2 _ddp_worker.py OUT SCENARIOS`
+(CPU, gloo). Each scenario writes what the test compares into OUT/<scenario>/; the test computes the single-process
+reference itself with the helpers defined here. Not a test module (no test_ prefix).
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from maetok.config import (DiffusionRunConfig, SampleConfig, SiTConfig, TokenizerRunConfig, TrainConfig,
+                           TransportConfig, load_config)
+from maetok.train.distributed import DistInfo, init_distributed
+from maetok.train.loop import Trainer
+
+# Tiny tokenizer (as tests/test_resume.py TINY, without the GAN). Every randomness of variant ae is switched off
+# (no masks, no flips, no perceptual/GAN), so the loss is a deterministic function of the batch.
+TOK = ["model.image_size=16", "data.image_size=16", "model.patch_size=4", "model.latent_tokens=4",
+       "model.latent_dim=4", "model.enc_width=32", "model.enc_heads=2", "model.enc_depth=1",
+       "model.dec_width=32", "model.dec_heads=2", "model.dec_depth=1", "model.aux_width=16",
+       "model.aux_heads=1", "model.aux_depth=1", "data.limit=32", "train.batch_size=8", "train.log_every=1",
+       "train.image_every=1000", "train.ckpt_every=1", "stats_batches=1", "train.optim.warmup_steps=0"]
+TOK_AE = [*TOK, "model.variant=ae", "data.random_flip=false", "train.steps=1"]
+TOK_MASKED = [*TOK, "model.variant=maetok", "train.steps=2"]
+
+SIT = SiTConfig(in_channels=4, num_tokens=4, hidden=32, depth=2, heads=2, num_classes=10, class_dropout=0.0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# SiT with per-sample randomness derived from the sample index
+# --------------------------------------------------------------------------------------------------------------
+class IndexedLatents(torch.utils.data.Dataset):
+    """(latents, label, index): the index lets the task draw each sample's noise from its own generator."""
+
+    def __init__(self, n: int = 32, seed: int = 1):
+        g = torch.Generator().manual_seed(seed)
+        self.z = torch.randn(n, SIT.num_tokens, SIT.in_channels, generator=g)
+        self.y = torch.arange(n) % SIT.num_classes
+
+    def __len__(self) -> int:
+        return len(self.z)
+
+    def __getitem__(self, i: int):
+        return self.z[i], self.y[i], i
+
+
+class IndexNoiseDiffusionTask:
+    """Flow matching on SiT as DiffusionTask does it (linear path, velocity MSE), except that t and eps of sample
+    i come from a generator seeded with i. The per-rank global RNG then plays no part, so a DDP step over a
+    global batch must equal a single-process step over the same batch: any difference is the loop's."""
+
+    def __init__(self):
+        from maetok.diffusion.sit import SiT
+
+        torch.manual_seed(0)
+        self.model = SiT.from_config(SIT)
+        self.transport = TransportConfig(path="linear")
+
+    def trainable_parameters(self):
+        return list(self.model.parameters())
+
+    def training_step(self, model, batch, step):
+        from maetok.diffusion.transport import interpolate
+
+        z, y, idx = batch
+        gens = [torch.Generator().manual_seed(1000 * step + int(i)) for i in idx]
+        t = torch.stack([torch.rand((), generator=g) for g in gens])
+        eps = torch.stack([torch.randn(z.shape[1:], generator=g) for g in gens])
+        x_t, v_target = interpolate(z, eps, t, self.transport.path)
+        return {"loss": (model(x_t, t, y) - v_target).pow(2).mean()}
+
+    def after_step(self, batch, step, outputs):
+        return {}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    def write_images(self, ema, step, out):
+        pass
+
+    def finish(self, ema, out):
+        pass
+
+
+def sit_trainer(out: Path, info: DistInfo, steps: int = 2) -> Trainer:
+    cfg = TrainConfig(steps=steps, batch_size=8, log_every=1, ckpt_every=1000, image_every=1000,
+                      precision="fp32")
+    out.mkdir(parents=True, exist_ok=True)
+    return Trainer(IndexNoiseDiffusionTask(), cfg, IndexedLatents(), out, cfg, info)
+
+
+def trainer_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Weights and the (all-reduced, clipped) gradients of the last step."""
+    out = {f"w.{k}": v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    for name, p in trainer.model.named_parameters():
+        if p.grad is not None:
+            out[f"g.{name}"] = p.grad.detach().clone()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A toy task for the loop's control flow (non-finite skips, signals)
+# --------------------------------------------------------------------------------------------------------------
+class ToyTask:
+    def __init__(self, hook=None):
+        torch.manual_seed(0)
+        self.model = nn.Linear(3, 1)
+        self.hook = hook  # hook(step, loss) -> loss, may also raise a signal
+        self.draws: list[list[float]] = []
+
+    def trainable_parameters(self):
+        return list(self.model.parameters())
+
+    def training_step(self, model, batch, step):
+        self.draws.append(torch.rand(2).tolist())  # what this rank's per-sample randomness would see
+        loss = (model(batch[0]).squeeze(-1) - batch[1]).pow(2).mean()
+        return {"loss": self.hook(step, loss) if self.hook else loss}
+
+    def after_step(self, batch, step, outputs):
+        return {}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    def write_images(self, ema, step, out):
+        pass
+
+    def finish(self, ema, out):
+        pass
+
+
+def toy_trainer(out: Path, info: DistInfo, hook=None, steps: int = 6) -> Trainer:
+    g = torch.Generator().manual_seed(3)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 3, generator=g), torch.randn(32, generator=g))
+    cfg = TrainConfig(steps=steps, batch_size=4, log_every=1, ckpt_every=1000, image_every=1000, max_bad_steps=3)
+    out.mkdir(parents=True, exist_ok=True)
+    return Trainer(ToyTask(hook), cfg, data, out, cfg, info)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Scenarios (run on every rank)
+# --------------------------------------------------------------------------------------------------------------
+def _json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def scenario_tok_ae(out: Path, info: DistInfo, inputs: Path) -> None:
+    from maetok.train.run import run_tokenizer
+
+    cfg = load_config(TokenizerRunConfig, "cpu-32", TOK_AE)
+    # A fresh run directory, as a user's first `torchrun ... maetok tokenizer train --out DIR` would have.
+    summary = run_tokenizer(cfg, out / "run", device="cpu")
+    _json(out / f"summary-{info.rank}.json", summary)
+
+
+def scenario_tok_masks(out: Path, info: DistInfo, inputs: Path) -> None:
+    import maetok.tokenizer.model as model_mod
+    from maetok.train.run import run_tokenizer
+
+    masks = []
+    original = model_mod.random_patch_mask
+
+    def recording(*args, **kwargs):
+        m = original(*args, **kwargs)
+        masks.append(m.clone())
+        return m
+
+    model_mod.random_patch_mask = recording
+    try:
+        run_tokenizer(load_config(TokenizerRunConfig, "cpu-32", TOK_MASKED), out / "run", device="cpu")
+    finally:
+        model_mod.random_patch_mask = original
+    save_file({f"step{i}": m.to(torch.uint8) for i, m in enumerate(masks)}, str(out / f"masks-{info.rank}.st"))
+
+
+def scenario_sit(out: Path, info: DistInfo, inputs: Path) -> None:
+    trainer = sit_trainer(out / "run", info)
+    summary = trainer.fit()
+    save_file({k: v.contiguous() for k, v in trainer_tensors(trainer).items()}, str(out / f"rank{info.rank}.st"))
+    _json(out / f"summary-{info.rank}.json", summary)
+
+
+def scenario_diffusion_run(out: Path, info: DistInfo, inputs: Path) -> None:
+    """The real DiffusionTask under DDP through run_diffusion: must finish, in a fresh run directory."""
+    from maetok.train.run import run_diffusion
+
+    overrides = [f"latents={inputs / 'cache'}", f"tokenizer={inputs / 'tok'}", "model.in_channels=4",
+                 "model.num_tokens=4", "model.hidden=32", "model.depth=1", "model.heads=2", "train.steps=2",
+                 "train.batch_size=8", "train.log_every=1", "train.ckpt_every=1", "train.image_every=1000",
+                 "sample.steps=2"]
+    summary = run_diffusion(load_config(DiffusionRunConfig, "sit-cpu", overrides), out / "run", device="cpu")
+    _json(out / f"summary-{info.rank}.json", summary)
+
+
+def scenario_nan(out: Path, info: DistInfo, inputs: Path) -> None:
+    """Rank 1 alone sees a non-finite loss at step 2: every rank must skip that step together."""
+    def hook(step, loss):
+        return loss * float("nan") if (info.rank == 1 and step == 2) else loss
+
+    trainer = toy_trainer(out / "run", info, hook)
+    summary = trainer.fit()
+    _json(out / f"summary-{info.rank}.json", {**summary, "weights": trainer.model.weight.flatten().tolist(),
+                                              "draws": trainer.task.draws})
+
+
+def scenario_sigterm(out: Path, info: DistInfo, inputs: Path) -> None:
+    """Only rank 1 gets SIGTERM (during step 2): every rank must stop after the same step, and rank 0 must write
+    the final checkpoint."""
+    def hook(step, loss):
+        if info.rank == 1 and step == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return loss
+
+    trainer = toy_trainer(out / "run", info, hook, steps=1000)
+    summary = trainer.fit()
+    _json(out / f"summary-{info.rank}.json", summary)
+
+
+def scenario_sample(out: Path, info: DistInfo, inputs: Path) -> None:
+    from maetok.diffusion.generate import generate_to_dir
+    from maetok.diffusion.sit import SiT
+    from maetok.tokenizer import MAETok
+
+    model, tok = SiT.from_pretrained(inputs / "sit"), MAETok.from_pretrained(inputs / "tok")
+    for sampler in ("euler", "heun"):
+        cfg = SampleConfig(sampler=sampler, steps=3, cfg_scale=1.5, seed=5)
+        generate_to_dir(model, tok, 11, cfg, out / sampler, balanced=True, batch_size=4, device="cpu",
+                        progress=False)
+
+
+# Control-flow scenarios last: if one deadlocks, the collective timeout breaks the group for what follows.
+SCENARIOS = {"tok_ae": scenario_tok_ae, "tok_masks": scenario_tok_masks, "sit": scenario_sit,
+             "diffusion_run": scenario_diffusion_run, "sample": scenario_sample, "nan": scenario_nan,
+             "sigterm": scenario_sigterm}
+
+
+def main() -> None:
+    out, names, inputs = Path(sys.argv[1]), sys.argv[2].split(","), Path(sys.argv[3])
+    torch.set_num_threads(1)
+    # A short collective timeout turns a deadlock (ranks taking different branches) into an error, not a hang.
+    dist.init_process_group("gloo", timeout=timedelta(seconds=30))
+    info = init_distributed("cpu")  # joins the group above: the same DistInfo the CLI would build
+    import maetok.train.run as run_mod
+
+    run_mod.cleanup = lambda info: None  # keep the group alive for the next scenario
+    failed = False
+    for name in names:
+        try:
+            SCENARIOS[name](out / name, info, inputs)
+        except Exception:  # recorded for the test to show; the next scenario still runs
+            _json(out / name / f"error-{info.rank}.json", traceback.format_exc())
+            failed = True
+        dist.barrier()
+    dist.destroy_process_group()
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""DDP on CPU (gloo, 2 processes under torchrun): one global-batch step equals the single-process step, ranks
+agree on skipping and stopping, per-rank randomness differs, sharded sampling equals the single-process output.
+
+One torchrun launch runs every scenario of tests/_ddp_worker.py (launching is the slow part); each test here
+compares one scenario's files with a single-process reference computed in this process.
+
+Why the equality checks avoid per-sample randomness: under DDP each rank draws its own flips, masks, noise and
+times from its own RNG stream (deliberately different per rank), so a DDP step over batch B cannot draw the same
+values as one process over B. The tokenizer check therefore uses variant ae without flips (a deterministic
+loss), and the SiT check a task whose t and noise come from generators seeded by the sample index; that masks
+really differ across ranks is checked separately.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import _ddp_worker as W
+from maetok.train.checkpoint import latest_checkpoint, load_checkpoint
+from maetok.train.distributed import DistInfo
+
+pytestmark = pytest.mark.distributed
+
+WORKER = Path(__file__).with_name("_ddp_worker.py")
+
+
+@dataclass
+class DDPRun:
+    out: Path
+    inputs: Path
+    returncode: int
+    log: str
+
+    def check(self, scenario: str) -> Path:
+        """The scenario's folder, after failing with the workers' tracebacks if any rank raised in it, or with
+        torchrun's output if the job died before reaching it."""
+        folder = self.out / scenario
+        errors = sorted(folder.glob("error-*.json"))
+        if errors:
+            pytest.fail(f"{scenario} failed under torchrun:\n" + "\n".join(json.loads(e.read_text()) for e in errors))
+        if not folder.is_dir():
+            pytest.fail(f"{scenario} never ran; torchrun exited with {self.returncode}:\n{self.log[-6000:]}")
+        return folder
+
+    def summaries(self, scenario: str) -> list[dict]:
+        folder = self.check(scenario)
+        return [json.loads((folder / f"summary-{r}.json").read_text()) for r in (0, 1)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _make_inputs(root: Path) -> None:
+    """A tiny random tokenizer, a latent cache of it, and a random SiT, both perturbed away from their init so
+    that samples depend on the noise and the model."""
+    from maetok.config import TokenizerConfig
+    from maetok.data import open_dataset
+    from maetok.data.latents import cache_latents
+    from maetok.diffusion.sit import SiT
+    from maetok.tokenizer import MAETok
+
+    torch.manual_seed(0)
+    tok = MAETok(TokenizerConfig(variant="ae", image_size=16, patch_size=4, latent_tokens=4, latent_dim=4,
+                                 enc_width=32, enc_heads=2, enc_depth=1, dec_width=32, dec_heads=2, dec_depth=1,
+                                 aux_targets=[]))
+    sit = SiT.from_config(W.SIT)
+    with torch.no_grad():  # both start with zero-initialised gates (the decoder ignores z, SiT outputs 0): perturb
+        for p in (*tok.parameters(), *sit.parameters()):
+            p.add_(0.05 * torch.randn_like(p))
+    tok.save_pretrained(root / "tok")
+    cache_latents(tok, open_dataset("shapes", "train", 16, limit=32), root / "cache", batch_size=16,
+                  progress=False)
+    sit.save_pretrained(root / "sit")
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory) -> DDPRun:
+    root = tmp_path_factory.mktemp("ddp")
+    _make_inputs(root / "inputs")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(WORKER), str(root / "out"), ",".join(W.SCENARIOS),
+           str(root / "inputs")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return DDPRun(root / "out", root / "inputs", proc.returncode, proc.stdout + proc.stderr)
+
+
+def test_torchrun_job_exits_cleanly(ddp: DDPRun):
+    assert ddp.returncode == 0, ddp.log[-6000:]
+
+
+def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float, rtol: float = 1e-5) -> list[str]:
+    assert a.keys() == b.keys()
+    return [f"{k}: max |diff| {float((a[k] - b[k]).abs().max()):.3g}" for k in a
+            if not torch.allclose(a[k], b[k], atol=atol, rtol=rtol)]
+
+
+# ==============================================================================================================
+# Training: one DDP step == one single-process step
+# ==============================================================================================================
+def test_tokenizer_ddp_step_equals_single_process(ddp: DDPRun, tmp_path: Path):
+    from maetok.config import TokenizerRunConfig, load_config
+    from maetok.train.run import run_tokenizer
+
+    summaries = ddp.summaries("tok_ae")
+    assert all(s["finished"] and s["step"] == 1 for s in summaries), summaries
+    single = run_tokenizer(load_config(TokenizerRunConfig, "cpu-32", W.TOK_AE), tmp_path / "single", device="cpu")
+    assert single["finished"]
+    a = load_checkpoint(latest_checkpoint(ddp.out / "tok_ae" / "run" / "checkpoints"))
+    b = load_checkpoint(latest_checkpoint(tmp_path / "single" / "checkpoints"))
+    assert a["step"] == b["step"] == 1
+    # Adam's first moment after one step is 0.1 x the (averaged, clipped) gradient: the gradients must match...
+    moments = lambda s: {f"{i}.{k}": v for i, st in s["optimizer"]["state"].items() for k, v in st.items()
+                         if k in ("exp_avg", "exp_avg_sq")}
+    ma, mb = moments(a), moments(b)
+    assert any(float(v.abs().max()) > 0 for k, v in mb.items() if k.endswith("exp_avg")), "no gradient at all"
+    assert not _close(ma, mb, atol=1e-9, rtol=1e-4), _close(ma, mb, atol=1e-9, rtol=1e-4)[:5]
+    # ...and so must the weights and their EMA (one lr-sized Adam step each, float32 round-off apart).
+    assert not _close(a["model"], b["model"], atol=1e-6), _close(a["model"], b["model"], atol=1e-6)[:5]
+    assert not _close(a["ema"], b["ema"], atol=1e-6)
+    assert (ddp.out / "tok_ae" / "run" / "model" / "model.safetensors").is_file()  # rank 0 finalised
+
+
+def test_sit_ddp_steps_equal_single_process(ddp: DDPRun, tmp_path: Path):
+    folder = ddp.check("sit")
+    r0, r1 = load_file(str(folder / "rank0.st")), load_file(str(folder / "rank1.st"))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0), "DDP ranks hold different weights or gradients"
+    trainer = W.sit_trainer(tmp_path / "single", DistInfo())
+    assert trainer.fit()["finished"]
+    single = W.trainer_tensors(trainer)
+    grads = {k for k in single if k.startswith("g.")}
+    # Two steps: after the first, the zero-initialised adaLN gates open and the blocks get gradients too.
+    assert sum(float(single[k].abs().max()) > 0 for k in grads if ".blocks." in k) > 0
+    bad = _close(r0, single, atol=1e-6)
+    assert not bad, bad[:5]
+
+
+def test_real_diffusion_task_runs_under_ddp_in_a_fresh_run_dir(ddp: DDPRun):
+    summaries = ddp.summaries("diffusion_run")
+    assert [s["step"] for s in summaries] == [2, 2] and all(s["finished"] for s in summaries)
+    run = ddp.out / "diffusion_run" / "run"
+    assert load_checkpoint(latest_checkpoint(run / "checkpoints"))["step"] == 2
+    assert (run / "model" / "model.safetensors").is_file()
+
+
+# ==============================================================================================================
+# Per-rank randomness, and ranks that must agree
+# ==============================================================================================================
+def test_masks_differ_across_ranks(ddp: DDPRun):
+    folder = ddp.check("tok_masks")
+    m0, m1 = load_file(str(folder / "masks-0.st")), load_file(str(folder / "masks-1.st"))
+    assert sorted(m0) == sorted(m1) == ["step0", "step1"]
+    for step in m0:
+        assert m0[step].shape == (4, 16)  # global batch 8 over 2 ranks, 4x4 patches
+        # Identical RNG streams would give rank 1 exactly rank 0's masks: half the global batch's mask draws.
+        assert not torch.equal(m0[step], m1[step]), f"{step}: both ranks drew the same masks"
+    assert not torch.equal(m0["step0"], m0["step1"])
+
+
+def test_nonfinite_loss_on_one_rank_is_skipped_on_all(ddp: DDPRun):
+    s0, s1 = ddp.summaries("nan")
+    for s in (s0, s1):
+        assert s["finished"] and s["step"] == 6 and s["skipped_steps"] == 1, s
+    assert s0["weights"] == s1["weights"]
+    assert all(a != b for a, b in zip(s0["draws"], s1["draws"])), "ranks drew the same random numbers"
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(ddp: DDPRun):
+    s0, s1 = ddp.summaries("sigterm")
+    assert s0["step"] == s1["step"] == 3, (s0, s1)
+    assert s0["stopped_by"] == s1["stopped_by"] == "SIGTERM"
+    ckpt = latest_checkpoint(ddp.out / "sigterm" / "run" / "checkpoints")
+    assert ckpt is not None and load_checkpoint(ckpt)["step"] == 3  # the final checkpoint, by rank 0
+
+
+# ==============================================================================================================
+# Sharded sampling
+# ==============================================================================================================
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_sharded_sampling_equals_single_process(ddp: DDPRun, tmp_path: Path, sampler: str):
+    from maetok.config import SampleConfig
+    from maetok.diffusion.generate import generate_to_dir
+    from maetok.diffusion.sit import SiT
+    from maetok.tokenizer import MAETok
+
+    folder = ddp.check("sample") / sampler
+    model, tok = SiT.from_pretrained(ddp.inputs / "sit"), MAETok.from_pretrained(ddp.inputs / "tok")
+    cfg = SampleConfig(sampler=sampler, steps=3, cfg_scale=1.5, seed=5)
+    single = generate_to_dir(model, tok, 11, cfg, tmp_path, balanced=True, batch_size=4, progress=False)
+    with np.load(folder / "samples.npz") as a, np.load(single) as b:
+        assert a["arr_0"].shape == (11, 16, 16, 3) and a["arr_0"].dtype == np.uint8
+        np.testing.assert_array_equal(a["arr_1"], np.arange(11) % 10)
+        np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+        # Ranks batch different samples together; per-sample results must not depend on that.
+        diff = np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+        assert len({a["arr_0"][i].tobytes() for i in range(11)}) == 11  # no sample written twice or left blank
+    assert (folder / "samples.png").is_file()
