@@ -21,13 +21,50 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     Interleaved pairing, as the official MAETok RoPE-Mixed (not the "rotate-half" layout). Low-precision inputs
     are rotated in float32: bf16 angles lose position information at long sequence lengths.
     """
-    dtype = x.dtype
-    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    pairs = x.to(work).unflatten(-1, (-1, 2))
-    re, im = pairs.unbind(-1)
-    cos, sin = cos.to(work), sin.to(work)
-    out = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1)
+    work = _rope_dtype(x.dtype)
+    return rotate_pairs(x, torch.complex(cos.to(work), sin.to(work)))
+
+
+def _rope_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def rope_table(cos: torch.Tensor, sin: torch.Tensor, length: int | None = None, start: int = 0) -> torch.Tensor:
+    """The complex rotation table cos + i sin (..., N, D/2), padded by `pad_rope_table` to `length` positions."""
+    work = _rope_dtype(cos.dtype)
+    table = torch.complex(cos.to(work), sin.to(work))
+    return pad_rope_table(table, table.shape[-2] + start if length is None else length, start)
+
+
+def pad_rope_table(table: torch.Tensor, length: int, start: int) -> torch.Tensor:
+    """Pad a complex table (..., N, D/2) with identity rotations (1 + 0i) so that it covers [start, start + N) of
+    `length` tokens: one multiply then rotates the whole sequence, with no slicing and concatenation of q and k
+    (multiplying by 1 + 0i is exact). A no-op for a table that already has `length` positions."""
+    n = table.shape[-2]
+    if start == 0 and n == length:
+        return table
+    if start < 0 or length < start + n:
+        raise ValueError(f"RoPE table of {n} positions does not fit at {start} in a sequence of {length}")
+    ones = table.new_ones(*table.shape[:-2], 1, table.shape[-1])
+    return torch.cat([ones.expand(*table.shape[:-2], start, -1), table,
+                      ones.expand(*table.shape[:-2], length - start - n, -1)], dim=-2)
+
+
+def rotate_pairs(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """`x` (..., D) with channel pairs (2j, 2j+1) read as complex numbers, times `table` (..., D/2) (broadcast).
+
+    A single complex multiply instead of the real formula's four multiplies, two adds and a stack: each product
+    is (re cos - im sin) + i (re sin + im cos) with the same roundings. Computed in float32 for low precision."""
+    dtype, work = x.dtype, _rope_dtype(x.dtype)
+    x = x.to(work)
+    if x.stride(-1) != 1 or x.storage_offset() % 2 or any(s % 2 for s in x.stride()[:-1]):
+        x = x.contiguous()  # view_as_complex needs whole (re, im) pairs in memory
+    out = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * table.to(_complex(work)))
     return out.flatten(-2).to(dtype)
+
+
+def _complex(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
 
 
 class RoPEMixed(nn.Module):
@@ -66,6 +103,12 @@ class RoPEMixed(nn.Module):
         angle = self.t_x[:, None].float() * f[0, :, :, None, :] + self.t_y[:, None].float() * f[1, :, :, None, :]
         return torch.cos(angle), torch.sin(angle)
 
+    def tables(self, length: int | None = None, start: int = 0) -> torch.Tensor:
+        """All layers' complex tables (depth, heads, length, head_dim/2) for a sequence of `length` tokens whose
+        patches start at `start` (identity elsewhere): computed once per forward pass, indexed per layer."""
+        cos, sin = self()
+        return rope_table(cos, sin, length, start)
+
 
 class RoPE1D(nn.Module):
     """Fixed 1D rotary embedding over a token sequence (LightningDiT on 1D latent tokens)."""
@@ -79,6 +122,10 @@ class RoPE1D(nn.Module):
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos, self.sin
+
+    def table(self) -> torch.Tensor:
+        """The complex table (length, head_dim/2) for `Attention`."""
+        return rope_table(self.cos, self.sin)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -108,28 +155,48 @@ class Attention(nn.Module):
             raise ValueError(f"width {dim} is not divisible by heads {heads}")
         self.heads, self.head_dim = heads, dim // heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qk_norm = qk_norm
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                rope_start: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None = None,
+                rope_start: int = 0, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """rope: (cos, sin) of shape ([heads,] N_rope, head_dim/2), or the complex table of `rope_table`.
+        out_scale: a per-channel factor folded into the output projection (LayerScale without its own pass)."""
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        qkv = self.qkv(x).view(B, N, 3, self.heads, self.head_dim)
         if rope is not None:
-            q, k = _rope_slice(q, rope, rope_start), _rope_slice(k, rope, rope_start)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+            table = rope if isinstance(rope, torch.Tensor) else rope_table(*rope)
+            table = _token_major(pad_rope_table(table, N, rope_start))  # (N, [1,] heads or 1, head_dim/2)
+        if rope is not None and not self.qk_norm:
+            # q and k rotated together, straight from the projection's (B, N, 3, H, D) layout: one multiply.
+            q, k = rotate_pairs(qkv[:, :, :2], table.unsqueeze(1)).permute(2, 0, 3, 1, 4).unbind(0)
+            v = qkv[:, :, 2].transpose(1, 2)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                table = table.transpose(0, 1)  # (H or 1, N, head_dim/2), matching (B, H, N, D)
+                q, k = rotate_pairs(q, table), rotate_pairs(k, table)
+        out = F.scaled_dot_product_attention(q, k, v)  # strided q, k, v are fine; out is laid out (B, N, H, D)
+        return _linear(out.transpose(1, 2).reshape(B, N, C), self.proj, out_scale)
 
 
-def _rope_slice(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], start: int) -> torch.Tensor:
-    cos, sin = rope
-    n = cos.shape[-2]
-    if start == 0 and n == x.shape[-2]:
-        return apply_rope(x, cos, sin)
-    parts = [x[..., :start, :], apply_rope(x[..., start:start + n, :], cos, sin), x[..., start + n:, :]]
-    return torch.cat(parts, dim=-2)
+def _token_major(table: torch.Tensor) -> torch.Tensor:
+    """([H,] N, D/2) -> (N, H or 1, D/2), contiguous (it is small), to broadcast over (B, N, [2,] H, D/2)."""
+    if table.dim() == 2:
+        return table.unsqueeze(1)
+    return table.transpose(0, 1).contiguous()
+
+
+def _linear(x: torch.Tensor, layer: nn.Linear, out_scale: torch.Tensor | None) -> torch.Tensor:
+    """layer(x) * out_scale, with the scale applied to the (small) weight and bias instead of the activation:
+    saves a full pass over the output forward and two backward (same function, rounding aside)."""
+    if out_scale is None:
+        return layer(x)
+    bias = None if layer.bias is None else layer.bias * out_scale
+    return F.linear(x, layer.weight * out_scale[:, None], bias)
 
 
 class Mlp(nn.Module):
@@ -139,8 +206,8 @@ class Mlp(nn.Module):
         self.act = nn.GELU(approximate="tanh" if approximate_gelu else "none")
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+        return _linear(self.act(self.fc1(x)), self.fc2, out_scale)
 
 
 class SwiGLU(nn.Module):
@@ -170,7 +237,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     """DiT adaLN: x * (1 + scale) + shift, with (B, C) or (B, N, C) modulation."""
     if shift.dim() == 2:
         shift, scale = shift.unsqueeze(1), scale.unsqueeze(1)
-    return x * (1 + scale) + shift
+    return torch.addcmul(shift, x, 1 + scale)  # one pass over x instead of two, same roundings
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ class PilotBudget:
     cfg_scale: float = 2.0
     cfg_interval: tuple[float, float] = (0.0, 0.75)
     gmm_ks: tuple[int, ...] = (1, 2, 4, 8, 16)
+    analysis_max_train: int = 10000     # latents used to fit PCA/GMM and the probe (bounded for CPU time)
     classifier_steps: int = 300
     cache_flip: bool = True
     vae_kl_weight: float = 1e-4
@@ -61,13 +62,13 @@ BUDGETS: dict[str, PilotBudget] = {
     "quick": PilotBudget(tokenizer=_TINY_TOK, diffusion=_TINY_SIT, diffusion_steps=800),
     # ~2 hours on 2 CPU cores on CIFAR-10: the small-scale reproduction of the paper's table.
     "standard": PilotBudget(
-        n_train=0, n_eval=5000, tokenizer_steps=1800, decoder_ft_steps=300, diffusion_steps=3000,
+        n_train=0, n_eval=3000, tokenizer_steps=1200, decoder_ft_steps=300, diffusion_steps=2000, sample_steps=16,
         tokenizer=["model.enc_width=128", "model.enc_depth=4", "model.enc_heads=4", "model.dec_width=128",
                    "model.dec_depth=4", "model.dec_heads=4", "model.latent_tokens=32", "model.latent_dim=12",
                    "model.aux_width=64", "model.aux_depth=2", "model.aux_heads=2", "train.batch_size=64",
                    "train.optim.lr=8e-4", "train.optim.warmup_steps=100", "train.log_every=25",
                    "train.image_every=500", "train.ckpt_every=250", "stats_batches=20"],
-        diffusion=["model.hidden=192", "model.depth=4", "model.heads=3", "train.batch_size=128",
+        diffusion=["model.hidden=128", "model.depth=4", "model.heads=2", "train.batch_size=64",
                    "train.optim.lr=5e-4", "train.optim.warmup_steps=200", "train.log_every=25",
                    "train.image_every=1000", "train.ckpt_every=500"],
         classifier_steps=0, cache_flip=False, gmm_ks=(1, 2, 4, 8, 16, 32)),
@@ -355,17 +356,18 @@ class Pilot:
 
         train = {v: LatentDataset(self.out / v / "latents-train") for v in self.variants}
         test = {v: LatentDataset(self.out / v / "latents-test") for v in self.variants}
-        norm = {v: (train[v].latents - train[v].mean) / train[v].std for v in self.variants}
+        m = self.b.analysis_max_train or None
+        norm = {v: (train[v].latents[:m] - train[v].mean) / train[v].std for v in self.variants}
         norm_test = {v: (test[v].latents - train[v].mean) / train[v].std for v in self.variants}
         dim = shared_pca_dim(norm, 0.9, reduce="max")
         results, gmms = {}, {}
         for v in self.variants:
             g = gmm_analysis(norm[v], norm_test[v], ks=self.b.gmm_ks, pca_dim=dim)
             gmms[v] = g
-            stats = token_statistics(train[v].latents)
+            stats = token_statistics(train[v].latents[:m])
             results[v] = {"gmm": {"ks": g.ks, "nll": g.nll, "bic": g.bic, "pca_dim": g.pca_dim,
                                   "explained_variance": g.explained_variance, "best_k_bic": g.best_k_bic},
-                          **linear_probe(norm[v], train[v].labels, norm_test[v], test[v].labels),
+                          **linear_probe(norm[v], train[v].labels[:m], norm_test[v], test[v].labels),
                           "token_stats": {k: v2 for k, v2 in stats.items() if not isinstance(v2, (list, np.ndarray))}}
         plot_gmm_nll(gmms, self.out / "gmm_nll.png")
         return {"pca_dim": dim, "variants": results}

@@ -46,13 +46,16 @@ class EvalInputError(ConfigError):
 def resolve_feature_net(net: FeatureNet | str, device: str | torch.device = "cpu") -> FeatureNet:
     """A FeatureNet as is, or one built by registered name. `NAME-random` (e.g. resnet20-cifar10-random) builds
     the registered network with random weights, for smoke tests without the pretrained files; its metrics carry
-    the `-random` name so they can never pass for real ones."""
+    the `-random` name so they can never pass for real ones. The weights come from a fixed seed: one name must
+    mean one network, or numbers (and statistics caches) from two runs would silently not compare."""
     if isinstance(net, FeatureNet):
         return net.to(device).eval()
     names = available_feature_nets()
     if net not in names and net.endswith("-random") and net[: -len("-random")] in names:
         try:
-            return build_feature_net(net[: -len("-random")], device, pretrained=False)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                return build_feature_net(net[: -len("-random")], device, pretrained=False)
         except TypeError:
             raise EvalInputError(f"feature net {net!r}: {net[:-len('-random')]!r} has no random-weights "
                                  f"variant") from None
@@ -167,15 +170,18 @@ def reference_features(ref, net: FeatureNet, *, split: str = "test", num: int = 
             raise EvalInputError(f"reference features come from {ref.net!r}, the samples from {net.name!r}")
         return ref, {"source": "given features" if isinstance(ref, FeatureSet) else "given statistics",
                      "n": ref.n, "from": "features" if isinstance(ref, FeatureSet) else "stats"}
-    key = _reference_key(str(ref), split, num, image_size, net.name) if isinstance(ref, (str, Path)) else None
+    named = isinstance(ref, (str, Path))
+    is_npz = named and Path(ref).suffix == ".npz" and Path(ref).is_file()
+    key = _reference_key(str(ref), split, num, image_size, net.name) if named else None
+    info: dict[str, Any] = {"source": str(ref) if named else "given images",
+                            "split": split if named and not is_npz else None}
     cache = Path(stats_cache) if stats_cache else None
     if cache is not None and cache.is_file():
         got = _load_cache(cache, net.name, key)
         log.info("reference statistics read from %s", cache)
-        return got, {"source": str(ref) if key else "given images", "n": got.n, "from": f"cache:{cache}"}
+        return got, {**info, "n": got.n, "from": f"cache:{cache}"}
 
-    info: dict[str, Any] = {"source": str(ref) if key else "given images"}
-    if isinstance(ref, (str, Path)) and Path(ref).suffix == ".npz" and Path(ref).is_file():
+    if is_npz:
         path = Path(ref)
         keys = _npz_keys(path)
         if "net_utf8" in keys or ("arr_0" not in keys and {"mu", "sigma"} <= keys):
@@ -190,8 +196,7 @@ def reference_features(ref, net: FeatureNet, *, split: str = "test", num: int = 
         images = load_adm_images(path)
         images = images[:num] if num else images
         feats = extract_features(net, images, batch_size, progress)
-        info["split"] = None
-    elif isinstance(ref, (str, Path)):
+    elif named:
         from ..data import DatasetError, open_dataset
 
         if image_size is None:
@@ -201,7 +206,6 @@ def reference_features(ref, net: FeatureNet, *, split: str = "test", num: int = 
         except DatasetError as e:
             raise EvalInputError(f"reference {ref!r}: {e}") from None
         feats = _dataset_features(net, dataset, batch_size, progress)
-        info["split"] = split
     elif isinstance(ref, Dataset):
         feats = _dataset_features(net, ref, batch_size, progress)
     else:
@@ -258,15 +262,17 @@ def evaluate_generation(samples, reference, feature_net: FeatureNet | str = "inc
     """
     net = resolve_feature_net(feature_net, device)
     source = str(samples) if isinstance(samples, (str, Path)) else "given images"
-    if isinstance(samples, FeatureSet):
-        gen, size = samples, None
-    else:
+    gen = samples if isinstance(samples, FeatureSet) else None
+    size = None
+    if gen is None:
         images = load_samples(samples) if isinstance(samples, (str, Path)) else samples
         size = int(images.shape[1] if isinstance(images, np.ndarray) or images.dtype == torch.uint8
                    else images.shape[-1])
-        gen = extract_features(net, images, batch_size, progress)
+    # The reference first: a mismatched statistics cache fails before any sample features are computed.
     ref, ref_info = reference_features(reference, net, split=split, num=num_ref, image_size=size,
                                        stats_cache=stats_cache, batch_size=batch_size, progress=progress)
+    if gen is None:
+        gen = extract_features(net, images, batch_size, progress)
     metrics, skipped = generation_report(gen, ref, kid_subsets, is_splits=is_splits, device=device)
     return {"kind": "generation", "samples": source, "num_samples": gen.n, "image_size": size,
             "feature_net": net.name, "reference": ref_info, "metrics": metrics, "skipped": skipped}

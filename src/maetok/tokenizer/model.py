@@ -41,9 +41,11 @@ class EncoderBlock(nn.Module):
         self.mlp = Mlp(width, int(width * mlp_ratio))
         self.ls2 = LayerScale(width, ls_init)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], rope_start: int) -> torch.Tensor:
-        x = x + self.ls1(self.attn(self.norm1(x), rope, rope_start))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | torch.Tensor,
+                rope_start: int) -> torch.Tensor:
+        # LayerScale is folded into the output projections' weights: no pass over the activations of its own.
+        x = x + self.attn(self.norm1(x), rope, rope_start, out_scale=self.ls1.gamma)
+        return x + self.mlp(self.norm2(x), out_scale=self.ls2.gamma)
 
 
 class Encoder(nn.Module):
@@ -71,11 +73,14 @@ class Encoder(nn.Module):
             # Masked patches become the mask token *before* the position embedding, so the encoder still knows
             # where the missing patches are.
             x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        x = torch.cat([x, (self.latent_tokens + self.latent_pos_embed).expand(x.shape[0], -1, -1)], dim=1)
-        cos, sin = self.rope()
+        B, pos = x.shape[0], self.pos_embed
+        # [CLS, patches, latents] with their position embeddings, written once (same sums as cat-then-add).
+        x = torch.cat([(self.cls_token + pos[:, :1]).expand(B, -1, -1), x + pos[:, 1:],
+                       (self.latent_tokens + self.latent_pos_embed).expand(B, -1, -1)], dim=1)
+        # RoPE on the patches [1, 1 + N) only: identity rotations elsewhere, so tables cover the whole sequence.
+        tables = self.rope.tables(x.shape[1], start=1)
         for i, block in enumerate(self.blocks):
-            x = _maybe_checkpoint(block, self.grad_checkpointing, x, (cos[i], sin[i]), 1)
+            x = _maybe_checkpoint(block, self.grad_checkpointing, x, tables[i], 0)
         latents = self.norm(x)[:, -self.latent_tokens.shape[1]:]
         return self.to_latent(latents)
 
@@ -97,7 +102,8 @@ class DecoderBlock(nn.Module):
         self.mlp = Mlp(width, int(width * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(latent_dim, 4 * width))
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, z: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor] | torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(z).chunk(4, dim=-1)
         n_img = x.shape[1] - z.shape[1]
         x = x + self.attn(_modulate_latents(self.norm1(x), n_img, shift_msa, scale_msa), rope, 0)
@@ -105,7 +111,31 @@ class DecoderBlock(nn.Module):
 
 
 def _modulate_latents(h: torch.Tensor, n_img: int, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return torch.cat([h[:, :n_img], h[:, n_img:] * scale + shift], dim=1)
+    """h with its latent rows [n_img:] replaced by h * scale + shift."""
+    return _ModulateLatents.apply(h, shift, scale)
+
+
+class _ModulateLatents(torch.autograd.Function):
+    """Forward as `cat([h[:, :n], h[:, n:] * scale + shift])`. The backward writes the input gradient with one
+    concatenation, where autograd's own (cat, then two slices of h) zero-fills two full-size gradients and sums
+    them; the latent rows are a small part of the sequence, the image rows most of it."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        n = h.shape[1] - shift.shape[1]
+        ctx.save_for_backward(h, scale)
+        return torch.cat([h[:, :n], h[:, n:] * scale + shift], dim=1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        h, scale = ctx.saved_tensors
+        n = h.shape[1] - scale.shape[1]
+        g_lat = grad[:, n:]
+        grad_h = torch.cat([grad[:, :n], g_lat * scale], dim=1) if ctx.needs_input_grad[0] else None
+        grad_shift = g_lat if ctx.needs_input_grad[1] else None
+        grad_scale = g_lat * h[:, n:] if ctx.needs_input_grad[2] else None
+        return grad_h, grad_shift, grad_scale
 
 
 class LatentModulatedNorm(nn.Module):
@@ -147,9 +177,9 @@ class LatentDecoder(nn.Module):
         B = z.shape[0]
         queries = self.mask_token.expand(B, self.num_image_tokens, -1)
         x = torch.cat([queries, self.from_latent(z) + self.latent_pos_embed], dim=1)
-        cos, sin = self.rope()
+        tables = self.rope.tables(x.shape[1], start=0)  # image slots [0, N) rotated, latents not
         for i, block in enumerate(self.blocks):
-            x = _maybe_checkpoint(block, self.grad_checkpointing, x, z, (cos[i], sin[i]))
+            x = _maybe_checkpoint(block, self.grad_checkpointing, x, z, tables[i])
         x = self.final_norm(x, z)
         return self.head(x[:, :self.num_image_tokens])
 
