@@ -22,12 +22,14 @@ from PIL import Image
 
 from maetok.cli import main
 
-# layerscale_init 0.1 (not 1e-5): after 3 steps the latents must already depend on the image.
+# Encoder layer scale 0.1 (not 1e-5) and a large lr without warmup: after 3 steps the latents must already depend
+# on the image, and the decoder (whose latent modulation starts at zero) on the latents.
 TOK = ["model.image_size=16", "data.image_size=16", "model.patch_size=4", "model.latent_tokens=4",
        "model.latent_dim=4", "model.enc_width=32", "model.enc_heads=2", "model.enc_depth=1",
        "model.dec_width=32", "model.dec_heads=2", "model.dec_depth=1", "model.aux_width=16",
        "model.aux_heads=1", "model.aux_depth=1", "model.layerscale_init=0.1", "data.limit=48", "train.batch_size=8", "train.log_every=1",
-       "train.image_every=1000", "train.ckpt_every=1000", "stats_batches=1", "train.steps=3"]
+       "train.image_every=1000", "train.ckpt_every=1000", "stats_batches=1", "train.steps=3",
+       "train.optim.warmup_steps=0", "train.optim.lr=0.01"]
 SIT = ["model.in_channels=4", "model.num_tokens=4", "model.hidden=32", "model.depth=1", "model.heads=2",
        "train.steps=3", "train.batch_size=8", "train.log_every=1", "train.image_every=1000",
        "train.ckpt_every=1000", "train.optim.warmup_steps=0", "sample.steps=2"]
@@ -137,7 +139,7 @@ def test_sample_writes_adm_npz_and_png(runs):
         images, labels = z["arr_0"], z["arr_1"]
     assert images.dtype == np.uint8 and images.shape == (NUM_SAMPLES, 16, 16, 3)
     assert np.bincount(labels, minlength=10).tolist() == [NUM_SAMPLES // 10] * 10
-    assert images.std() > 0
+    assert len({im.tobytes() for im in images}) == NUM_SAMPLES  # each sample its own noise (and label)
     with Image.open(runs["samples"] / "samples.png") as im:
         assert im.mode == "RGB" and im.width > 16 * 7 and im.height > 16  # an 8-wide grid
 
@@ -206,7 +208,7 @@ def test_eval_gen_reference_forms_agree(runs, tmp_path):
     ref_images = float_to_uint8(torch.stack([ds[i][0] for i in range(40)])).numpy()  # exact: shapes are uint8
     np.savez(tmp_path / "ref.npz", arr_0=ref_images)
     by_npz = _gen(runs, net, "--ref", tmp_path / "ref.npz")
-    assert by_npz["metrics"] == pytest.approx(by_spec["metrics"], rel=1e-9, abs=1e-12)
+    assert by_npz["metrics"] == pytest.approx(by_spec["metrics"], rel=1e-6, abs=1e-9)  # other memory layout
 
     stats_only = tmp_path / "stats-only.npz"
     from maetok.eval import FeatureStats, extract_features
@@ -246,10 +248,14 @@ def test_eval_usage_errors_exit_2(runs, tmp_path):
 # ==============================================================================================================
 # eval recon, tokenizer reconstruct
 # ==============================================================================================================
-def test_eval_recon(runs, real_features):
+def test_eval_recon(runs, real_features, tmp_path):
     net = real_features
-    result = cli_json("eval", "recon", "--tokenizer", runs["tok"] / "model", "--ref", "shapes", "--split", "test",
-                      "--num", 24, "--features", net, "--device", "cpu")
+    args = ("eval", "recon", "--tokenizer", runs["tok"] / "model", "--ref", "shapes", "--split", "test", "--num", 24,
+            "--features", net, "--stats-cache", tmp_path / "ref.npz", "--device", "cpu")
+    result = cli_json(*args)
+    assert result["reference_cached_to"] == str(tmp_path / "ref.npz")
+    again = cli_json(*args)  # the originals' features from the cache: the same rFID
+    assert "reference_cached_to" not in again and again["metrics"] == pytest.approx(result["metrics"], rel=1e-9)
     m = result["metrics"]
     assert set(m) == {f"rfid[{net}]@24", "psnr@24", "ssim@24"} and all(math.isfinite(v) for v in m.values())
     assert "LPIPS" in result["skipped"]["lpips"]  # no LPIPS weights on these machines: a reason, not a number

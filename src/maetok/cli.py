@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -53,8 +54,11 @@ def cmd_tokenizer_reconstruct(a: argparse.Namespace) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     nrow = min(8, x.shape[0])
-    # Interleave rows: originals, then their reconstructions, so pairs sit one above the other.
-    rows = [t for i in range(0, x.shape[0], nrow) for t in (x[i:i + nrow], recon[i:i + nrow])]
+    # Interleave rows: originals, then their reconstructions, so pairs sit one above the other; a short last row
+    # is padded with white so the pairs stay aligned.
+    pad = (-x.shape[0]) % nrow
+    x_p, r_p = (torch.cat([t, torch.ones(pad, *t.shape[1:])]) for t in (x, recon))
+    rows = [t for i in range(0, x_p.shape[0], nrow) for t in (x_p[i:i + nrow], r_p[i:i + nrow])]
     save_image_grid(torch.cat(rows), out / "reconstructions.png", nrow=nrow)
     metrics = {"psnr": psnr(recon, x).mean().item(), "ssim": ssim(recon, x).mean().item(), "num_images": int(x.shape[0])}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -111,7 +115,8 @@ def cmd_sample(a: argparse.Namespace) -> int:
     model, tok = SiT.from_pretrained(a.model), MAETok.from_pretrained(a.tokenizer)
     path = generate_to_dir(model, tok, a.num, cfg, Path(a.out), balanced=a.balanced, batch_size=a.batch_size,
                            device=_device(a.device))
-    print(f"wrote {path} and {path.with_suffix('.png')}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes the files
+        print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0
 
 

@@ -87,11 +87,12 @@ def generate_to_dir(model, tokenizer, num: int, cfg: SampleConfig, out_dir: Path
     idx, imgs = generate(model, tokenizer, num, cfg, labels, batch_size, info.rank, info.world, info.device,
                          progress and info.is_main)
     out_dir = Path(out_dir)
-    if info.enabled:
-        parts = [None] * info.world
-        dist.all_gather_object(parts, (idx, imgs))  # images are small uint8; fine for evaluation-sized runs
-        if not info.is_main:
-            return out_dir / "samples.npz"
+    if not info.enabled:
+        return write_samples(out_dir, imgs, labels)
+    parts = [None] * info.world
+    dist.all_gather_object(parts, (idx, imgs))  # images are small uint8; fine for evaluation-sized runs
+    path = out_dir / "samples.npz"
+    if info.is_main:
         full = np.zeros((num, *imgs.shape[1:]), np.uint8)
         seen = torch.zeros(num, dtype=torch.long)
         for i, im in parts:
@@ -99,5 +100,6 @@ def generate_to_dir(model, tokenizer, num: int, cfg: SampleConfig, out_dir: Path
             seen[i] += 1
         if not bool((seen == 1).all()):
             raise RuntimeError("sharded sampling did not produce every sample exactly once")
-        imgs = full
-    return write_samples(out_dir, imgs, labels)
+        path = write_samples(out_dir, full, labels)
+    dist.barrier()  # no rank returns before the file exists
+    return path

@@ -210,7 +210,7 @@ def reference_features(ref, net: FeatureNet, *, split: str = "test", num: int = 
         feats = _dataset_features(net, ref, batch_size, progress)
     else:
         feats = extract_features(net, ref, batch_size, progress)
-    info.update(n=feats.n, **{"from": "images"})
+    info["n"], info["from"] = feats.n, "images"
     if cache is not None:
         _save_cache(cache, feats, key)
         info["cached_to"] = str(cache)
@@ -237,6 +237,8 @@ def generation_report(evaluated: FeatureSet, reference: FeatureSet | FeatureStat
     skipped: dict[str, str] = {}
     metrics = fid(evaluated, reference)
     if isinstance(reference, FeatureSet):
+        if max(evaluated.n, reference.n) <= kid_subset_size:
+            kid_subsets = 1  # every "subset" is then the whole of both sets: one is the same number, 100x faster
         metrics |= _try(skipped, "kid", kid, evaluated, reference, num_subsets=kid_subsets,
                         subset_size=kid_subset_size, device=device)
         metrics |= _try(skipped, "precision_recall", precision_recall, evaluated, reference, device=device)
@@ -487,7 +489,8 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
     except DatasetError as e:
         raise EvalInputError(f"--ref {args.ref!r}: {e}") from None
     net = resolve_feature_net(args.features, device)
-    key = {**_reference_key(args.ref, args.split, args.num, size, net.name), "for": "reconstruction"}
+    # The same key as `eval gen` uses: one cache of these reference images serves rFID and gFID alike.
+    key = _reference_key(args.ref, args.split, args.num, size, net.name)
     result = evaluate_reconstruction(tokenizer, dataset, net, device=device, stats_cache=args.stats_cache,
                                      cache_key=key)
     result = {"tokenizer": str(args.tokenizer), "reference": {"source": args.ref, "split": args.split}, **result}

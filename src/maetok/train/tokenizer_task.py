@@ -139,6 +139,7 @@ class TokenizerTask:
             d_loss = d_loss + gan.lecam_weight * self.lecam(logits_real, logits_fake)
         self.disc_opt.zero_grad(set_to_none=True)
         d_loss.backward()
+        _average_grads_across_ranks(self.disc)  # one discriminator for all ranks, as DDP would keep it
         self.disc_opt.step()
         return {"loss_disc": float(d_loss.detach())}
 
@@ -172,3 +173,14 @@ class TokenizerTask:
     @torch.no_grad()
     def finish(self, ema_model: nn.Module, out_dir: Path) -> None:
         """Nothing to do here: latent statistics need data and are measured by the runner (see run_tokenizer)."""
+
+
+def _average_grads_across_ranks(module: nn.Module) -> None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
