@@ -137,8 +137,14 @@ def cmd_analyze(a: argparse.Namespace) -> int:
 def cmd_pilot(a: argparse.Namespace) -> int:
     from .pilot import run_pilot
 
-    report = run_pilot(a.data, a.variants.split(","), a.budget, Path(a.out), resume=a.resume, force=a.force,
-                       device=_device(a.device), inception=a.inception)
+    from .pilot import PilotInterrupted
+
+    try:
+        report = run_pilot(a.data, a.variants.split(","), a.budget, Path(a.out), resume=a.resume, force=a.force,
+                           device=_device(a.device), inception=a.inception)
+    except PilotInterrupted as e:
+        print(f"maetok: pilot interrupted: {e}", file=sys.stderr)
+        return 130
     print(f"report: {report}")
     return 0
 
@@ -151,8 +157,13 @@ def _device(name: str) -> str:
 
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .pilot import PilotInterrupted
 
-    run_demo(Path(a.out), budget=a.budget)
+    try:
+        run_demo(Path(a.out), budget=a.budget)
+    except PilotInterrupted as e:
+        print(f"maetok: demo interrupted: {e}", file=sys.stderr)
+        return 130
     return 0
 
 
