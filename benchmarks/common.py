@@ -56,19 +56,31 @@ def sync(device: torch.device | str | None) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn: Callable[[], object], reps: int, warmup: int = 1, device=None) -> list[float]:
+def time_calls(fn: Callable[[], object], reps: int, warmup: int = 1, device=None,
+               cpu_times: list[float] | None = None) -> list[float]:
     """Seconds per call, `reps` calls after `warmup` untimed ones (allocator, first-call dispatch, autotuning).
-    Host clock with a device synchronize around each call: the scripts time whole steps of many kernels."""
+    Host clock with a device synchronize around each call: the scripts time whole steps of many kernels.
+    `cpu_times`, if given, receives each call's process CPU seconds (user + system)."""
     for _ in range(warmup):
         fn()
     sync(device)
     times = []
     for _ in range(reps):
+        cpu = process_cpu_seconds()
         start = time.perf_counter()
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
+        if cpu_times is not None:
+            cpu_times.append(process_cpu_seconds() - cpu)
     return times
+
+
+def process_cpu_seconds() -> float:
+    """CPU time of this process. On a shared machine it leaves out the time other jobs held the cores, so with
+    one thread it measures the code's own cost where wall-clock time also measures the neighbours."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def median_seconds(fn: Callable[[], object], reps: int, warmup: int = 1, device=None) -> float:
@@ -145,6 +157,21 @@ def max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def reset_peak_rss() -> int | None:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux: /proc/self/clear_refs) and return the current
+    RSS in bytes; None where that is not possible. Without it, a peak reached while building the model (random
+    initialisation's temporaries) would hide a smaller peak of the calls measured after it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------------------------
@@ -173,7 +200,7 @@ def measure(fn: Callable[[], object], images: int, reps: int, warmup: int = 1, d
     """Time `fn` (one call handles `images` images) and count its FLOPs on one extra real call.
 
     memory: peak memory growth of the timed calls per image. On CUDA from the allocator's peak; on CPU from the
-    process's peak RSS, so only meaningful in a fresh process running this one case. `prime` (e.g. a batch-1
+    process's peak RSS (reset first where Linux allows), so best read in a process running this one case. `prime` (e.g. a batch-1
     training step) runs first so that state every step keeps (optimizer moments, gradients) is not counted.
     """
     device = torch.device(device or "cpu")
@@ -185,17 +212,23 @@ def measure(fn: Callable[[], object], images: int, reps: int, warmup: int = 1, d
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
-        base = max_rss_bytes()
-    times = time_calls(fn, reps, warmup, device)
+        base = reset_peak_rss()
+        base = max_rss_bytes() if base is None else base
+    cpu_times: list[float] = []
+    times = time_calls(fn, reps, warmup, device, cpu_times)
     peak = (torch.cuda.max_memory_allocated(device) if cuda else max_rss_bytes()) - base
     seconds = statistics.median(times)
     out = {"images_per_call": images, "reps": reps, "seconds_per_call": seconds,
            "seconds_all": times, "images_per_s": images / seconds}
+    if not cuda:
+        out["cpu_seconds_per_call"] = statistics.median(cpu_times)
     if memory:
         out["peak_memory_mib_per_image"] = max(peak, 0) / images / 2**20
-        out["memory_source"] = "torch.cuda.max_memory_allocated" if cuda else "ru_maxrss delta"
+        out["memory_source"] = "torch.cuda.max_memory_allocated" if cuda else "peak RSS growth"
     if flops:
         total = count_flops(fn)
         sync(device)
         out.update(flops_per_call=total, gflops_per_image=total / images / 1e9, flops_per_s=total / seconds)
+        if not cuda:
+            out["flops_per_cpu_s"] = total / out["cpu_seconds_per_call"]
     return out

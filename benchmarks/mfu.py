@@ -12,7 +12,9 @@ Cases (CPU, fp32):
 
 FLOPs: torch.utils.flop_counter on one real call of the case (forward + backward for training), 2 per multiply-add,
 matmuls / convolutions / attention only. Peak: a 2048^3 fp32 matmul, best of 5, measured in this run at the
-start, at the end and inside every case's process; MFU = achieved FLOP/s / the best of these. Memory: each case
+start, at the end and inside every case's process; MFU = achieved FLOP/s / the best of these. "MFU per
+CPU-second" divides by the process's CPU time instead of wall time: on a machine shared with other jobs it
+shows the code's own efficiency, where MFU also shows the neighbours' load. Memory: each case
 runs in its own process and reports its peak-RSS growth per image (after a batch-1 step for training cases, so
 that weights, gradients and AdamW moments are not counted).
 
@@ -164,6 +166,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     peak = max(peaks)
     for row in rows:
         row["mfu"] = row["flops_per_s"] / peak
+        # Per CPU-second of this process: what the code costs when the neighbours' share of the cores is left
+        # out. Meaningful with one thread (with more, waiting threads also burn CPU time).
+        row["mfu_cpu_time"] = row["flops_per_cpu_s"] / peak if torch.get_num_threads() == 1 else None
         row["floor"] = CASES[row["case"]][1]
         row["meets_floor"] = None if row["floor"] is None else row["mfu"] >= row["floor"]
     result = {"machine": info, "date": utc_now(), "quick": args.quick, "device": "cpu",
@@ -186,15 +191,16 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         floor = "" if r["floor"] is None else f"{r['floor']:.0%} ({'met' if r['meets_floor'] else 'not met'})"
         what = r["what"] + (f" ({r['note']})" if r.get("note") else "")
+        cpu_mfu = "" if r.get("mfu_cpu_time") is None else f"{r['mfu_cpu_time']:.0%}"
         table.append([what, f"{r['images_per_s']:.2f}", f"{r['gflops_per_image']:.2f}",
-                      f"{r['flops_per_s'] / 1e9:.1f}", f"{r['mfu']:.0%}", floor,
+                      f"{r['flops_per_s'] / 1e9:.1f}", f"{r['mfu']:.0%}", floor, cpu_mfu,
                       f"{r['peak_memory_mib_per_image']:.1f}"])
     return "\n".join([
         machine_line(result["machine"]) + (" (--quick)" if result["quick"] else ""),
         f"Peak: {peak / 1e9:.1f} GFLOP/s ({result['peak']['how']}); {result['settings']['timing']}; "
         f"1-minute load average at the start {result['machine'].get('loadavg_1min', '?')}", "",
-        markdown_table(["case", "images/s", "GFLOPs / image", "GFLOP/s", "MFU", "floor", "peak MiB / image"],
-                       table)])
+        markdown_table(["case", "images/s", "GFLOPs / image", "GFLOP/s", "MFU", "floor", "MFU per CPU-second",
+                        "peak MiB / image"], table)])
 
 
 if __name__ == "__main__":

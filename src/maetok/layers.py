@@ -21,8 +21,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     Interleaved pairing, as the official MAETok RoPE-Mixed (not the "rotate-half" layout). Low-precision inputs
     are rotated in float32: bf16 angles lose position information at long sequence lengths.
     """
-    work = _rope_dtype(x.dtype)
-    return rotate_pairs(x, torch.complex(cos.to(work), sin.to(work)))
+    return rotate_pairs(x, rope_table(cos, sin))
 
 
 def _rope_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -30,41 +29,46 @@ def _rope_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def rope_table(cos: torch.Tensor, sin: torch.Tensor, length: int | None = None, start: int = 0) -> torch.Tensor:
-    """The complex rotation table cos + i sin (..., N, D/2), padded by `pad_rope_table` to `length` positions."""
+    """The rotation table (..., N, D/2, 2) = [cos, sin] pairs (a complex table stored as real numbers, so that
+    torch.compile can fuse its uses), padded by `pad_rope_table` to `length` positions."""
     work = _rope_dtype(cos.dtype)
-    table = torch.complex(cos.to(work), sin.to(work))
-    return pad_rope_table(table, table.shape[-2] + start if length is None else length, start)
+    table = torch.stack([cos.to(work), sin.to(work)], dim=-1)
+    return pad_rope_table(table, table.shape[-3] + start if length is None else length, start)
 
 
 def pad_rope_table(table: torch.Tensor, length: int, start: int) -> torch.Tensor:
-    """Pad a complex table (..., N, D/2) with identity rotations (1 + 0i) so that it covers [start, start + N) of
+    """Pad a table (..., N, D/2, 2) with identity rotations (cos 1, sin 0) so that it covers [start, start + N) of
     `length` tokens: one multiply then rotates the whole sequence, with no slicing and concatenation of q and k
-    (multiplying by 1 + 0i is exact). A no-op for a table that already has `length` positions."""
-    n = table.shape[-2]
+    (a rotation by 0 is exact). A no-op for a table that already has `length` positions."""
+    n, lead, half = table.shape[-3], table.shape[:-3], table.shape[-2]
     if start == 0 and n == length:
         return table
     if start < 0 or length < start + n:
         raise ValueError(f"RoPE table of {n} positions does not fit at {start} in a sequence of {length}")
-    ones = table.new_ones(*table.shape[:-2], 1, table.shape[-1])
-    return torch.cat([ones.expand(*table.shape[:-2], start, -1), table,
-                      ones.expand(*table.shape[:-2], length - start - n, -1)], dim=-2)
+    identity = torch.tensor([1.0, 0.0], dtype=table.dtype, device=table.device)
+    return torch.cat([identity.expand(*lead, start, half, 2), table,
+                      identity.expand(*lead, length - start - n, half, 2)], dim=-3)
 
 
 def rotate_pairs(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """`x` (..., D) with channel pairs (2j, 2j+1) read as complex numbers, times `table` (..., D/2) (broadcast).
+    """`x` (..., D) with channel pairs (2j, 2j+1) read as complex numbers, rotated by `table` (..., D/2, 2) of
+    [cos, sin] pairs (broadcast): (re cos - im sin, re sin + im cos). Computed in float32 for low precision.
 
-    A single complex multiply instead of the real formula's four multiplies, two adds and a stack: each product
-    is (re cos - im sin) + i (re sin + im cos) with the same roundings. Computed in float32 for low precision."""
+    Eager: one complex multiply (same roundings as the real formula) instead of its four multiplies, two adds
+    and a stack. Under torch.compile the real formula, which inductor fuses into one kernel (it generates no code
+    for complex numbers)."""
     dtype, work = x.dtype, _rope_dtype(x.dtype)
-    x = x.to(work)
+    x, table = x.to(work), table.to(work)
+    if torch.compiler.is_compiling():
+        re, im = x.unflatten(-1, (-1, 2)).unbind(-1)
+        cos, sin = table.unbind(-1)
+        return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2).to(dtype)
     if x.stride(-1) != 1 or x.storage_offset() % 2 or any(s % 2 for s in x.stride()[:-1]):
         x = x.contiguous()  # view_as_complex needs whole (re, im) pairs in memory
-    out = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * table.to(_complex(work)))
-    return out.flatten(-2).to(dtype)
-
-
-def _complex(dtype: torch.dtype) -> torch.dtype:
-    return torch.complex128 if dtype == torch.float64 else torch.complex64
+    if table.stride(-1) != 1 or table.storage_offset() % 2 or any(s % 2 for s in table.stride()[:-1]):
+        table = table.contiguous()
+    out = torch.view_as_complex(x.unflatten(-1, (-1, 2))) * torch.view_as_complex(table)
+    return torch.view_as_real(out).flatten(-2).to(dtype)
 
 
 class RoPEMixed(nn.Module):
@@ -104,8 +108,8 @@ class RoPEMixed(nn.Module):
         return torch.cos(angle), torch.sin(angle)
 
     def tables(self, length: int | None = None, start: int = 0) -> torch.Tensor:
-        """All layers' complex tables (depth, heads, length, head_dim/2) for a sequence of `length` tokens whose
-        patches start at `start` (identity elsewhere): computed once per forward pass, indexed per layer."""
+        """All layers' rotation tables (depth, heads, length, head_dim/2, 2) for a sequence of `length` tokens
+        whose patches start at `start` (identity elsewhere): computed once per forward pass, indexed per layer."""
         cos, sin = self()
         return rope_table(cos, sin, length, start)
 
@@ -124,7 +128,7 @@ class RoPE1D(nn.Module):
         return self.cos, self.sin
 
     def table(self) -> torch.Tensor:
-        """The complex table (length, head_dim/2) for `Attention`."""
+        """The rotation table (length, head_dim/2, 2) for `Attention`."""
         return rope_table(self.cos, self.sin)
 
 
@@ -155,37 +159,31 @@ class Attention(nn.Module):
             raise ValueError(f"width {dim} is not divisible by heads {heads}")
         self.heads, self.head_dim = heads, dim // heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.qk_norm = qk_norm
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None = None,
                 rope_start: int = 0, out_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """rope: (cos, sin) of shape ([heads,] N_rope, head_dim/2), or the complex table of `rope_table`.
+        """rope: (cos, sin) of shape ([heads,] N_rope, head_dim/2), or their table from `rope_table`.
         out_scale: a per-channel factor folded into the output projection (LayerScale without its own pass)."""
         B, N, C = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.heads, self.head_dim)
+        # (B, N, H, D) views of the projection; unbind (not slicing) so that the backward stacks the three
+        # gradients into one tensor instead of zero-filling and summing one per slice.
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, self.head_dim).unbind(2)
+        q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             table = rope if isinstance(rope, torch.Tensor) else rope_table(*rope)
-            table = _token_major(pad_rope_table(table, N, rope_start))  # (N, [1,] heads or 1, head_dim/2)
-        if rope is not None and not self.qk_norm:
-            # q and k rotated together, straight from the projection's (B, N, 3, H, D) layout: one multiply.
-            q, k = rotate_pairs(qkv[:, :, :2], table.unsqueeze(1)).permute(2, 0, 3, 1, 4).unbind(0)
-            v = qkv[:, :, 2].transpose(1, 2)
-        else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            q, k = self.q_norm(q), self.k_norm(k)
-            if rope is not None:
-                table = table.transpose(0, 1)  # (H or 1, N, head_dim/2), matching (B, H, N, D)
-                q, k = rotate_pairs(q, table), rotate_pairs(k, table)
-        out = F.scaled_dot_product_attention(q, k, v)  # strided q, k, v are fine; out is laid out (B, N, H, D)
+            table = _token_major(pad_rope_table(table, N, rope_start))  # (N, H or 1, head_dim/2, 2)
+            q, k = rotate_pairs(q, table), rotate_pairs(k, table)
+        # SDPA takes the strided (B, H, N, D) views as they are and lays its output out as (B, N, H, D).
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return _linear(out.transpose(1, 2).reshape(B, N, C), self.proj, out_scale)
 
 
 def _token_major(table: torch.Tensor) -> torch.Tensor:
-    """([H,] N, D/2) -> (N, H or 1, D/2), contiguous (it is small), to broadcast over (B, N, [2,] H, D/2)."""
-    if table.dim() == 2:
+    """([H,] N, D/2, 2) -> (N, H or 1, D/2, 2), contiguous (it is small), to broadcast over (B, N, H, D/2)."""
+    if table.dim() == 3:
         return table.unsqueeze(1)
     return table.transpose(0, 1).contiguous()
 
@@ -207,7 +205,12 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
-        return _linear(self.act(self.fc1(x)), self.fc2, out_scale)
+        h = self.fc1(x)
+        if torch.is_grad_enabled() and h.requires_grad:
+            h = self.act(h)
+        else:  # inference: in place on the fresh hidden tensor (the largest in the block): no new allocation
+            h = torch.ops.aten.gelu_(h, approximate=self.act.approximate)
+        return _linear(h, self.fc2, out_scale)
 
 
 class SwiGLU(nn.Module):
@@ -237,7 +240,17 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     """DiT adaLN: x * (1 + scale) + shift, with (B, C) or (B, N, C) modulation."""
     if shift.dim() == 2:
         shift, scale = shift.unsqueeze(1), scale.unsqueeze(1)
-    return torch.addcmul(shift, x, 1 + scale)  # one pass over x instead of two, same roundings
+    # Not torch.addcmul: it fuses into an FMA and would move the official parity off bit-exactness.
+    return add_into(x * (1 + scale), shift)
+
+
+def add_into(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """fresh + other, written into `fresh` (a temporary that no backward formula needs, e.g. a product's output)
+    when that keeps the result's shape and dtype: one allocation and one cold pass over memory fewer."""
+    if fresh.dtype == torch.promote_types(fresh.dtype, other.dtype) and \
+            fresh.shape == torch.broadcast_shapes(fresh.shape, other.shape):
+        return fresh.add_(other)
+    return fresh + other
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from torch.utils.checkpoint import checkpoint
 
 from maetok import __version__
 from maetok.config import ConfigError, SiTConfig, from_dict, to_dict
-from maetok.layers import Attention, Mlp, RMSNorm, RoPE1D, SwiGLU, modulate, sincos_1d, timestep_features
+from maetok.layers import (Attention, Mlp, RMSNorm, RoPE1D, SwiGLU, add_into, modulate, sincos_1d,
+                           timestep_features)
 from maetok.nets.hub import load_safetensors_strict
 
 CONFIG_FILE = "config.json"
@@ -104,9 +105,10 @@ class SiTBlock(nn.Module):
         # (B, 1, H) chunks broadcast over tokens; order fixed by the official checkpoints.
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
             self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
-        # addcmul: the gated residual in one pass over the activations instead of two (same roundings).
-        x = torch.addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=rope))
-        return torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+        # x + gate * f(...), the sum written into the fresh product (same roundings; torch.addcmul would fuse into
+        # an FMA and move the official parity off bit-exactness).
+        x = add_into(gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=rope), x)
+        return add_into(gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)), x)
 
 
 class FinalLayer(nn.Module):
@@ -186,7 +188,7 @@ class SiT(nn.Module):
         c = self.t_embedder(t)
         if self.y_embedder is not None:
             c = c + self.y_embedder(y)
-        rope = self.rope.table() if self.rope is not None else None  # complex table, built once per call
+        rope = self.rope.table() if self.rope is not None else None  # rotation table, built once per call
         for block in self.blocks:
             if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
                 h = checkpoint(block, h, c, rope, use_reentrant=False)

@@ -112,7 +112,7 @@ class DecoderBlock(nn.Module):
 
 def _modulate_latents(h: torch.Tensor, n_img: int, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """h with its latent rows [n_img:] replaced by h * scale + shift."""
-    return _ModulateLatents.apply(h, shift, scale)
+    return _ModulateLatents.apply(h, shift, scale, n_img)
 
 
 class _ModulateLatents(torch.autograd.Function):
@@ -121,21 +121,21 @@ class _ModulateLatents(torch.autograd.Function):
     them; the latent rows are a small part of the sequence, the image rows most of it."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        n = h.shape[1] - shift.shape[1]
+    def forward(ctx, h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
         ctx.save_for_backward(h, scale)
+        ctx.n, ctx.shift_dtype = n, shift.dtype  # under autocast the modulation is bf16 while h is float32
         return torch.cat([h[:, :n], h[:, n:] * scale + shift], dim=1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         h, scale = ctx.saved_tensors
-        n = h.shape[1] - scale.shape[1]
+        n = ctx.n
         g_lat = grad[:, n:]
-        grad_h = torch.cat([grad[:, :n], g_lat * scale], dim=1) if ctx.needs_input_grad[0] else None
-        grad_shift = g_lat if ctx.needs_input_grad[1] else None
-        grad_scale = g_lat * h[:, n:] if ctx.needs_input_grad[2] else None
-        return grad_h, grad_shift, grad_scale
+        grad_h = torch.cat([grad[:, :n], g_lat * scale], dim=1).to(h.dtype) if ctx.needs_input_grad[0] else None
+        grad_shift = g_lat.to(ctx.shift_dtype) if ctx.needs_input_grad[1] else None
+        grad_scale = (g_lat * h[:, n:]).to(scale.dtype) if ctx.needs_input_grad[2] else None
+        return grad_h, grad_shift, grad_scale, None
 
 
 class LatentModulatedNorm(nn.Module):
@@ -265,13 +265,8 @@ class MAETok(nn.Module):
         """Training forward. Masks patches when the variant uses masking and the module is in training mode
         (or when `mask_ratio` is given explicitly, e.g. for the stage-2 anneal); eval mode never masks."""
         self._check_images(images)
-        cfg, mask = self.config, None
-        if mask_ratio is None and self.training and cfg.uses_mask:
-            mask_ratio = sample_mask_ratio(cfg.mask, generator)
-        if mask_ratio:
-            if self.encoder.mask_token is None:
-                raise ValueError(f"variant {cfg.variant!r} has no mask token; masking needs maetok or mae")
-            mask = random_patch_mask(images.shape[0], cfg.num_patches, mask_ratio, images.device, generator)
+        cfg = self.config
+        mask = self._draw_mask(images, mask_ratio, generator)
         h = self.encoder(images, mask)
         posterior = None
         if cfg.variant == "vae":
@@ -283,6 +278,20 @@ class MAETok(nn.Module):
         recon = unpatchify(self.decoder(z), cfg.patch_size, cfg.grid, cfg.in_channels)
         aux = {name: dec(z) for name, dec in self.aux_decoders.items()}
         return TokenizerOutput(recon=recon, z=z, mask=mask, aux=aux, posterior=posterior)
+
+    @torch.compiler.disable
+    def _draw_mask(self, images: torch.Tensor, mask_ratio: float | None,
+                   generator: torch.Generator | None) -> torch.Tensor | None:
+        """The (B, N) patch mask, or None. Eager even under torch.compile: the ratio is a new Python float every
+        step, on which a compiled graph would specialise and recompile; the mask itself is a plain tensor input."""
+        cfg = self.config
+        if mask_ratio is None and self.training and cfg.uses_mask:
+            mask_ratio = sample_mask_ratio(cfg.mask, generator)
+        if not mask_ratio:
+            return None
+        if self.encoder.mask_token is None:
+            raise ValueError(f"variant {cfg.variant!r} has no mask token; masking needs maetok or mae")
+        return random_patch_mask(images.shape[0], cfg.num_patches, mask_ratio, images.device, generator)
 
     def _check_images(self, images: torch.Tensor) -> None:
         cfg = self.config

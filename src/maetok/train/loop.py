@@ -130,14 +130,18 @@ def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim
     for p in params:
         (decay if p.dim() >= 2 and p.numel() > 0 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    # One fused kernel for the whole update on GPU instead of several per parameter.
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
 
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     ema_params = dict(ema.named_parameters())
-    for name, p in model.named_parameters():
-        ema_params[name].lerp_(p.detach(), 1.0 - decay)
+    names = [n for n, _ in model.named_parameters()]
+    # One multi-tensor kernel instead of one launch per parameter (hundreds per step on GPU).
+    torch._foreach_lerp_([ema_params[n] for n in names], [p.detach() for _, p in model.named_parameters()],
+                         1.0 - decay)
     ema_bufs = dict(ema.named_buffers())
     for name, b in model.named_buffers():
         ema_bufs[name].copy_(b)
@@ -177,7 +181,10 @@ class Trainer:
         if dist_info.enabled:
             self.ddp_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[dist_info.local_rank] if dist_info.device.type == "cuda" else None)
-        self.forward_model = torch.compile(self.ddp_model) if train_cfg.compile and _can_compile() else self.ddp_model
+        self.forward_model = self.ddp_model
+        if train_cfg.compile and _can_compile():
+            self.forward_model = torch.compile(self.ddp_model)
+        self._compiled = self.forward_model is not self.ddp_model
 
     # ----- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -260,7 +267,7 @@ class Trainer:
                     torch.manual_seed(rank_step_seed(cfg.seed, self.step, self.dist.rank))
                 self.model.train()
                 with autocast_for(dev, cfg.precision):
-                    out = self.task.training_step(self.forward_model, batch, self.step)
+                    out = self._forward(batch)
                 loss = out["loss"]
                 self.optimizer.zero_grad(set_to_none=True)
                 finite = bool(torch.isfinite(loss))
@@ -315,6 +322,20 @@ class Trainer:
             self.task.finish(self.ema, self.out)
         return {"step": self.step, "finished": finished, "skipped_steps": self.skipped_steps,
                 "stopped_by": self.stop_requested}
+
+    def _forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        """The task's step through the compiled model; if compilation itself fails, say so and run eagerly."""
+        if not self._compiled:
+            return self.task.training_step(self.forward_model, batch, self.step)
+        try:
+            return self.task.training_step(self.forward_model, batch, self.step)
+        except Exception as e:  # torch.compile raises many types (backend, lowering, unsupported ops)
+            if "dynamo" not in type(e).__module__ and "inductor" not in type(e).__module__ and \
+                    "compile" not in str(e).lower():
+                raise
+            log.warning("torch.compile failed (%s: %s); continuing eagerly", type(e).__name__, str(e)[:200])
+            self.forward_model, self._compiled = self.ddp_model, False
+            return self.task.training_step(self.forward_model, batch, self.step)
 
     def _skip_step(self, out: dict[str, Any]) -> None:
         """A non-finite loss or gradient: leave the weights alone, move on, and stop after too many in a row."""

@@ -1,0 +1,207 @@
+"""GPU benchmark (H100 / H200): maetok-b-128 training step and SiT-XL/1 sampling in bf16, MFU vs a measured peak.
+
+Run through benchmarks/gpu.sh, which bounds each part's time. Parts:
+  --part eager    bf16 matmul peak (8192^3, random data); maetok-b-128 training step at batch 64 under bf16
+                  autocast (masking, HOG + DINOv2-L/14- and SigLIP-SO400M-sized teachers with random weights, as
+                  the hub cannot be reached there; and HOG only); SiT-XL/1 Euler sampling in bf16 on 128 tokens x 32
+                  channels vs SiT-XL/2's 1024 tokens x 16 channels at 512 px
+  --part compile  the same tokenizer step with torch.compile on the model (as train.compile does)
+  --merge A B     one gpu.json + gpu.md from the parts' JSON files
+
+FLOPs: torch.utils.flop_counter on one real call (forward + backward for training, the teachers' forward
+included), 2 per multiply-add. Memory: torch.cuda.max_memory_allocated growth over the timed calls, per image.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from common import machine, machine_line, markdown_table, matmul_peak, measure, utc_now, write_json
+
+TOKENIZER_BATCH = 64
+SIT_BATCH = 64
+SIT_STEPS = 10
+# --smoke: the same code paths on the CPU at toy sizes, to check the script before spending device time.
+SMOKE = {"device": "cpu", "preset": "cpu-32", "batch": 2, "sit": "tiny", "sit_batch": 2, "sit_steps": 2}
+SETUP = {"device": "cuda", "preset": "maetok-b-128", "batch": TOKENIZER_BATCH, "sit": "XL", "sit_batch": SIT_BATCH,
+         "sit_steps": SIT_STEPS}
+# Teacher targets with random weights: the hub is out of reach there, and only their cost matters here.
+TEACHERS = [{"name": "hog", "weight": 1.0},
+            {"name": "dinov2", "weight": 1.0, "options": {"pretrained": False}},
+            {"name": "siglip", "weight": 1.0, "options": {"pretrained": False}}]
+# The step benchmarked: no LPIPS (its VGG weights cannot be fetched there either) and no GAN (it starts at step
+# 200k in the preset). Stated in the output.
+STEP_OVERRIDES = ["loss.perceptual=none", "loss.gan.weight=0"]
+
+
+def aux_targets(names: list[dict]):
+    from maetok.config import AuxTargetConfig
+
+    return [AuxTargetConfig(t["name"], t["weight"], dict(t.get("options", {}))) for t in names]
+
+
+def tokenizer_case(label: str, targets: list[dict], compile: bool, reps: int, batch: int | None = None) -> dict:
+    from tokenizer import train_step_fn
+
+    start = time.perf_counter()
+    batch = batch or SETUP["batch"]
+    step, one, info = train_step_fn(SETUP["preset"], batch, SETUP["device"], precision="bf16",
+                                    overrides=STEP_OVERRIDES, aux_targets=aux_targets(targets), compile=compile)
+    built = time.perf_counter() - start  # with torch.compile: includes compiling the first step
+    # A compiled step is not run under the FLOP counter (a dispatch mode would send it back through the
+    # compiler); it does the eager step's arithmetic, so merge() takes the count from the eager row.
+    # The batch-1 step creates the AdamW moments first, so that the memory per image counts activations only
+    # (the compiled step has already run once, and a batch-1 call would compile another graph).
+    r = measure(step, batch, reps, warmup=2, device=SETUP["device"], memory=True, flops=not info["compiled"],
+                prime=None if compile else one)
+    what = (f"{SETUP['preset']} train step, batch {batch}, bf16 autocast, aux {'+'.join(info['aux_targets'])}"
+            + (", torch.compile" if info["compiled"] else ""))
+    return {"case": label, "what": what, "setup_s": built, **info, **r}
+
+
+def with_oom_fallback(fn, *args, **kwargs) -> dict:
+    """Run a tokenizer case at batch 64, or at 32 if 64 does not fit in this GPU's memory."""
+    try:
+        return fn(*args, **kwargs)
+    except torch.cuda.OutOfMemoryError:
+        traceback.print_exc()
+    # Out of the except block: the exception's frames (and the tensors they hold) are gone by now.
+    gc.collect()
+    torch.cuda.empty_cache()
+    return fn(*args, **kwargs, batch=SETUP["batch"] // 2)
+
+
+def sit_case(tokens: int, channels: int, reps: int) -> dict:
+    from mfu import sit_sample_fn
+
+    b, steps = SETUP["sit_batch"], SETUP["sit_steps"]
+    fn = sit_sample_fn(SETUP["sit"], tokens, channels, b, steps, SETUP["device"], dtype=torch.bfloat16)
+    r = measure(fn, b, reps, warmup=1, device=SETUP["device"], memory=True)
+    return {"case": f"sit-xl-{tokens}", "what": f"SiT-{SETUP['sit']} sampling, {tokens} tokens x {channels} ch, "
+                                                f"batch {b}, Euler {steps} steps, no CFG, bf16 weights",
+            "tokens": tokens, "channels": channels, **r}
+
+
+def run_part(part: str, out: Path, quick: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = True  # any float32 matmul left outside autocast
+    result = {"machine": machine(SETUP["device"]), "date": utc_now(), "part": part,
+              "settings": {"tokenizer_step": f"{SETUP['preset']} preset with " + ", ".join(STEP_OVERRIDES) +
+                           "; teachers dinov2 / siglip built by timm at their real sizes with pretrained=false",
+                           "flops": "torch.utils.flop_counter on one real call, 2 per multiply-add",
+                           "timing": "median of the timed calls after warm-up, host clock with a CUDA sync"},
+              "rows": [], "errors": []}
+    peak = matmul_peak(SETUP["device"], torch.bfloat16, n=8192 if SETUP["device"] == "cuda" else 512, reps=10)
+    result["peak"] = {**peak, "how": f"{peak['n']}^3 bf16 matmul on random data, {peak['statistic']} of 10"}
+    print(f"bf16 matmul peak: {peak['flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
+    reps = 3 if quick else 6
+
+    if part == "eager":
+        cases = [lambda: with_oom_fallback(tokenizer_case, "tokenizer-train", TEACHERS, False, reps),
+                 lambda: with_oom_fallback(tokenizer_case, "tokenizer-train-hog", TEACHERS[:1], False, reps),
+                 lambda: sit_case(128, 32, 3),
+                 lambda: sit_case(1024, 16, 3)]
+    else:
+        cases = [lambda: with_oom_fallback(tokenizer_case, "tokenizer-train-compiled", TEACHERS, True, reps)]
+    for case in cases:
+        try:
+            row = case()
+            if "flops_per_s" in row:
+                row["mfu"] = row["flops_per_s"] / peak["flops_per_s"]
+            result["rows"].append(row)
+            print(f"  {row['case']}: {row['images_per_s']:.1f} img/s, MFU {row.get('mfu', float('nan')):.0%} "
+                  f"(setup {row.get('setup_s', 0):.0f} s)", flush=True)
+        except Exception as e:  # keep the other cases' numbers
+            traceback.print_exc()
+            result["errors"].append(f"{type(e).__name__}: {str(e)[:500]}")
+        finally:
+            gc.collect()  # the case's model, teachers and optimizer
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        write_json(out, result)  # after every case: a part stopped by its time limit keeps what it measured
+
+
+def merge(parts: list[Path], json_out: Path, md_out: Path) -> dict:
+    loaded = [json.loads(p.read_text()) for p in parts if p.is_file()]
+    if not loaded:
+        raise SystemExit("no part results to merge")
+    result = {k: loaded[0][k] for k in ("machine", "date", "settings", "peak")}
+    result["parts"] = [{"part": d["part"], "peak": d["peak"]} for d in loaded]
+    result["rows"] = [r for d in loaded for r in d["rows"]]
+    eager = {r["case"]: r for r in result["rows"]}
+    for r in result["rows"]:
+        src = eager.get(r["case"].replace("-compiled", ""))
+        if "flops_per_call" not in r and src and src["images_per_call"] == r["images_per_call"]:
+            r["flops_per_call"] = src["flops_per_call"]
+            r["gflops_per_image"] = src["gflops_per_image"]
+            r["flops_per_s"] = r["flops_per_call"] / r["seconds_per_call"]
+            r["mfu"] = r["flops_per_s"] / result["peak"]["flops_per_s"]
+            r["flops_from"] = src["case"]
+    result["errors"] = [e for d in loaded for e in d["errors"]]
+    missing = [p.name for p in parts if not p.is_file()]
+    if missing:
+        result["errors"].append(f"no results from {missing} (stopped by its time limit?)")
+    sit = {r["tokens"]: r for r in result["rows"] if r["case"].startswith("sit-xl-")}
+    if 128 in sit and 1024 in sit:
+        result["sit_xl_128_vs_1024"] = {
+            "throughput_ratio": sit[128]["images_per_s"] / sit[1024]["images_per_s"],
+            "flop_ratio": sit[1024]["gflops_per_image"] / sit[128]["gflops_per_image"],
+            "paper_throughput_ratio": 31}
+    write_json(json_out, result)
+    md = markdown(result)
+    md_out.write_text(md + "\n")
+    print(md)
+    return result
+
+
+def markdown(result: dict) -> str:
+    p = result["peak"]
+    def num(r, key, fmt, scale=1.0):
+        return format(r[key] / scale, fmt) if key in r else "?"
+
+    rows = [[r["what"], num(r, "images_per_s", ".1f"), num(r, "gflops_per_image", ".0f"),
+             num(r, "flops_per_s", ".0f", 1e12), num(r, "mfu", ".0%"), num(r, "peak_memory_mib_per_image", ".0f")]
+            for r in result["rows"]]
+    lines = [machine_line(result["machine"]),
+             f"Peak: {p['flops_per_s'] / 1e12:.0f} TFLOP/s ({p['how']}). Tokenizer step: "
+             f"{result['settings']['tokenizer_step']}.", "",
+             markdown_table(["case", "images/s", "GFLOPs / image", "TFLOP/s", "MFU (bf16 peak)",
+                             "peak MiB / image"], rows)]
+    ratio = result.get("sit_xl_128_vs_1024")
+    if ratio:
+        lines += ["", f"SiT-XL sampling at 512 px, 128 tokens vs 1024: {ratio['throughput_ratio']:.1f}x the "
+                      f"images/s for {ratio['flop_ratio']:.1f}x fewer FLOPs (the paper measured "
+                      f"{ratio['paper_throughput_ratio']}x)."]
+    if result["errors"]:
+        lines += ["", "Errors: " + "; ".join(result["errors"])]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=["eager", "compile"])
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--merge", nargs="+", type=Path)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--md", type=Path)
+    parser.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: checks the script only")
+    args = parser.parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.json, args.md)
+        return
+    if args.smoke:
+        SETUP.update(SMOKE)
+    elif not torch.cuda.is_available():
+        raise SystemExit("benchmarks/gpu.py needs a CUDA GPU")
+    run_part(args.part, args.out, args.quick)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

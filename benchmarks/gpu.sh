@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# GPU benchmark for an H100 / H200 (about 5 minutes): maetok-b-128 training step (bf16 autocast, batch 64,
+# masking, HOG + random-weight DINOv2/SigLIP-sized teachers; and HOG only), eager and torch.compile, and SiT-XL/1
+# vs SiT-XL/2-layout sampling in bf16, each as images/s and MFU against a bf16 matmul peak measured in the run.
+#
+#   bash benchmarks/gpu.sh            # from the repository root; results in benchmarks/results/gpu.{json,md}
+#   OUT=/some/dir bash benchmarks/gpu.sh
+#
+# Needs python3 with torch (CUDA), timm, safetensors, pyyaml, scipy, tqdm; the package itself is used from src/
+# (no install). Each part has its own time limit, so a slow compilation cannot cost the eager numbers.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD/src:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+EAGER_LIMIT=${EAGER_LIMIT:-180}
+COMPILE_LIMIT=${COMPILE_LIMIT:-150}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  "$PY" -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"; } 2>&1 | tee "$OUT/gpu-env.txt"
+
+timeout --kill-after=10 "$EAGER_LIMIT" "$PY" benchmarks/gpu.py --part eager --out "$OUT/gpu-eager.json" \
+    2>&1 | tee "$OUT/gpu-eager.log"
+timeout --kill-after=10 "$COMPILE_LIMIT" "$PY" benchmarks/gpu.py --part compile --out "$OUT/gpu-compile.json" \
+    2>&1 | tail -n 200 > "$OUT/gpu-compile.log"
+tail -n 5 "$OUT/gpu-compile.log"
+"$PY" benchmarks/gpu.py --merge "$OUT/gpu-eager.json" "$OUT/gpu-compile.json" --json "$OUT/gpu.json" --md "$OUT/gpu.md"

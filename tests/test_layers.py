@@ -1,0 +1,122 @@
+"""The fast paths of the shared layers compute what the plain formulations compute, gradients included."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from maetok.layers import (Attention, Mlp, add_into, apply_rope, modulate, pad_rope_table, rope_table,
+                           rotate_pairs)
+from maetok.tokenizer.model import _modulate_latents
+
+
+def reference_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The interleaved-pair rotation written out in real arithmetic (the official formulation)."""
+    re, im = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rotate_pairs_matches_real_formula_with_gradients(dtype):
+    x = torch.randn(3, 4, 10, 8, dtype=dtype, requires_grad=True)
+    angle = torch.randn(4, 10, 4, dtype=dtype, requires_grad=True)
+    got = rotate_pairs(x, rope_table(torch.cos(angle), torch.sin(angle)))
+    want = reference_rope(x, torch.cos(angle), torch.sin(angle))
+    # Bit-equal on x86 (no FMA in the complex multiply); allow an ulp for other vector units.
+    torch.testing.assert_close(got, want, rtol=2e-7 if dtype == torch.float32 else 1e-15, atol=0)
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad(got, (x, angle), g)
+    ref = torch.autograd.grad(want, (x, angle), g)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-6)
+
+
+def test_rotate_pairs_compiled_formula_and_strided_inputs(monkeypatch):
+    qkv = torch.randn(2, 5, 3, 4, 8)
+    x = qkv.unbind(2)[1]  # a strided view, as Attention passes k
+    angle = torch.randn(5, 4, 4)
+    table = rope_table(torch.cos(angle), torch.sin(angle))
+    eager = rotate_pairs(x, table)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(rotate_pairs(x, table), eager, rtol=0, atol=1e-6)
+    torch.testing.assert_close(rotate_pairs(x[:, 1:], table[1:]), eager[:, 1:], rtol=0, atol=1e-6)
+
+
+def test_rotate_pairs_low_precision_rotates_in_float32():
+    x = torch.randn(2, 6, 8).bfloat16()
+    angle = torch.randn(6, 4) * 50
+    got = apply_rope(x, torch.cos(angle), torch.sin(angle))
+    assert got.dtype == torch.bfloat16
+    want = reference_rope(x.float(), torch.cos(angle), torch.sin(angle))
+    torch.testing.assert_close(got.float(), want, rtol=4e-3, atol=1e-6)  # only the final rounding to bf16
+
+
+def test_padded_table_leaves_other_tokens_exactly_unchanged():
+    angle = torch.randn(2, 4, 3)
+    table = pad_rope_table(rope_table(torch.cos(angle), torch.sin(angle)), length=7, start=1)
+    assert table.shape == (2, 7, 3, 2)
+    x = torch.randn(5, 2, 7, 6)
+    out = rotate_pairs(x, table)
+    assert torch.equal(out[:, :, 0], x[:, :, 0]) and torch.equal(out[:, :, 5:], x[:, :, 5:])
+    torch.testing.assert_close(out[:, :, 1:5], reference_rope(x[:, :, 1:5], torch.cos(angle), torch.sin(angle)),
+                               rtol=2e-7, atol=0)
+    with pytest.raises(ValueError, match="does not fit"):
+        pad_rope_table(table, length=6, start=0)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_attention_rope_on_a_token_slice_matches_slice_and_concatenate(qk_norm):
+    torch.manual_seed(0)
+    attn = Attention(32, 4, qk_norm=qk_norm).double()
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    angle = torch.randn(4, 6, 4, dtype=torch.float64)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    got = attn(x, (cos, sin), rope_start=2)
+
+    B, N, C = x.shape
+    q, k, v = attn.qkv(x).view(B, N, 3, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    rot = [torch.cat([t[..., :2, :], reference_rope(t[..., 2:8, :], cos, sin), t[..., 8:, :]], dim=-2)
+           for t in (q, k)]
+    out = F.scaled_dot_product_attention(rot[0], rot[1], v)
+    want = attn.proj(out.transpose(1, 2).reshape(B, N, C))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # The same with a prebuilt full-length table, as the models pass it.
+    table = rope_table(cos, sin, length=N, start=2)
+    torch.testing.assert_close(attn(x, table), want, rtol=1e-12, atol=1e-12)
+
+
+def test_out_scale_is_layerscale_folded_into_the_projection():
+    torch.manual_seed(0)
+    mlp, attn = Mlp(16, 32).double(), Attention(16, 2).double()
+    gamma = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    for got, want in [(mlp(x, out_scale=gamma), mlp(x) * gamma), (attn(x, out_scale=gamma), attn(x) * gamma)]:
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        g = torch.randn_like(got)
+        torch.testing.assert_close(torch.autograd.grad(got, gamma, g)[0], torch.autograd.grad(want, gamma, g)[0])
+
+
+def test_mlp_inference_gelu_in_place_equals_training_path():
+    mlp = Mlp(16, 64, approximate_gelu=True)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        fast = mlp(x)
+    assert torch.equal(fast, mlp.fc2(F.gelu(mlp.fc1(x), approximate="tanh")))
+
+
+def test_modulate_latents_function_and_gradients():
+    h = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True)
+    shift = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    scale = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    got = _modulate_latents(h, 4, shift, scale)
+    assert torch.equal(got, torch.cat([h[:, :4], h[:, 4:] * scale + shift], dim=1))
+    assert torch.autograd.gradcheck(lambda a, b, c: _modulate_latents(a, 4, b, c), (h, shift, scale))
+
+
+def test_add_into_and_modulate_keep_the_promoted_dtype():
+    fresh, x = torch.randn(2, 3, 4).bfloat16(), torch.randn(2, 3, 4)
+    out = add_into(fresh.clone(), x)
+    assert out.dtype == torch.float32 and torch.equal(out, fresh + x)
+    h, shift, scale = torch.randn(2, 3, 4), torch.randn(2, 4), torch.randn(2, 4)
+    assert torch.equal(modulate(h, shift, scale), h * (1 + scale[:, None]) + shift[:, None])
