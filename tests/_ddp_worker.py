@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from maetok.config import (DiffusionRunConfig, SampleConfig, SiTConfig, TokenizerRunConfig, TrainConfig,
                            TransportConfig, load_config)
 from maetok.train.distributed import DistInfo, init_distributed
-from maetok.train.loop import Trainer
+from maetok.train.loop import Task, Trainer
 
 # Tiny tokenizer (as tests/test_resume.py TINY, without the GAN). Every randomness of variant ae is switched off
 # (no masks, no flips, no perceptual/GAN), so the loss is a deterministic function of the batch.
@@ -52,7 +52,7 @@ class IndexedLatents(torch.utils.data.Dataset):
         return self.z[i], self.y[i], i
 
 
-class IndexNoiseDiffusionTask:
+class IndexNoiseDiffusionTask(Task):
     """Flow matching on SiT as DiffusionTask does it (linear path, velocity MSE), except that t and eps of sample
     i come from a generator seeded with i. The per-rank global RNG then plays no part, so a DDP step over a
     global batch must equal a single-process step over the same batch: any difference is the loop's."""
@@ -77,20 +77,6 @@ class IndexNoiseDiffusionTask:
         x_t, v_target = interpolate(z, eps, t, self.transport.path)
         return {"loss": (model(x_t, t, y) - v_target).pow(2).mean()}
 
-    def after_step(self, batch, step, outputs):
-        return {}
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-    def write_images(self, ema, step, out):
-        pass
-
-    def finish(self, ema, out):
-        pass
 
 
 def sit_trainer(out: Path, info: DistInfo, steps: int = 2) -> Trainer:
@@ -112,7 +98,7 @@ def trainer_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------------------------
 # A toy task for the loop's control flow (non-finite skips, signals)
 # --------------------------------------------------------------------------------------------------------------
-class ToyTask:
+class ToyTask(Task):
     def __init__(self, hook=None):
         torch.manual_seed(0)
         self.model = nn.Linear(3, 1)
@@ -127,20 +113,6 @@ class ToyTask:
         loss = (model(batch[0]).squeeze(-1) - batch[1]).pow(2).mean()
         return {"loss": self.hook(step, loss) if self.hook else loss}
 
-    def after_step(self, batch, step, outputs):
-        return {}
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-    def write_images(self, ema, step, out):
-        pass
-
-    def finish(self, ema, out):
-        pass
 
 
 def toy_trainer(out: Path, info: DistInfo, hook=None, steps: int = 6) -> Trainer:

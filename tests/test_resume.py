@@ -126,41 +126,22 @@ def test_pickle_payload_is_refused(tmp_path: Path):
 def test_nonfinite_steps_are_skipped_then_stop_with_emergency_checkpoint(tmp_path: Path):
     from maetok.config import TrainConfig
     from maetok.train.distributed import DistInfo
-    from maetok.train.loop import Trainer
+    from maetok.train.loop import Task, Trainer
 
-    class NaNTask:
+    class NaNTask(Task):
         def __init__(self):
             self.model = torch.nn.Linear(2, 1)
             self.calls = 0
-
-        def trainable_parameters(self):
-            return list(self.model.parameters())
 
         def training_step(self, model, batch, step):
             self.calls += 1
             loss = model(batch[0]).pow(2).mean()
             return {"loss": loss * float("nan") if self.calls > 2 else loss}
 
-        def after_step(self, batch, step, outputs):
-            return {}
-
-        def state_dict(self):
-            return {}
-
-        def load_state_dict(self, state):
-            pass
-
-        def write_images(self, ema, step, out):
-            pass
-
-        def finish(self, ema, out):
-            pass
-
     data = torch.utils.data.TensorDataset(torch.randn(32, 2), torch.zeros(32))
     cfg = TrainConfig(steps=50, batch_size=4, max_bad_steps=3, log_every=1, ckpt_every=100)
     task = NaNTask()
     trainer = Trainer(task, cfg, data, tmp_path, cfg, DistInfo())
-    good = None
     with pytest.raises(FloatingPointError, match="3 consecutive non-finite"):
         trainer.fit()
     emergency = list((tmp_path / "checkpoints").glob("emergency-*.pt"))
@@ -168,7 +149,6 @@ def test_nonfinite_steps_are_skipped_then_stop_with_emergency_checkpoint(tmp_pat
     state = load_checkpoint(emergency[0])
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert state["counters"]["skipped_steps"] == 3
-    del good
 
 
 def test_sigterm_writes_a_final_checkpoint(tmp_path: Path):

@@ -27,14 +27,20 @@ def _add_run_args(p: argparse.ArgumentParser, default_config: str) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.latent_tokens=64")
 
 
-def cmd_tokenizer_train(a: argparse.Namespace) -> int:
-    from .config import TokenizerRunConfig, load_config
-    from .train.run import run_tokenizer
+def _train(a: argparse.Namespace, config_cls, run_fn) -> int:
+    from .config import load_config
 
-    cfg = load_config(TokenizerRunConfig, a.config, a.overrides)
-    summary = run_tokenizer(cfg, a.out, resume=a.resume, force=a.force, device=a.device)
+    cfg = load_config(config_cls, a.config, a.overrides)
+    summary = run_fn(cfg, a.out, resume=a.resume, force=a.force, device=a.device)
     print(json.dumps(summary, indent=2))
     return 0 if summary.get("finished") or summary.get("stopped_by") else 1
+
+
+def cmd_tokenizer_train(a: argparse.Namespace) -> int:
+    from .config import TokenizerRunConfig
+    from .train.run import run_tokenizer
+
+    return _train(a, TokenizerRunConfig, run_tokenizer)
 
 
 def cmd_tokenizer_reconstruct(a: argparse.Namespace) -> int:
@@ -94,13 +100,10 @@ def cmd_latents_cache(a: argparse.Namespace) -> int:
 
 
 def cmd_diffusion_train(a: argparse.Namespace) -> int:
-    from .config import DiffusionRunConfig, load_config
+    from .config import DiffusionRunConfig
     from .train.run import run_diffusion
 
-    cfg = load_config(DiffusionRunConfig, a.config, a.overrides)
-    summary = run_diffusion(cfg, a.out, resume=a.resume, force=a.force, device=a.device)
-    print(json.dumps(summary, indent=2))
-    return 0 if summary.get("finished") or summary.get("stopped_by") else 1
+    return _train(a, DiffusionRunConfig, run_diffusion)
 
 
 def cmd_sample(a: argparse.Namespace) -> int:

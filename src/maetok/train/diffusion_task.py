@@ -14,9 +14,10 @@ import torch.nn as nn
 from ..config import DiffusionRunConfig
 from ..diffusion.sit import SiT
 from ..diffusion.transport import training_loss
+from .loop import Task
 
 
-class DiffusionTask:
+class DiffusionTask(Task):
     def __init__(self, cfg: DiffusionRunConfig, device: torch.device, latent_mean: float, latent_std: float,
                  tokenizer: nn.Module | None = None, num_classes: int = 0):
         self.cfg, self.device = cfg, device
@@ -27,9 +28,6 @@ class DiffusionTask:
         self.preview_labels = None
         if cfg.model.num_classes:
             self.preview_labels = torch.arange(16) % cfg.model.num_classes
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.model.parameters())
 
     def latents_from_batch(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         if len(batch) == 3:  # latent cache: (z, z_flip, y); pick flipped or not per item
@@ -47,15 +45,6 @@ class DiffusionTask:
     def training_step(self, model: nn.Module, batch: Any, step: int) -> dict[str, torch.Tensor]:
         x0, y = self.latents_from_batch(batch)
         return training_loss(model, x0, y, self.cfg.transport)
-
-    def after_step(self, batch: Any, step: int, outputs: dict[str, Any]) -> dict[str, float]:
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
     @torch.no_grad()
     def sample_images(self, model: nn.Module, n: int, seed: int, labels: torch.Tensor | None = None) -> torch.Tensor:

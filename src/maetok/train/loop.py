@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -38,16 +38,33 @@ from .distributed import DistInfo, all_reduce_max, all_reduce_mean
 log = logging.getLogger("maetok.train")
 
 
-class Task(Protocol):
+class Task:
+    """What the loop trains: subclasses set `model` and implement `training_step`; the rest is optional."""
     model: nn.Module
 
-    def trainable_parameters(self) -> list[nn.Parameter]: ...
-    def training_step(self, model: nn.Module, batch: Any, step: int) -> dict[str, torch.Tensor]: ...
-    def after_step(self, batch: Any, step: int, outputs: dict[str, Any]) -> dict[str, float]: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-    def write_images(self, ema_model: nn.Module, step: int, out_dir: Path) -> None: ...
-    def finish(self, ema_model: nn.Module, out_dir: Path) -> None: ...
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.model.parameters())
+
+    def training_step(self, model: nn.Module, batch: Any, step: int) -> dict[str, torch.Tensor]:
+        """Forward and loss for one batch: a dict with the scalar "loss" (backpropagated) and any diagnostics."""
+        raise NotImplementedError
+
+    def after_step(self, batch: Any, step: int, outputs: dict[str, Any]) -> dict[str, float]:
+        """Extra updates after the optimizer step (the GAN discriminator); returns values to log."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Task state that must survive a resume besides model/EMA/optimizer (e.g. the discriminator)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def write_images(self, ema_model: nn.Module, step: int, out_dir: Path) -> None:
+        pass
+
+    def finish(self, ema_model: nn.Module, out_dir: Path) -> None:
+        pass
 
 
 class RunDirExists(FileExistsError):

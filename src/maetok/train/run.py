@@ -1,6 +1,7 @@
 """Entry points that wire config -> data -> task -> Trainer for each run kind (the CLI calls these)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -8,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..config import TokenizerRunConfig
+from ..config import ConfigError, TokenizerRunConfig
 from .distributed import cleanup, init_distributed
 from .loop import Trainer, prepare_run_dir
 
@@ -42,14 +43,30 @@ def _open_training_data(data_cfg, image_size: int):
                         strict=data_cfg.strict, limit=data_cfg.limit, cache_dir=data_cfg.cache_dir or None)
 
 
+@contextlib.contextmanager
+def _run_context(out_dir: str | Path, resume: bool, force: bool, device: str, seed: int):
+    """Process group, run directory (never silently overwritten), log file and seed; torn down on the way out."""
+    info = init_distributed(device)
+    try:
+        out = prepare_run_dir(Path(out_dir), resume, force, info.is_main)
+        setup_logging(out, info.is_main)
+        torch.manual_seed(seed)
+        yield info, out
+    finally:
+        cleanup(info)
+
+
+def _fit(task, cfg, dataset, out: Path, info, resume: bool) -> tuple[Trainer, dict[str, Any]]:
+    trainer = Trainer(task, cfg.train, dataset, out, cfg, info, num_workers=cfg.data.num_workers)
+    if resume:
+        trainer.try_resume()
+    return trainer, trainer.fit()
+
+
 def run_tokenizer(cfg: TokenizerRunConfig, out_dir: str | Path, resume: bool = False, force: bool = False,
                   device: str = "auto") -> dict[str, Any]:
     """Train a tokenizer; writes checkpoints, logs, PNG grids and the final EMA weights (`<out>/model`)."""
-    info = init_distributed(device)
-    out = prepare_run_dir(Path(out_dir), resume, force, info.is_main)
-    setup_logging(out, info.is_main)
-    try:
-        torch.manual_seed(cfg.train.seed)
+    with _run_context(out_dir, resume, force, device, cfg.train.seed) as (info, out):
         dataset = _open_training_data(cfg.data, cfg.model.image_size)
         log.info("data: %s (%d images)", cfg.data.spec, len(dataset))
         preview = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))])
@@ -59,15 +76,10 @@ def run_tokenizer(cfg: TokenizerRunConfig, out_dir: str | Path, resume: bool = F
         n_params = sum(p.numel() for p in task.model.parameters())
         log.info("tokenizer %s: %.2fM parameters (%s stage %d)", cfg.model.variant, n_params / 1e6,
                  "training" if cfg.stage == 1 else "decoder fine-tuning", cfg.stage)
-        trainer = Trainer(task, cfg.train, dataset, out, cfg, info, num_workers=cfg.data.num_workers)
-        if resume:
-            trainer.try_resume()
-        summary = trainer.fit()
+        trainer, summary = _fit(task, cfg, dataset, out, info, resume)
         if summary["finished"] and info.is_main:
             summary.update(finalize_tokenizer(trainer.ema, dataset, cfg, out, info.device))
         return summary
-    finally:
-        cleanup(info)
 
 
 @torch.no_grad()
@@ -109,11 +121,7 @@ def run_diffusion(cfg, out_dir: str | Path, resume: bool = False, force: bool = 
     from ..tokenizer import MAETok
     from .diffusion_task import DiffusionTask
 
-    info = init_distributed(device)
-    out = prepare_run_dir(Path(out_dir), resume, force, info.is_main)
-    setup_logging(out, info.is_main)
-    try:
-        torch.manual_seed(cfg.train.seed)
+    with _run_context(out_dir, resume, force, device, cfg.train.seed) as (info, out):
         tokenizer = MAETok.from_pretrained(cfg.tokenizer) if cfg.tokenizer else None
         if cfg.latents:
             dataset = LatentDataset(cfg.latents)
@@ -125,21 +133,12 @@ def run_diffusion(cfg, out_dir: str | Path, resume: bool = False, force: bool = 
             num_classes = getattr(dataset, "num_classes", 0)
             shape = (tokenizer.config.latent_tokens, tokenizer.config.latent_dim)
         if shape != (cfg.model.num_tokens, cfg.model.in_channels):
-            from ..config import ConfigError
-
             raise ConfigError(f"model.num_tokens/in_channels = {cfg.model.num_tokens}/{cfg.model.in_channels} but "
                               f"the latents are {shape[0]} tokens of dim {shape[1]}")
         if cfg.model.num_classes and num_classes and cfg.model.num_classes != num_classes:
-            from ..config import ConfigError
-
             raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the data has {num_classes} classes")
         task = DiffusionTask(cfg, info.device, mean, std, tokenizer, num_classes)
         log.info("diffusion %s: %.2fM parameters on %d latents (%d x %d), normalised with mean %.4f std %.4f",
                  cfg.model.variant, sum(p.numel() for p in task.model.parameters()) / 1e6, len(dataset), *shape,
                  mean, std)
-        trainer = Trainer(task, cfg.train, dataset, out, cfg, info, num_workers=cfg.data.num_workers)
-        if resume:
-            trainer.try_resume()
-        return trainer.fit()
-    finally:
-        cleanup(info)
+        return _fit(task, cfg, dataset, out, info, resume)[1]

@@ -18,11 +18,12 @@ from ..tokenizer.losses import (LeCAM, adaptive_gan_weight, build_discriminator,
                                 hinge_d_loss, hinge_g_loss, kl_loss, ramp)
 from ..tokenizer.model import MAETok
 from ..tokenizer.targets import build_target, target_loss
+from .loop import Task
 
 log = logging.getLogger("maetok.train")
 
 
-class TokenizerTask:
+class TokenizerTask(Task):
     def __init__(self, cfg: TokenizerRunConfig, device: torch.device, preview: torch.Tensor | None = None):
         self.cfg, self.device = cfg, device
         mcfg = cfg.model
