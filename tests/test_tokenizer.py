@@ -141,3 +141,15 @@ def test_tiny_tokenizer_overfits_a_batch():
     with torch.no_grad():
         after = psnr(model.eval().decode(model.encode(x)), x).mean().item()
     assert after - before > 10.0, f"PSNR {before:.1f} -> {after:.1f} dB"
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    grads = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = MAETok(tiny_cfg(variant="ae", grad_checkpointing=flag))
+        model(x).recon.pow(2).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert model.encoder.grad_checkpointing and model.decoder.grad_checkpointing
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)

@@ -227,6 +227,8 @@ class MAETok(nn.Module):
         self.encoder = Encoder(cfg, out_dim=2 * C if cfg.variant == "vae" else C)
         self.decoder = LatentDecoder(C, cfg.latent_tokens, cfg.grid, cfg.dec_width, cfg.dec_depth, cfg.dec_heads,
                                      cfg.mlp_ratio, cfg.rope_theta, cfg.patch_size ** 2 * cfg.in_channels)
+        for part in (self.encoder, self.decoder):
+            part.grad_checkpointing = cfg.grad_checkpointing
         self.aux_decoders = nn.ModuleDict()
         if cfg.uses_aux and aux_dims:
             for t in cfg.aux_targets:
