@@ -227,9 +227,9 @@ class Trainer:
         self.task.load_state_dict(state["task"])
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("counters", {}).get("skipped_steps", 0))
-        torch.set_rng_state(state["rng"]["torch"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
         if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
 
     def save(self, name: str | None = None) -> Path | None:
         if not self.dist.is_main:
@@ -240,7 +240,8 @@ class Trainer:
         ckpt = latest_checkpoint(self.out / "checkpoints")
         if ckpt is None:
             return False
-        self.load_state_dict(load_checkpoint(ckpt, map_location=self.dist.device))
+        # Read on the CPU: RNG states must stay CPU byte tensors; modules and optimizer copy to their device.
+        self.load_state_dict(load_checkpoint(ckpt, map_location="cpu"))
         log.info("resumed from %s at step %d", ckpt, self.step)
         return True
 
