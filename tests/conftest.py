@@ -15,6 +15,12 @@ def shared_root() -> Path | None:
     return root if root.is_dir() else None
 
 
+# The library finds pretrained files through $MAETOK_SHARED_DATA (or ../shared/data beside the checkout); point it
+# at the same folder the tests use, so a relocated $MAETOK_SHARED serves both.
+if shared_root() is not None and "MAETOK_SHARED_DATA" not in os.environ:
+    os.environ["MAETOK_SHARED_DATA"] = str(shared_root() / "data")
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     root = shared_root()
