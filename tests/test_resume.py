@@ -41,6 +41,19 @@ def _final_state(out: Path) -> dict[str, torch.Tensor]:
             **{f"task.disc.{k}": v for k, v in state["task"]["disc"].items()}}
 
 
+def _kill_after_checkpoint(proc: subprocess.Popen, run: Path, min_step: int) -> int:
+    """SIGKILL `proc` as soon as a checkpoint at step >= min_step exists, wherever it is; the step resumed from."""
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        ckpt = latest_checkpoint(run / "checkpoints") if (run / "checkpoints").exists() else None
+        if ckpt is not None and int(ckpt.stem.split("-")[1]) >= min_step:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    return int(latest_checkpoint(run / "checkpoints").stem.split("-")[1])
+
+
 def test_sigkill_then_resume_is_bit_identical(tmp_path: Path):
     steps = 14
     ref = _train(tmp_path / "ref", steps)
@@ -48,16 +61,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path):
     assert ref.returncode == 0, out_ref
 
     run = tmp_path / "killed"
-    proc = _train(run, steps)
-    deadline = time.time() + 240
-    while time.time() < deadline:  # kill as soon as a mid-run checkpoint exists, wherever the process is
-        ckpt = latest_checkpoint(run / "checkpoints") if (run / "checkpoints").exists() else None
-        if ckpt is not None and int(ckpt.stem.split("-")[1]) >= 5:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    killed_at = int(latest_checkpoint(run / "checkpoints").stem.split("-")[1])
+    killed_at = _kill_after_checkpoint(_train(run, steps), run, 5)
     assert killed_at < steps, "the run finished before it could be killed"
 
     again = _train(run, steps, resume=True)
@@ -197,16 +201,7 @@ def test_diffusion_sigkill_then_resume_is_bit_identical(tmp_path: Path):
     out_ref, _ = ref.communicate(timeout=300)
     assert ref.returncode == 0, out_ref
     run = tmp_path / "killed"
-    proc = launch(run)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        ckpt = latest_checkpoint(run / "checkpoints") if (run / "checkpoints").exists() else None
-        if ckpt is not None and int(ckpt.stem.split("-")[1]) >= 6:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    assert int(latest_checkpoint(run / "checkpoints").stem.split("-")[1]) < 16
+    assert _kill_after_checkpoint(launch(run), run, 6) < 16
     again = launch(run, resume=True)
     out_again, _ = again.communicate(timeout=300)
     assert again.returncode == 0, out_again

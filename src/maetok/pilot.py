@@ -198,7 +198,7 @@ class Pilot:
         names = [str(n).lower() for n in (getattr(self.train_set, "class_names", None) or [])]
         return self.b.image_size == 32 and names == CIFAR10_CLASSES
 
-    def build_feature_net(self, stage: Stage) -> dict:
+    def build_feature_net(self) -> dict:
         from .eval.classifier import SmallCNN, train_classifier
         from .eval.features import build_feature_net, wrap_feature_net
 
@@ -246,7 +246,7 @@ class Pilot:
         return load_config(TokenizerRunConfig, "cpu-32", over)
 
     def run_variant(self, variant: str) -> dict:
-        from .data.latents import LatentDataset, cache_latents
+        from .data.latents import cache_latents
         from .tokenizer import MAETok
         from .train.run import run_diffusion, run_tokenizer
 
@@ -360,7 +360,7 @@ class Pilot:
         }
 
     # ----- across variants -------------------------------------------------------------------------------------
-    def latent_analysis(self, stage: Stage) -> dict:
+    def latent_analysis(self) -> dict:
         from .data.latents import LatentDataset
         from .eval.latent_analysis import gmm_analysis, linear_probe, plot_gmm_nll, shared_pca_dim, token_statistics
 
@@ -396,13 +396,13 @@ class Pilot:
         top("plan", lambda: {"data": self.spec, "variants": self.variants, "budget": self.budget_name,
                              "settings": to_dict(self.b), "device": str(self.device),
                              "torch": torch.__version__, "threads": torch.get_num_threads()})
-        top("feature_net", lambda: self.build_feature_net(top))
+        top("feature_net", self.build_feature_net)
         if self.feature_net is None:
-            self.build_feature_net(top)
+            self.build_feature_net()
         self.ref_feats = self.features(self.real_images(self.test_set, self.b.n_eval))
         top("real_floor", self.real_floor)
         per_variant = {v: self.run_variant(v) for v in self.variants}
-        analysis = top("latent_analysis", lambda: self.latent_analysis(top))
+        analysis = top("latent_analysis", self.latent_analysis)
         plot_losses({v: self.out / v / "diffusion" for v in self.variants}, self.out / "diffusion_loss.png")
         from .report import write_report
 
