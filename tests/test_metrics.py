@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from maetok.eval import (FeatureSet, FeatureStats, ReconstructionMetrics, build_feature_net, extract_features, fid,
                          frechet_distance, inception_score, kid, load_adm_images, metric_name, precision_recall, psnr,
                          reference_stats, ssim, wrap_feature_net)
+from maetok.eval.features import FeatureNet
 from maetok.nets import inception as inception_mod
 from maetok.nets.hub import MissingWeightsError
 
@@ -155,6 +156,43 @@ def test_adm_reference_batch_with_statistics(tmp_path):
     assert stats.net == "inception" and stats.n == 5  # ADM statistics are TF Inception pool_3
     np.testing.assert_array_equal(stats.mu, mu)
     np.testing.assert_array_equal(load_adm_images(tmp_path / "VIRTUAL_ref.npz"), images)
+
+
+class _MeanColour(torch.nn.Module):
+    """A cheap stand-in for the FID Inception: per-channel means and maxima (6 features)."""
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.mean((2, 3)), x.amax((2, 3))], 1)
+
+
+def test_adm_reference_fid_uses_the_stored_statistics_like_the_adm_evaluator(tmp_path):
+    """ADM's evaluator measures FID against the batch's mu/sigma (computed on more images than arr_0 holds) and
+    uses arr_0 only for precision/recall: our FID must too, also after a round trip through the stats cache."""
+    from maetok.eval.api import evaluate_generation
+
+    net = FeatureNet(_MeanColour(), "inception", has_logits=False)
+    rng = np.random.default_rng(0)
+    ref_images = rng.integers(0, 256, size=(40, 16, 16, 3), dtype=np.uint8)
+    samples = rng.integers(0, 256, size=(30, 16, 16, 3), dtype=np.uint8)
+    mu, sigma = np.full(6, 0.1), np.diag(np.linspace(0.01, 0.05, 6))  # far from arr_0's own statistics
+    np.savez(tmp_path / "VIRTUAL_ref.npz", arr_0=ref_images, mu=mu, sigma=sigma)
+    gen = FeatureStats.from_features(extract_features(net, samples, progress=False))
+    expected = _reference_frechet(gen.mu, gen.sigma, mu, sigma)
+    own = FeatureStats.from_features(extract_features(net, ref_images, progress=False))
+    assert abs(expected - _reference_frechet(gen.mu, gen.sigma, own.mu, own.sigma)) > 0.1  # the choice matters
+
+    cache = tmp_path / "ref-cache.npz"
+    for _ in range(2):  # computed, then read from the cache
+        out = evaluate_generation(samples, str(tmp_path / "VIRTUAL_ref.npz"), net, stats_cache=cache,
+                                  progress=False, kid_subsets=2)
+        assert out["metrics"]["fid[inception]@30"] == pytest.approx(expected, rel=1e-6)
+        assert "kid[inception]@30" in out["metrics"] and "precision[inception]@30" in out["metrics"]
+    assert reference_stats(tmp_path / "VIRTUAL_ref.npz", net).mu.tolist() == mu.tolist()
+    # Under another network the stored (Inception) statistics do not apply: arr_0 is measured instead.
+    other = FeatureNet(_MeanColour(), "colour", has_logits=False)
+    got = evaluate_generation(samples, str(tmp_path / "VIRTUAL_ref.npz"), other, progress=False, kid_subsets=2)
+    assert got["metrics"]["fid[colour]@30"] == pytest.approx(
+        _reference_frechet(gen.mu, gen.sigma, own.mu, own.sigma), rel=1e-6)
 
 
 def test_adm_image_batch_gives_cached_reference_stats(tmp_path):

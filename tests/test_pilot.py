@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 from maetok.cli import main
+from maetok.config import ConfigError
+from maetok.eval import features as features_module
+from maetok.eval.features import FeatureNet
+from maetok.pilot import BUDGETS, pilot_settings
 
 
 def _check_report(out: Path, variants: list[str]) -> dict:
@@ -41,6 +51,80 @@ def test_smoke_pilot_runs_every_stage_and_resumes(tmp_path: Path):
     # Without --resume an existing pilot is refused; with it, nothing is recomputed.
     assert main(["pilot", "--budget", "smoke", "--variants", "ae,maetok", "--out", str(out)]) == 2
     assert main(["pilot", "--budget", "smoke", "--variants", "ae,maetok", "--out", str(out), "--resume"]) == 0
+    assert (out / "maetok" / "results.json").read_text() == before
+    # Resuming with other settings would mix two budgets in one report: refused, naming the field.
+    assert main(["pilot", "--budget", "smoke", "--variants", "ae,maetok", "--out", str(out), "--resume",
+                 "diffusion_steps=61"]) == 2
+    assert (out / "maetok" / "results.json").read_text() == before
+
+
+class _PooledColours(torch.nn.Module):
+    """Stands in for the FID Inception (seconds per image on a CPU): colour statistics on a 4x4 grid."""
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.adaptive_avg_pool2d(x, 4).flatten(1), F.adaptive_max_pool2d(x, 4).flatten(1)], 1)
+
+
+def test_pilot_inception_fids_share_one_cached_reference(tmp_path: Path, monkeypatch):
+    builds = []
+
+    def fake_inception(**_):
+        builds.append(1)
+        return FeatureNet(_PooledColours(), "inception", has_logits=False)
+
+    monkeypatch.setitem(features_module._REGISTRY, "inception", fake_inception)
+    out = tmp_path / "pilot"
+    assert main(["pilot", "--budget", "smoke", "--variants", "ae", "--out", str(out), "--inception",
+                 "n_eval=40", "diffusion_steps=20", "tokenizer_steps=10"]) == 0
+    metrics = json.loads((out / "report.json").read_text())["ae"]
+    for key in ("rfid[inception]@40", "gfid[inception]@40 (nocfg)", "gfid[inception]@40 (cfg)"):
+        assert metrics[key] > 0, key
+    assert builds == [1] and (out / "reference-inception.npz").is_file()  # one network, one reference
+
+
+def test_pilot_settings_take_overrides_on_the_budget_and_on_its_runs():
+    b = pilot_settings("quick", ["image_size=64", "tokenizer_preset=cpu-64", "gmm_ks=[1, 3]"],
+                       tokenizer_set=["model.latent_tokens=8"], diffusion_set=["train.batch_size=16"])
+    assert (b.image_size, b.tokenizer_preset, b.gmm_ks) == (64, "cpu-64", (1, 3))
+    assert b.tokenizer[-1] == "model.latent_tokens=8" and b.diffusion[-1] == "train.batch_size=16"
+    assert BUDGETS["quick"].image_size == 32 and "model.latent_tokens=8" not in BUDGETS["quick"].tokenizer
+    with pytest.raises(ConfigError, match="imagesize"):
+        pilot_settings("quick", ["imagesize=64"])
+    with pytest.raises(ConfigError, match="unknown budget"):
+        pilot_settings("huge")
+
+
+@pytest.mark.distributed
+def test_smoke_pilot_under_torchrun(tmp_path: Path):
+    """`torchrun --nproc_per_node 2 -m maetok.cli pilot ...` (CPU, gloo): the training stages run as one DDP job
+    over both processes, sampling is sharded, rank 0 alone writes the report; --resume reuses every stage."""
+    out = tmp_path / "pilot"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    def torchrun(*extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+               "127.0.0.1", "--master_port", str(port), "-m", "maetok.cli", "pilot", "--budget", "smoke",
+               "--variants", "ae,maetok", "--out", str(out), "--device", "cpu", *extra]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+    proc = torchrun()
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert proc.stdout.count("report: ") == 1  # rank 0 only
+    _check_report(out, ["ae", "maetok"])
+    plan = json.loads((out / "pilot_results.json").read_text())["plan"]
+    assert plan["world_size"] == 2
+    results = json.loads((out / "maetok" / "results.json").read_text())
+    for stage in ("tokenizer_train", "decoder_finetune", "diffusion_train"):
+        assert results[stage]["world_size"] == 2 and results[stage]["finished"], (stage, results[stage])
+    with np.load(out / "maetok" / "samples-cfg" / "samples.npz") as z:
+        assert len(z["arr_0"]) == plan["settings"]["n_eval"]  # both ranks' shares, each sample once
+
+    before = (out / "maetok" / "results.json").read_text()
+    proc = torchrun("--resume")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     assert (out / "maetok" / "results.json").read_text() == before
 
 

@@ -138,17 +138,17 @@ def cmd_analyze(a: argparse.Namespace) -> int:
 
 
 def cmd_pilot(a: argparse.Namespace) -> int:
-    from .pilot import run_pilot
+    from .pilot import PilotInterrupted, pilot_settings, run_pilot
 
-    from .pilot import PilotInterrupted
-
+    settings = pilot_settings(a.budget, a.overrides, a.tokenizer_set, a.diffusion_set)
     try:
         report = run_pilot(a.data, a.variants.split(","), a.budget, Path(a.out), resume=a.resume, force=a.force,
-                           device=_device(a.device), inception=a.inception)
+                           device=_device(a.device), inception=a.inception, settings=settings)
     except PilotInterrupted as e:
         print(f"maetok: pilot interrupted: {e}", file=sys.stderr)
         return 130
-    print(f"report: {report}")
+    if report is not None:  # None on ranks other than 0 under torchrun
+        print(f"report: {report}")
     return 0
 
 
@@ -255,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue a pilot in --out")
     p.add_argument("--force", action="store_true", help="delete --out and start over")
     p.add_argument("--device", default="auto")
+    p.add_argument("--tokenizer-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for every tokenizer run, after the budget's own (repeatable)")
+    p.add_argument("--diffusion-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for every diffusion run, after the budget's own (repeatable)")
+    p.add_argument("overrides", nargs="*", help="budget fields, e.g. image_size=256 tokenizer_preset=maetok-b-128 "
+                                                "diffusion_steps=400000 (see maetok.pilot.PilotBudget)")
     p.set_defaults(fn=cmd_pilot)
 
     p = sub.add_parser("demo", help="the CPU demo: the quick pilot on the built-in shapes data (resumes)")

@@ -5,6 +5,9 @@ fine-tuning), cache its latents, train the same diffusion model, sample with and
 rFID / gFID / IS / precision-recall / PSNR / SSIM, GMM NLL per K (one PCA dimension for all), linear-probe
 accuracy, parameters, GFLOPs and throughput. Writes `report.md` + `report.json` + PNG grids and plots.
 Every stage writes its result to disk before the next starts, so re-running with --resume continues.
+
+Under torchrun every rank runs the training stages (DDP) and generation (sharded); rank 0 alone evaluates,
+caches latents and writes the report while the others wait at a barrier.
 """
 from __future__ import annotations
 
@@ -13,13 +16,15 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .config import DiffusionRunConfig, TokenizerRunConfig, load_config, to_dict
+from .config import ConfigError, DiffusionRunConfig, TokenizerRunConfig, load_config, to_dict
+from .train.distributed import DistInfo, barrier, cleanup, init_distributed
 
 log = logging.getLogger("maetok.pilot")
 
@@ -28,8 +33,11 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 @dataclass
 class PilotBudget:
-    """Everything a budget fixes; the same for every variant so the comparison is fair."""
+    """Everything a budget fixes; the same for every variant so the comparison is fair. Any field can be
+    overridden on the command line (`maetok pilot --budget full image_size=256 tokenizer_preset=maetok-b-128`)."""
     image_size: int = 32
+    tokenizer_preset: str = "cpu-32"    # tokenizer config (preset name or YAML) the overrides below apply to
+    diffusion_preset: str = "sit-cpu"
     n_train: int = 2000                 # training images (0 = all)
     n_eval: int = 500                   # held-out images for rFID / reference; samples per gFID
     tokenizer: list[str] = field(default_factory=list)     # overrides on the cpu-32 preset
@@ -111,19 +119,28 @@ def _jsonable(x: Any):
 
 
 class Stage:
-    """Run `fn` once: its result (a dict) is stored under `key` in results.json; later runs reuse it."""
+    """Run `fn` once: its result (a dict) is stored under `key` in results.json; later runs reuse it.
 
-    def __init__(self, results_path: Path):
-        self.path = results_path
+    Under torchrun, rank 0 runs a stage alone unless `every_rank` (training, sharded sampling), rank 0 alone
+    writes the file, and no rank leaves a stage before all have finished it. Every rank reads the file when the
+    Stage is made, at the same point of the pilot, so all ranks agree on which stages are still to run.
+    """
+
+    def __init__(self, results_path: Path, dist: DistInfo):
+        self.path, self.dist = results_path, dist
         self.results = _load_json(results_path)
 
-    def __call__(self, key: str, fn) -> dict:
+    def __call__(self, key: str, fn, every_rank: bool = False) -> dict:
         if key not in self.results:
-            t0 = time.perf_counter()
-            out = fn()
-            out["wall_s"] = round(time.perf_counter() - t0, 1)
-            self.results[key] = out
-            _save_json(self.path, self.results)
+            out: dict = {}
+            if every_rank or self.dist.is_main:
+                t0 = time.perf_counter()
+                out = fn()
+                out["wall_s"] = round(time.perf_counter() - t0, 1)
+            self.results[key] = out  # other ranks keep an empty record: "done" is all they need to know
+            if self.dist.is_main:
+                _save_json(self.path, self.results)
+            barrier(self.dist)
         return self.results[key]
 
 
@@ -131,11 +148,13 @@ class PilotInterrupted(RuntimeError):
     """A training stage stopped early (signal): nothing is recorded, and --resume continues from its checkpoint."""
 
 
-def _train_run(run_fn, cfg, out: Path) -> dict:
+def _train_run(run_fn, cfg, out: Path, dist: DistInfo, device: torch.device) -> dict:
     """Train into `out`, resuming an interrupted run there; a finished run (model/ exists) is not redone."""
-    if (out / "model" / "config.json").is_file():
+    done, started = (out / "model" / "config.json").is_file(), out.exists()
+    barrier(dist)  # every rank looks before rank 0 creates anything, so all take the same branch
+    if done:
         return {"skipped": "already trained"}
-    summary = run_fn(cfg, out, resume=out.exists(), force=False)
+    summary = run_fn(cfg, out, resume=started, force=False, device=device.type)
     if not summary.get("finished"):
         raise PilotInterrupted(f"training in {out} stopped at step {summary.get('step')} "
                                f"({summary.get('stopped_by') or 'unfinished'}); rerun with --resume to continue")
@@ -165,14 +184,16 @@ def _mean_throughput(run_dir: Path) -> float:
 # --------------------------------------------------------------------------------------------------------------
 class Pilot:
     def __init__(self, data_spec: str, variants: list[str], budget: str, out: Path, device: str = "cpu",
-                 inception: bool = False):
+                 inception: bool = False, dist: DistInfo | None = None, settings: PilotBudget | None = None):
         if budget not in BUDGETS:
             raise ValueError(f"unknown budget {budget!r}; choose one of {sorted(BUDGETS)}")
         bad = [v for v in variants if v not in ("ae", "vae", "maetok", "mae")]
         if bad or not variants:
             raise ValueError(f"unknown variants {bad}; choose from ae, vae, maetok, mae")
         self.spec, self.variants, self.budget_name, self.out = data_spec, variants, budget, out
-        self.b, self.device, self.inception = BUDGETS[budget], torch.device(device), inception
+        self.dist = dist or DistInfo(device=torch.device(device))
+        # Under torchrun each rank works on its own GPU (cuda:LOCAL_RANK); on CPU the device is as given.
+        self.b, self.device, self.inception = settings or BUDGETS[budget], self.dist.device, inception
         self.train_set = self.test_set = None
         self.feature_net = None
 
@@ -221,14 +242,44 @@ class Pilot:
         return {"feature_net": meta["name"], "classifier_test_top1": meta["test_top1"],
                 "why": "no pretrained feature network for this data: a small CNN trained on its training split"}
 
-    def features(self, images) -> Any:
+    def features(self, images, net=None) -> Any:
+        """Features under the pilot's feature net (or `net`) of a tensor/uint8 array or an iterable of batches."""
         from .eval.features import extract_features
 
-        return extract_features(self.feature_net, images, batch_size=256, progress=False, device=self.device)
+        return extract_features(net or self.feature_net, images, batch_size=256, progress=False, device=self.device)
+
+    def real_batches(self, dataset, n: int, batch_size: int = 256):
+        """The first `n` images of `dataset` in batches (with their labels): at 256 px and tens of thousands of
+        images they never all sit in memory at once. On a GPU, worker processes decode while it computes."""
+        from torch.utils.data import DataLoader, Subset
+
+        return DataLoader(Subset(dataset, range(min(n, len(dataset)))), batch_size=batch_size, shuffle=False,
+                          num_workers=4 if self.device.type == "cuda" else 0)
 
     def real_images(self, dataset, n: int) -> torch.Tensor:
         n = min(n, len(dataset))
         return torch.stack([dataset[i][0] for i in range(n)])
+
+    def inception_reference(self):
+        """Inception features of the held-out set, computed once per pilot (and cached on disk: ~5 images/s on a
+        CPU), shared by every variant's rFID and gFID."""
+        from .eval.api import reference_features
+
+        if getattr(self, "_inception_ref", None) is None:
+            from torch.utils.data import Subset
+
+            held_out = Subset(self.test_set, range(min(self.b.n_eval, len(self.test_set))))
+            self._inception_ref, _ = reference_features(held_out, self.inception_net(), batch_size=64,
+                                                        stats_cache=self.out / "reference-inception.npz",
+                                                        progress=False)
+        return self._inception_ref
+
+    def inception_net(self):
+        from .eval.features import build_feature_net
+
+        if getattr(self, "_inception_net", None) is None:
+            self._inception_net = build_feature_net("inception", self.device)
+        return self._inception_net
 
     # ----- one variant -----------------------------------------------------------------------------------------
     def tokenizer_config(self, variant: str, stage: int, init_from: str = "") -> TokenizerRunConfig:
@@ -243,7 +294,7 @@ class Pilot:
         if stage == 2:
             over += ["stage=2", f"decoder_ft.init_from={init_from}", f"train.steps={b.decoder_ft_steps}",
                      f"decoder_ft.anneal_steps={max(1, b.decoder_ft_steps // 2)}", "train.optim.warmup_steps=0"]
-        return load_config(TokenizerRunConfig, "cpu-32", over)
+        return load_config(TokenizerRunConfig, b.tokenizer_preset, over)
 
     def run_variant(self, variant: str) -> dict:
         from .data.latents import cache_latents
@@ -252,15 +303,19 @@ class Pilot:
 
         vdir = self.out / variant
         vdir.mkdir(parents=True, exist_ok=True)
-        stage = Stage(vdir / "results.json")
+        barrier(self.dist)  # rank 0 made the folder; the others read its results.json next
+        stage = Stage(vdir / "results.json", self.dist)
         b = self.b
 
+        def train(run_fn, cfg, run_dir: Path) -> dict:
+            return _summary(_train_run(run_fn, cfg, run_dir, self.dist, self.device))
+
         cfg1 = self.tokenizer_config(variant, 1)
-        stage("tokenizer_train", lambda: _summary(_train_run(run_tokenizer, cfg1, vdir / "tokenizer")))
+        stage("tokenizer_train", lambda: train(run_tokenizer, cfg1, vdir / "tokenizer"), every_rank=True)
         tok_dir = vdir / "tokenizer"
         if variant == "maetok" and b.decoder_ft_steps > 0:
             cfg2 = self.tokenizer_config(variant, 2, str(vdir / "tokenizer"))
-            stage("decoder_finetune", lambda: _summary(_train_run(run_tokenizer, cfg2, vdir / "tokenizer-ft")))
+            stage("decoder_finetune", lambda: train(run_tokenizer, cfg2, vdir / "tokenizer-ft"), every_rank=True)
             tok_dir = vdir / "tokenizer-ft"
         tok = MAETok.from_pretrained(tok_dir / "model").to(self.device)
 
@@ -271,42 +326,52 @@ class Pilot:
             "test": str(cache_latents(tok, self.test_set, vdir / "latents-test", flip=False, device=self.device,
                                       batch_size=256))})
 
-        dcfg = load_config(DiffusionRunConfig, "sit-cpu", [
+        dcfg = load_config(DiffusionRunConfig, b.diffusion_preset, [
             f"latents={vdir / 'latents-train'}", f"tokenizer={tok_dir / 'model'}",
             f"model.num_tokens={tok.config.latent_tokens}", f"model.in_channels={tok.config.latent_dim}",
             f"model.num_classes={self.num_classes}", f"train.steps={b.diffusion_steps}",
             f"sample.sampler={b.sampler}", f"sample.steps={b.sample_steps}", *b.diffusion])
-        stage("diffusion_train", lambda: _summary(_train_run(run_diffusion, dcfg, vdir / "diffusion")))
+        stage("diffusion_train", lambda: train(run_diffusion, dcfg, vdir / "diffusion"), every_rank=True)
         for name, scale in (("nocfg", 1.0), ("cfg", b.cfg_scale)):
             stage(f"generation_{name}", lambda scale=scale, name=name: self.eval_generation(
-                vdir, tok, dcfg, scale, vdir / f"samples-{name}"))
+                vdir, tok, dcfg, scale, vdir / f"samples-{name}"), every_rank=True)
         stage("cost", lambda: self.measure_cost(tok, vdir, dcfg))
         return stage.results
 
+    @torch.no_grad()
     def eval_reconstruction(self, tok, vdir: Path) -> dict:
+        """rFID (+ Inception rFID), PSNR and SSIM of the held-out set, one batch at a time."""
         from .data.images import save_image_grid
+        from .eval.features import concat_features
         from .eval.fid import fid
         from .eval.recon import psnr, ssim
 
-        x = self.real_images(self.test_set, self.b.n_eval)
-        with torch.no_grad():
-            recon = torch.cat([tok.decode(tok.encode(c.to(self.device))).clamp(-1, 1).cpu() for c in x.split(256)])
-        n = min(16, len(x))
-        rows = [t for i in range(0, n, 8) for t in (x[i:i + 8], recon[i:i + 8])]
-        save_image_grid(torch.cat(rows), vdir / "reconstructions.png", nrow=8)
-        net = self.feature_net.name
-        out = {f"rfid[{net}]@{len(x)}": fid(self.features(recon), self.ref_feats)[f"fid[{net}]@{len(x)}"],
-               f"psnr@{len(x)}": psnr(recon, x).mean().item(), f"ssim@{len(x)}": ssim(recon, x).mean().item()}
+        feats, inception_feats, psnrs, ssims, grid = [], [], [], [], []
+        for x, _ in self.real_batches(self.test_set, self.b.n_eval):
+            x = x.to(self.device)
+            recon = tok.decode(tok.encode(x)).clamp(-1, 1)
+            feats.append(self.features(recon))
+            if self.inception:
+                inception_feats.append(self.features(recon, self.inception_net()))
+            psnrs.append(psnr(recon, x).cpu())
+            ssims.append(ssim(recon, x).cpu())
+            if not grid:
+                n = min(16, len(x))
+                grid = [t.cpu() for i in range(0, n, 8) for t in (x[i:i + 8], recon[i:i + 8])]
+        save_image_grid(torch.cat(grid), vdir / "reconstructions.png", nrow=8)
+        recon_feats = concat_features(feats)
+        out = {("r" + k): v for k, v in fid(recon_feats, self.ref_feats).items()}
+        count = recon_feats.n
+        out |= {f"psnr@{count}": torch.cat(psnrs).mean().item(), f"ssim@{count}": torch.cat(ssims).mean().item()}
         if self.inception:
-            out.update(self._inception_fid(recon, x, "rfid"))
+            out |= {("r" + k): v for k, v in fid(concat_features(inception_feats), self.inception_reference()).items()}
         return out
 
     def eval_generation(self, vdir: Path, tok, dcfg: DiffusionRunConfig, scale: float, out_dir: Path) -> dict:
         from .config import SampleConfig, from_dict
         from .diffusion.generate import generate_to_dir
         from .diffusion.sit import SiT
-        from .eval.features import uint8_to_images
-        from .eval.fid import generation_metrics
+        from .eval.fid import fid, generation_metrics
 
         b = self.b
         model = SiT.from_pretrained(vdir / "diffusion" / "model").to(self.device)
@@ -314,25 +379,20 @@ class Pilot:
                                         "cfg_interval": list(b.cfg_interval), "seed": 0})
         t0 = time.perf_counter()
         path = generate_to_dir(model, tok, b.n_eval, scfg, out_dir, balanced=True, batch_size=250,
-                               device=self.device, progress=True)
+                               device=self.device, progress=True)  # sharded across ranks under torchrun
         gen_s = time.perf_counter() - t0
+        if not self.dist.is_main:
+            return {}
         with np.load(path) as z:
-            images = uint8_to_images(z["arr_0"])
+            images = z["arr_0"]  # uint8 NHWC, converted to float one batch at a time
         metrics = generation_metrics(self.features(images), self.ref_feats, kid_subsets=50)
         metrics = {("g" + k if k.startswith("fid") else k): v for k, v in metrics.items()}
         if self.inception:
-            metrics.update(self._inception_fid(images, self.real_images(self.test_set, b.n_eval), "gfid"))
+            metrics |= {("g" + k): v for k, v in
+                        fid(self.features(images, self.inception_net()), self.inception_reference()).items()}
         metrics["sampling_images_per_s"] = len(images) / gen_s
         metrics["cfg_scale"] = scale
         return metrics
-
-    def _inception_fid(self, images: torch.Tensor, real: torch.Tensor, prefix: str) -> dict:
-        from .eval.features import build_feature_net, extract_features
-        from .eval.fid import fid
-
-        net = build_feature_net("inception", self.device)
-        got = fid(extract_features(net, images, progress=False), extract_features(net, real, progress=False))
-        return {prefix + k: v for k, v in got.items()}
 
     def measure_cost(self, tok, vdir: Path, dcfg: DiffusionRunConfig) -> dict:
         from .diffusion.sit import SiT
@@ -386,23 +446,42 @@ class Pilot:
         """FID of real training images against the held-out set at the same count: the best any model can do."""
         from .eval.fid import fid
 
-        n = min(self.b.n_eval, len(self.train_set))
-        real_train = self.real_images(self.train_set, n)
-        return {("fid_train_vs_test" + k[3:]): v for k, v in fid(self.features(real_train), self.ref_feats).items()}
+        real_train = self.features(self.real_batches(self.train_set, self.b.n_eval))
+        return {("fid_train_vs_test" + k[3:]): v for k, v in fid(real_train, self.ref_feats).items()}
 
-    def run(self) -> Path:
+    def check_same_settings(self, plan: dict | None) -> None:
+        """A resumed pilot must keep its settings: otherwise its finished stages and the new ones would not be
+        comparable, and the report would silently mix them."""
+        if not plan:
+            return
+        now = json.loads(json.dumps(to_dict(self.b), default=_jsonable))
+        # A field added to PilotBudget after the pilot started counts as its default there.
+        before = {**json.loads(json.dumps(to_dict(PilotBudget()), default=_jsonable)), **plan.get("settings", {})}
+        diff = {k: (before.get(k), now.get(k)) for k in sorted(set(now) | set(before)) if before.get(k) != now.get(k)}
+        if plan.get("data") != self.spec:
+            diff["data"] = (plan.get("data"), self.spec)
+        if diff:
+            raise ConfigError(f"pilot {self.out} was started with other settings {diff} (as (before, now)); resume "
+                              f"it with the same ones, or start a new --out")
+
+    def run(self) -> Path | None:
+        """The report's path (None on ranks other than 0)."""
         self.open_data()
-        top = Stage(self.out / "pilot_results.json")
+        top = Stage(self.out / "pilot_results.json", self.dist)
+        self.check_same_settings(top.results.get("plan"))
         top("plan", lambda: {"data": self.spec, "variants": self.variants, "budget": self.budget_name,
-                             "settings": to_dict(self.b), "device": str(self.device),
+                             "settings": to_dict(self.b), "device": str(self.device), "world_size": self.dist.world,
                              "torch": torch.__version__, "threads": torch.get_num_threads()})
         top("feature_net", self.build_feature_net)
-        if self.feature_net is None:
-            self.build_feature_net()
-        self.ref_feats = self.features(self.real_images(self.test_set, self.b.n_eval))
+        if self.dist.is_main:
+            if self.feature_net is None:
+                self.build_feature_net()
+            self.ref_feats = self.features(self.real_batches(self.test_set, self.b.n_eval))
         top("real_floor", self.real_floor)
         per_variant = {v: self.run_variant(v) for v in self.variants}
         analysis = top("latent_analysis", self.latent_analysis)
+        if not self.dist.is_main:
+            return None
         plot_losses({v: self.out / v / "diffusion" for v in self.variants}, self.out / "diffusion_loss.png")
         from .report import write_report
 
@@ -435,17 +514,48 @@ def plot_losses(run_dirs: dict[str, Path], path: Path) -> Path:
     return path
 
 
+# Ranks other than 0 wait at barriers while rank 0 evaluates (minutes to hours at full size): the default
+# collective timeout (10-30 min) would kill a healthy job.
+PILOT_COLLECTIVE_TIMEOUT = timedelta(hours=12)
+
+
+def pilot_settings(budget: str, overrides: list[str] | None = None, tokenizer_set: list[str] | None = None,
+                   diffusion_set: list[str] | None = None) -> PilotBudget:
+    """A budget with dotted overrides on its fields, and extra overrides appended to its tokenizer / diffusion
+    run overrides (so they win over the budget's own)."""
+    if budget not in BUDGETS:
+        raise ConfigError(f"unknown budget {budget!r}; choose one of {sorted(BUDGETS)}")
+    b = load_config(PilotBudget, to_dict(BUDGETS[budget]), overrides or [])
+    b.tokenizer = [*b.tokenizer, *(tokenizer_set or [])]
+    b.diffusion = [*b.diffusion, *(diffusion_set or [])]
+    return b
+
+
 def run_pilot(data_spec: str, variants: list[str], budget: str, out: Path, resume: bool = False,
-              force: bool = False, device: str = "cpu", inception: bool = False) -> Path:
+              force: bool = False, device: str = "cpu", inception: bool = False,
+              settings: PilotBudget | None = None) -> Path | None:
+    """Run (or continue) the pilot in `out`; alone or under torchrun. The report's path on rank 0, else None.
+    `settings`: the budget's settings when changed from BUDGETS[budget] (see `pilot_settings`)."""
     from .train.loop import RunDirExists
     from .train.run import setup_logging
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not resume:
-        if not force:
-            raise RunDirExists(f"pilot directory {out} already exists; pass --resume to continue it or --force "
-                               f"to delete it and start over")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    setup_logging(None)
-    return Pilot(data_spec, variants, budget, out, device, inception).run()
+    dist = init_distributed(device, timeout=PILOT_COLLECTIVE_TIMEOUT)
+    if not dist.enabled:
+        dist.device = torch.device(device)
+    try:
+        setup_logging(None, dist.is_main)
+        out = Path(out)
+        existing = out.exists() and any(out.iterdir())
+        barrier(dist)  # every rank looks before rank 0 deletes or creates anything
+        if existing and not resume:
+            if not force:
+                raise RunDirExists(f"pilot directory {out} already exists; pass --resume to continue it or --force "
+                                   f"to delete it and start over")
+            if dist.is_main:
+                shutil.rmtree(out)
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        barrier(dist)
+        return Pilot(data_spec, variants, budget, out, device, inception, dist, settings).run()
+    finally:
+        cleanup(dist)

@@ -25,7 +25,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import ConfigError
-from .features import FeatureNet, FeatureSet, available_feature_nets, build_feature_net, extract_features
+from .features import (FeatureNet, FeatureSet, available_feature_nets, build_feature_net, concat_features,
+                       extract_features)
 from .fid import (FeatureStats, fid, inception_score, kid, load_adm_images, metric_name, precision_recall)
 from .latent_analysis import (gmm_analysis, linear_probe, pca_dim_for_variance, plot_gmm_nll, token_statistics)
 from .recon import ReconstructionMetrics
@@ -117,6 +118,7 @@ def _load_cache(path: Path, net: str, key: dict | None) -> FeatureSet | FeatureS
         source = json.loads(bytes(z["source_utf8"]).decode()) if "source_utf8" in files else None
         features = z["features"] if "features" in files else None
         logits = z["logits"] if "logits" in files else None
+        given = bool(z["fid_stats_given"]) if "fid_stats_given" in files else False
     if cached_net != net:
         raise EvalInputError(f"statistics cache {path} was computed with feature net {cached_net!r}, not {net!r}; "
                              f"use another --stats-cache path per feature network")
@@ -125,14 +127,17 @@ def _load_cache(path: Path, net: str, key: dict | None) -> FeatureSet | FeatureS
         raise EvalInputError(f"statistics cache {path} was computed from another reference ({diff}, as "
                              f"(cached, asked)); delete it or choose another --stats-cache path")
     if features is not None:
-        return FeatureSet(features.astype(np.float64), None if logits is None else logits.astype(np.float64), net)
+        # mu/sigma are the file's own statistics (an ADM reference batch's), not the features': keep using them.
+        stats = FeatureStats.load(path, net=net) if given else None
+        return FeatureSet(features.astype(np.float64), None if logits is None else logits.astype(np.float64), net,
+                          stats)
     return FeatureStats.load(path, net=net)
 
 
 def _save_cache(path: Path, feats: FeatureSet, key: dict | None) -> FeatureStats:
     """FeatureStats.save's format (mu, sigma, n, net), plus the float32 features (exact: the networks run in
     float32) and the source key. Written to a temporary name and renamed, so a reader never sees half a file."""
-    stats = FeatureStats.from_features(feats)
+    stats = feats.fid_stats if feats.fid_stats is not None else FeatureStats.from_features(feats)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     stats.save(tmp)
@@ -142,6 +147,7 @@ def _save_cache(path: Path, feats: FeatureSet, key: dict | None) -> FeatureStats
         arrays["features"] = feats.features.astype(np.float32)
         if feats.logits is not None:
             arrays["logits"] = feats.logits.astype(np.float32)
+    arrays["fid_stats_given"] = np.int64(feats.fid_stats is not None)
     if key is not None:
         arrays["source_utf8"] = np.frombuffer(json.dumps(key, sort_keys=True).encode(), dtype=np.uint8)
     with open(tmp, "wb") as f:
@@ -196,6 +202,11 @@ def reference_features(ref, net: FeatureNet, *, split: str = "test", num: int = 
         images = load_adm_images(path)
         images = images[:num] if num else images
         feats = extract_features(net, images, batch_size, progress)
+        if {"mu", "sigma"} <= keys and net.name == "inception":
+            # As the ADM evaluator: FID against the batch's stored statistics, which may come from more images
+            # than arr_0 holds; arr_0's features serve KID, precision/recall.
+            feats.fid_stats = FeatureStats.load(path, net="inception")
+            info["fid_against"] = "the file's mu/sigma (as the ADM evaluator)"
     elif named:
         from ..data import DatasetError, open_dataset
 
@@ -320,9 +331,9 @@ def evaluate_reconstruction(tokenizer, dataset: Dataset, feature_net: FeatureNet
     out: dict[str, Any] = {"kind": "reconstruction", "num_images": len(dataset),
                            "image_size": int(tokenizer.config.image_size)}
     if net is not None:
-        evaluated = _concat(rec_feats)
+        evaluated = concat_features(rec_feats)
         if ref is None:
-            ref = _concat(ref_feats)
+            ref = concat_features(ref_feats)
             if cache is not None:
                 _save_cache(cache, ref, cache_key)
                 out["reference_cached_to"] = str(cache)
@@ -332,12 +343,6 @@ def evaluate_reconstruction(tokenizer, dataset: Dataset, feature_net: FeatureNet
     else:
         skipped["rfid"] = "no feature network given"
     return {**out, "metrics": metrics, "skipped": skipped}
-
-
-def _concat(parts: list[FeatureSet]) -> FeatureSet:
-    logits = [p.logits for p in parts]
-    return FeatureSet(np.concatenate([p.features for p in parts]),
-                      None if any(lg is None for lg in logits) else np.concatenate(logits), parts[0].net)
 
 
 # ==============================================================================================================

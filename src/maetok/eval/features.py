@@ -25,14 +25,24 @@ from ..nets.resnet_cifar import ResNetCifar
 
 @dataclass
 class FeatureSet:
-    """Features of N images under one named network; `logits` only when the network has a classifier."""
+    """Features of N images under one named network; `logits` only when the network has a classifier.
+    `fid_stats`: a mean/covariance that FID uses instead of these features' own: an ADM reference batch's stored
+    mu/sigma, which its evaluator measures FID against (KID and precision/recall still use the features)."""
     features: np.ndarray
     logits: np.ndarray | None
     net: str
+    fid_stats: object | None = None  # FeatureStats (eval/fid.py imports this module)
 
     @property
     def n(self) -> int:
         return int(self.features.shape[0])
+
+
+def concat_features(parts: list[FeatureSet]) -> FeatureSet:
+    """Batches of features (one network) as one set."""
+    logits = [p.logits for p in parts]
+    return FeatureSet(np.concatenate([p.features for p in parts]),
+                      None if any(lg is None for lg in logits) else np.concatenate(logits), parts[0].net)
 
 
 @contextlib.contextmanager

@@ -98,10 +98,16 @@ def load_adm_images(path: str | Path) -> np.ndarray:
 def reference_stats(source, net: FeatureNet, cache_path: str | Path | None = None, batch_size: int = 64,
                     progress: bool = True) -> FeatureStats:
     """Statistics of reference images under `net`, read from `cache_path` when it exists (and matches `net`),
-    else computed and written there. `source`: an ADM .npz path (its arr_0), or anything `extract_features` takes."""
+    else computed and written there. `source`: an ADM .npz path, or anything `extract_features` takes. Under the
+    Inception network an ADM batch's stored mu/sigma are its statistics, as in the ADM evaluator; otherwise they
+    are computed from its images (arr_0)."""
     if cache_path is not None and Path(cache_path).is_file():
         return FeatureStats.load(cache_path, net=net.name)
     if isinstance(source, (str, Path)):
+        with np.load(source, allow_pickle=False) as z:
+            has_stats = {"mu", "sigma"} <= set(z.files)
+        if has_stats and net.name == "inception":
+            return FeatureStats.load(source, net="inception")
         source = load_adm_images(source)
     stats = FeatureStats.from_features(extract_features(net, source, batch_size, progress))
     if cache_path is not None:
@@ -142,7 +148,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 def _stats(x: FeatureSet | FeatureStats) -> FeatureStats:
-    return x if isinstance(x, FeatureStats) else FeatureStats.from_features(x)
+    if isinstance(x, FeatureStats):
+        return x
+    return x.fid_stats if x.fid_stats is not None else FeatureStats.from_features(x)
 
 
 def _same_net(a, b) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -14,6 +15,8 @@ class DistInfo:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # this call created the process group, so its cleanup destroys it
+
 
     @property
     def is_main(self) -> bool:
@@ -24,8 +27,13 @@ class DistInfo:
         return self.world > 1
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the torchrun process group when launched by torchrun (RANK/WORLD_SIZE set); otherwise one process."""
+def init_distributed(device: str = "auto", timeout: timedelta | None = None) -> DistInfo:
+    """Join the torchrun process group when launched by torchrun (RANK/WORLD_SIZE set); otherwise one process.
+
+    A group that already exists (a pilot runs several trainings in one job) is reused and left for its creator
+    to destroy. `timeout` bounds every collective, barriers included: a job whose other ranks wait while rank 0
+    evaluates needs it longer than the default.
+    """
     use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return DistInfo(device=torch.device("cuda" if use_cuda else "cpu"))
@@ -33,9 +41,11 @@ def init_distributed(device: str = "auto") -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return DistInfo(rank, world, local_rank, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))
+    owns = not dist.is_initialized()
+    if owns:
+        kwargs = {"timeout": timeout} if timeout is not None else {}
+        dist.init_process_group("nccl" if use_cuda else "gloo", **kwargs)
+    return DistInfo(rank, world, local_rank, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"), owns)
 
 
 def barrier(info: DistInfo) -> None:
@@ -62,5 +72,5 @@ def all_reduce_max(value: float, info: DistInfo) -> float:
 
 
 def cleanup(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+    if info.enabled and info.owns_group and dist.is_initialized():
         dist.destroy_process_group()

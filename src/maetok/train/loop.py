@@ -339,7 +339,7 @@ class Trainer:
         if finished and self.dist.is_main:
             self.task.finish(self.ema, self.out)
         return {"step": self.step, "finished": finished, "skipped_steps": self.skipped_steps,
-                "stopped_by": self.stop_requested}
+                "stopped_by": self.stop_requested, "world_size": self.dist.world}
 
     def _forward(self, batch: Any) -> dict[str, torch.Tensor]:
         """The task's step through the compiled model; if compilation itself fails, say so and run eagerly."""
