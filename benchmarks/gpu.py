@@ -6,6 +6,8 @@ Run through benchmarks/gpu.sh, which bounds each part's time. Parts:
                   the hub cannot be reached there; and HOG only); SiT-XL/1 Euler sampling in bf16 on 128 tokens x 32
                   channels vs SiT-XL/2's 1024 tokens x 16 channels at 512 px
   --part compile  the same tokenizer step with torch.compile on the model (as train.compile does)
+  --part profile  where the eager tokenizer step's time goes: the frozen teachers' forward timed alone, and
+                  torch.profiler's top operators and kernels by device time (gpu-profile.md)
   --merge A B     one gpu.json + gpu.md from the parts' JSON files
 
 FLOPs: torch.utils.flop_counter on one real call (forward + backward for training, the teachers' forward
@@ -87,6 +89,47 @@ def sit_case(tokens: int, channels: int, reps: int) -> dict:
     return {"case": f"sit-xl-{tokens}", "what": f"SiT-{SETUP['sit']} sampling, {tokens} tokens x {channels} ch, "
                                                 f"batch {b}, Euler {steps} steps, no CFG, bf16 weights",
             "tokens": tokens, "channels": channels, **r}
+
+
+def profile_tokenizer_step(out: Path, steps: int = 3, top: int = 25) -> None:
+    """Time the teachers alone, then profile whole steps; writes OUT (json) and OUT.md (tables)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tokenizer import train_step_fn
+
+    device = SETUP["device"]
+    step, _, _, (task, images) = train_step_fn(SETUP["preset"], SETUP["batch"], device, precision="bf16",
+                                               overrides=STEP_OVERRIDES, aux_targets=aux_targets(TEACHERS),
+                                               return_task=True)
+    for _ in range(2):
+        step()
+    from maetok.train.loop import autocast_for
+
+    teachers = {}
+    for name, target in task.targets.items():  # what each frozen target costs per step, under the same autocast
+        def teacher(target=target):
+            with torch.no_grad(), autocast_for(torch.device(device), "bf16"):
+                target(images, task.model.config.patch_size)
+        teachers[name] = measure(teacher, SETUP["batch"], 5, warmup=1, device=device)["seconds_per_call"]
+    whole = measure(step, SETUP["batch"], 5, warmup=0, device=device)["seconds_per_call"]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    sort = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"  # kernels, not wrappers
+    table = prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=60)
+    result = {"machine": machine(device), "date": utc_now(), "batch": SETUP["batch"], "step_s": whole,
+              "teacher_forward_s": teachers, "profiled_steps": steps, "top_ops": table}
+    write_json(out, result)
+    md = [machine_line(result["machine"]), "",
+          f"{SETUP['preset']} train step, batch {SETUP['batch']}, bf16 autocast, eager: {whole * 1e3:.1f} ms. "
+          "Frozen targets' forward alone: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in teachers.items()) + ".",
+          "", f"Top {top} operators by {'device' if device == 'cuda' else 'CPU'} time over {steps} steps:", "",
+          "```", table, "```"]
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md[:3]), flush=True)
 
 
 def run_part(part: str, out: Path, quick: bool) -> None:
@@ -185,7 +228,7 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=["eager", "compile"])
+    parser.add_argument("--part", choices=["eager", "compile", "profile"])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--merge", nargs="+", type=Path)
@@ -200,6 +243,9 @@ def main(argv: list[str] | None = None) -> None:
         SETUP.update(SMOKE)
     elif not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu.py needs a CUDA GPU")
+    if args.part == "profile":
+        profile_tokenizer_step(args.out)
+        return
     run_part(args.part, args.out, args.quick)
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# GPU benchmark for an H100 / H200 (about 5 minutes): maetok-b-128 training step (bf16 autocast, batch 64,
+# GPU benchmark for an H100 / H200 (about 6 minutes): maetok-b-128 training step (bf16 autocast, batch 64,
 # masking, HOG + random-weight DINOv2/SigLIP-sized teachers; and HOG only), eager and torch.compile, and SiT-XL/1
-# vs SiT-XL/2-layout sampling in bf16, each as images/s and MFU against a bf16 matmul peak measured in the run.
+# vs SiT-XL/2-layout sampling in bf16, each as images/s and MFU against a bf16 matmul peak measured in the run;
+# then a profile of the eager tokenizer step (gpu-profile.md: teachers timed alone, top kernels).
 #
 #   bash benchmarks/gpu.sh            # from the repository root; results in benchmarks/results/gpu.{json,md}
 #   OUT=/some/dir bash benchmarks/gpu.sh
@@ -17,6 +18,7 @@ export PYTHONPATH="$PWD/src:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 EAGER_LIMIT=${EAGER_LIMIT:-180}
 COMPILE_LIMIT=${COMPILE_LIMIT:-150}
+PROFILE_LIMIT=${PROFILE_LIMIT:-90}
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
   "$PY" -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"; } 2>&1 | tee "$OUT/gpu-env.txt"
@@ -26,4 +28,6 @@ timeout --kill-after=10 "$EAGER_LIMIT" "$PY" benchmarks/gpu.py --part eager --ou
 timeout --kill-after=10 "$COMPILE_LIMIT" "$PY" benchmarks/gpu.py --part compile --out "$OUT/gpu-compile.json" \
     2>&1 | tail -n 200 > "$OUT/gpu-compile.log"
 tail -n 5 "$OUT/gpu-compile.log"
+timeout --kill-after=10 "$PROFILE_LIMIT" "$PY" benchmarks/gpu.py --part profile --out "$OUT/gpu-profile.json" \
+    2>&1 | tail -n 100 > "$OUT/gpu-profile.log"
 "$PY" benchmarks/gpu.py --merge "$OUT/gpu-eager.json" "$OUT/gpu-compile.json" --json "$OUT/gpu.json" --md "$OUT/gpu.md"

@@ -41,8 +41,8 @@ def tokenizer_run_config(preset: str, overrides: list[str] | None = None) -> Tok
 
 
 def train_step_fn(preset: str, batch: int, device, precision: str = "fp32", overrides: list[str] | None = None,
-                  aux_targets: list[AuxTargetConfig] | None = None, compile: bool = False
-                  ) -> tuple[Callable[[], None], Callable[[], None], dict]:
+                  aux_targets: list[AuxTargetConfig] | None = None, compile: bool = False,
+                  return_task: bool = False) -> tuple:
     """One training step of the tokenizer as `Trainer.fit` runs it; returns (step, batch-1 step, info).
 
     aux_targets replaces the preset's (e.g. teachers with random weights where none can be downloaded).
@@ -88,6 +88,8 @@ def train_step_fn(preset: str, batch: int, device, precision: str = "fp32", over
                   file=sys.stderr)
             state["forward"] = model
             info["compile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    if return_task:  # profiling (benchmarks/gpu.py) times the task's frozen targets on the same images
+        return (lambda: run(images)), (lambda: run(one)), info, (task, images)
     return (lambda: run(images)), (lambda: run(one)), info
 
 
