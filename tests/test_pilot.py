@@ -38,6 +38,8 @@ def _check_report(out: Path, variants: list[str]) -> dict:
     assert header == "| metric | " + " | ".join(variants) + " |"
     assert (out / "gmm_nll.png").is_file() and (out / "diffusion_loss.png").is_file()
     assert "Real-data floor" in md and "Does the paper's ordering hold here?" in md
+    assert report["environment"]["peak_rss_gib"] > 0 and "Resources: peak_rss_gib" in md
+    assert all(report[v]["variant_total_wall_s"] > 0 for v in variants)
     return report
 
 
@@ -130,7 +132,7 @@ def test_smoke_pilot_under_torchrun(tmp_path: Path):
 
 @pytest.mark.slow
 def test_quick_pilot_produces_the_report(tmp_path: Path):
-    """What the README's main command runs: three variants on the built-in data, quick budget."""
+    """The README's main command (`maetok demo`): three variants on the built-in data, quick budget."""
     out = Path(os.environ.get("MAETOK_PILOT_OUT", tmp_path / "pilot"))
-    assert main(["pilot", "--budget", "quick", "--out", str(out), "--device", "cpu", "--resume"]) == 0
+    assert main(["demo", "--out", str(out)]) == 0
     _check_report(out, ["ae", "vae", "maetok"])

@@ -163,7 +163,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from .pilot import PilotInterrupted
 
     try:
-        run_demo(Path(a.out), budget=a.budget)
+        run_demo(Path(a.out), budget=a.budget, force=a.force)
     except PilotInterrupted as e:
         print(f"maetok: demo interrupted: {e}", file=sys.stderr)
         return 130
@@ -266,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the CPU demo: the quick pilot on the built-in shapes data (resumes)")
     p.add_argument("--out", default="runs/pilot-quick")
     p.add_argument("--budget", default="quick", choices=["smoke", "quick"])
+    p.add_argument("--force", action="store_true", help="delete --out and start over (e.g. after an upgrade "
+                                                        "changed the demo's settings)")
     p.set_defaults(fn=cmd_demo)
     return parser
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def run_demo(out: Path, budget: str = "quick") -> Path:
+def run_demo(out: Path, budget: str = "quick", force: bool = False) -> Path:
     from .pilot import run_pilot
 
-    report = run_pilot("shapes", ["ae", "vae", "maetok"], budget, Path(out), resume=True)
+    report = run_pilot("shapes", ["ae", "vae", "maetok"], budget, Path(out), resume=not force, force=force)
     print(f"\nDemo finished. Report: {report}\nPictures and per-variant runs are under {Path(out)}/")
     return report

@@ -13,7 +13,7 @@ PAPER_NOTE = ("The paper (ImageNet 256, SiT-L, equal diffusion training) reports
 # Shown in the main table; everything else goes in the expandable one below it.
 HEADLINE = ("rfid", "psnr", "ssim", "gfid", "is[", "gmm_nll", "probe_top1", "tokenizer_params", "sit_params",
             "encode_gflops", "decode_gflops", "sit_forward_gflops", "latent_shape", "tokenizer_train_images",
-            "diffusion_train_images", "sampling_images_per_s")
+            "diffusion_train_images", "sampling_images_per_s", "variant_total_wall_s")
 
 
 def _flat_metrics(results: dict[str, Any]) -> dict[str, Any]:
@@ -30,6 +30,9 @@ def _flat_metrics(results: dict[str, Any]) -> dict[str, Any]:
     for key in ("tokenizer_train", "decoder_finetune", "diffusion_train", "latents"):
         if key in results and "wall_s" in results[key]:
             flat[f"{key}_wall_s"] = results[key]["wall_s"]
+    # Everything this variant cost, training and evaluation (stages resumed from an interrupted run count the
+    # last attempt only).
+    flat["variant_total_wall_s"] = sum(r.get("wall_s", 0.0) for r in results.values() if isinstance(r, dict))
     return flat
 
 
@@ -56,7 +59,9 @@ def _ordering(values: dict[str, float], lower_is_better: bool) -> str:
         " > ".join(f"{k} ({_fmt(v)})" for k, v in items)
 
 
-def write_report(out: Path, top: dict[str, Any], per_variant: dict[str, dict], analysis: dict) -> Path:
+def write_report(out: Path, top: dict[str, Any], per_variant: dict[str, dict], analysis: dict,
+                 resources: dict[str, Any] | None = None) -> Path:
+    """report.json + report.md in `out`. `resources`: measured by the caller (peak memory of the process)."""
     variants = list(per_variant)
     flat = {v: _flat_metrics(per_variant[v]) for v in variants}
     for v in variants:
@@ -68,7 +73,8 @@ def write_report(out: Path, top: dict[str, Any], per_variant: dict[str, dict], a
     report = {"data": top["plan"]["data"], "budget": top["plan"]["budget"], "feature_net": top["feature_net"],
               "real_floor": {k: v for k, v in top["real_floor"].items() if k != "wall_s"},
               "gmm_pca_dim": analysis["pca_dim"], "settings": top["plan"]["settings"],
-              "environment": {k: top["plan"][k] for k in ("device", "torch", "threads")},
+              "environment": {**{k: top["plan"][k] for k in ("device", "torch", "threads") if k in top["plan"]},
+                              **(resources or {})},
               **{v: flat[v] for v in variants}}
     (out / "report.json").write_text(json.dumps(report, indent=2))
 
@@ -82,6 +88,8 @@ def write_report(out: Path, top: dict[str, Any], per_variant: dict[str, dict], a
     if floor:
         lines += ["Real-data floor (training images vs held-out images, same count): "
                   + ", ".join(f"{k} = {_fmt(v)}" for k, v in floor.items()), ""]
+    if resources:
+        lines += ["Resources: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in resources.items()), ""]
     if "cifar" in top["plan"]["data"].lower():
         lines += ["The CIFAR-10 copy used is JPEG-compressed: these FIDs compare our variants with each other "
                   "and are not comparable with published CIFAR-10 FIDs.", ""]
