@@ -245,10 +245,12 @@ class Pilot:
                 "why": "no pretrained feature network for this data: a small CNN trained on its training split"}
 
     def features(self, images, net=None) -> Any:
-        """Features under the pilot's feature net (or `net`) of a tensor/uint8 array or an iterable of batches."""
+        """Features under the pilot's feature net (or `net`) of a tensor/uint8 array or an iterable of batches.
+        The Inception network (~5 images/s on a CPU) shows a progress bar; the small networks finish at once."""
         from .eval.features import extract_features
 
-        return extract_features(net or self.feature_net, images, batch_size=256, progress=False, device=self.device)
+        slow = net is not None and net.name == "inception"
+        return extract_features(net or self.feature_net, images, batch_size=256, progress=slow, device=self.device)
 
     def real_batches(self, dataset, n: int, batch_size: int = 256):
         """The first `n` images of `dataset` in batches (with their labels): at 256 px and tens of thousands of
@@ -273,7 +275,7 @@ class Pilot:
             held_out = Subset(self.test_set, range(min(self.b.n_eval, len(self.test_set))))
             self._inception_ref, _ = reference_features(held_out, self.inception_net(), batch_size=64,
                                                         stats_cache=self.out / "reference-inception.npz",
-                                                        progress=False)
+                                                        progress=True)
         return self._inception_ref
 
     def inception_net(self):

@@ -17,7 +17,6 @@ class DistInfo:
     device: torch.device = torch.device("cpu")
     owns_group: bool = False  # this call created the process group, so its cleanup destroys it
 
-
     @property
     def is_main(self) -> bool:
         return self.rank == 0
