@@ -30,6 +30,12 @@ TOK = ["model.image_size=16", "data.image_size=16", "model.patch_size=4", "model
        "train.image_every=1000", "train.ckpt_every=1", "stats_batches=1", "train.optim.warmup_steps=0"]
 TOK_AE = [*TOK, "model.variant=ae", "data.random_flip=false", "train.steps=1"]
 TOK_MASKED = [*TOK, "model.variant=maetok", "train.steps=2"]
+# The GAN from step 0 (PatchGAN: GroupNorm, so per-sample; no DiffAugment, so deterministic). With a fixed GAN
+# weight a DDP run must equal one process; the adaptive weight uses each rank's local gradients (as VQGAN-style
+# trainers do), so there the ranks need only agree with each other.
+TOK_GAN_FIXED = [*TOK_AE[:-1], "train.steps=2", "loss.gan.weight=0.5", "loss.gan.start_step=0",
+                 "loss.gan.adaptive_weight=false"]
+TOK_GAN_ADAPTIVE = [*TOK_GAN_FIXED[:-1], "loss.gan.adaptive_weight=true"]
 
 SIT = SiTConfig(in_channels=4, num_tokens=4, hidden=32, depth=2, heads=2, num_classes=10, class_dropout=0.0)
 
@@ -140,6 +146,40 @@ def scenario_tok_ae(out: Path, info: DistInfo, inputs: Path) -> None:
     _json(out / f"summary-{info.rank}.json", summary)
 
 
+def run_tokenizer_keeping_task(cfg, out: Path):
+    """run_tokenizer, plus the TokenizerTask it trained (its discriminator is not in the saved model)."""
+    import maetok.train.tokenizer_task as task_mod
+    from maetok.train.run import run_tokenizer
+
+    seen, original = {}, task_mod.TokenizerTask.after_step
+
+    def capture(self, *args, **kwargs):
+        if "task" not in seen:  # before the first discriminator step: its initial weights
+            self.initial_disc = {k: v.detach().clone() for k, v in self.disc.state_dict().items()}
+        seen["task"] = self
+        return original(self, *args, **kwargs)
+
+    task_mod.TokenizerTask.after_step = capture
+    try:
+        summary = run_tokenizer(cfg, out, device="cpu")
+    finally:
+        task_mod.TokenizerTask.after_step = original
+    return summary, seen["task"]
+
+
+def gan_tensors(task) -> dict[str, torch.Tensor]:
+    return {**{f"disc.{k}": v.detach().clone().contiguous() for k, v in task.disc.state_dict().items()},
+            **{f"model.{k}": v.detach().clone().contiguous() for k, v in task.model.state_dict().items()}}
+
+
+def scenario_tok_gan(out: Path, info: DistInfo, inputs: Path) -> None:
+    for name, overrides in (("fixed", TOK_GAN_FIXED), ("adaptive", TOK_GAN_ADAPTIVE)):
+        summary, task = run_tokenizer_keeping_task(load_config(TokenizerRunConfig, "cpu-32", overrides),
+                                                   out / name / "run")
+        save_file(gan_tensors(task), str(out / name / f"rank{info.rank}.st"))
+        _json(out / name / f"summary-{info.rank}.json", summary)
+
+
 def scenario_tok_masks(out: Path, info: DistInfo, inputs: Path) -> None:
     import maetok.tokenizer.model as model_mod
     from maetok.train.run import run_tokenizer
@@ -216,9 +256,9 @@ def scenario_sample(out: Path, info: DistInfo, inputs: Path) -> None:
 
 
 # Control-flow scenarios last: if one deadlocks, the collective timeout breaks the group for what follows.
-SCENARIOS = {"tok_ae": scenario_tok_ae, "tok_masks": scenario_tok_masks, "sit": scenario_sit,
-             "diffusion_run": scenario_diffusion_run, "sample": scenario_sample, "nan": scenario_nan,
-             "sigterm": scenario_sigterm}
+SCENARIOS = {"tok_ae": scenario_tok_ae, "tok_gan": scenario_tok_gan, "tok_masks": scenario_tok_masks,
+             "sit": scenario_sit, "diffusion_run": scenario_diffusion_run, "sample": scenario_sample,
+             "nan": scenario_nan, "sigterm": scenario_sigterm}
 
 
 def main() -> None:

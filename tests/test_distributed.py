@@ -135,6 +135,30 @@ def test_tokenizer_ddp_step_equals_single_process(ddp: DDPRun, tmp_path: Path):
     assert (ddp.out / "tok_ae" / "run" / "model" / "model.safetensors").is_file()  # rank 0 finalised
 
 
+def test_gan_discriminator_under_ddp_equals_single_process(ddp: DDPRun, tmp_path: Path):
+    """The discriminator is trained outside DDP (its gradients averaged by hand): after two steps with the GAN on,
+    both ranks hold the same discriminator and tokenizer, and with a fixed GAN weight they equal one process
+    trained on the same global batches."""
+    from maetok.config import TokenizerRunConfig, load_config
+
+    for name in ("fixed", "adaptive"):
+        folder = ddp.check("tok_gan") / name
+        summaries = [json.loads((folder / f"summary-{r}.json").read_text()) for r in (0, 1)]
+        assert all(s["finished"] and s["step"] == 2 and s["skipped_steps"] == 0 for s in summaries), summaries
+        r0, r1 = load_file(str(folder / "rank0.st")), load_file(str(folder / "rank1.st"))
+        assert any(k.startswith("disc.") for k in r0)
+        assert all(torch.equal(r0[k], r1[k]) for k in r0), f"{name}: ranks disagree"
+    summary, task = W.run_tokenizer_keeping_task(load_config(TokenizerRunConfig, "cpu-32", W.TOK_GAN_FIXED),
+                                                 tmp_path / "single")
+    assert summary["finished"]
+    single = W.gan_tensors(task)
+    r0 = load_file(str(ddp.out / "tok_gan" / "fixed" / "rank0.st"))
+    moved = [k for k, v in task.initial_disc.items() if not torch.equal(v, single[f"disc.{k}"])]
+    assert moved, "the discriminator never trained"
+    bad = _close(r0, single, atol=1e-6)
+    assert not bad, bad[:5]
+
+
 def test_sit_ddp_steps_equal_single_process(ddp: DDPRun, tmp_path: Path):
     folder = ddp.check("sit")
     r0, r1 = load_file(str(folder / "rank0.st")), load_file(str(folder / "rank1.st"))
