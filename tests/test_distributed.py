@@ -155,7 +155,9 @@ def test_gan_discriminator_under_ddp_equals_single_process(ddp: DDPRun, tmp_path
     r0 = load_file(str(ddp.out / "tok_gan" / "fixed" / "rank0.st"))
     moved = [k for k, v in task.initial_disc.items() if not torch.equal(v, single[f"disc.{k}"])]
     assert moved, "the discriminator never trained"
-    bad = _close(r0, single, atol=1e-6)
+    # Adam divides by sqrt(v): where a gradient is ~0, summation-order round-off becomes a visible share of one
+    # lr-sized step (1e-4 for the discriminator). Per-rank gradients stepped unaveraged would differ by ~1e-4.
+    bad = _close(r0, single, atol=1e-5)
     assert not bad, bad[:5]
 
 
