@@ -71,7 +71,7 @@ BUDGETS: dict[str, PilotBudget] = {
     # ~12 minutes on 2 CPU cores for three variants on the built-in shapes.
     "quick": PilotBudget(n_train=5000, tokenizer=_TINY_TOK, diffusion=_TINY_SIT, tokenizer_steps=1500,
                          decoder_ft_steps=200, diffusion_steps=800),
-    # ~75 minutes on 2 CPU cores on CIFAR-10 (one thread, the other core free): the small-scale reproduction of
+    # ~60 minutes on 2 CPU cores on CIFAR-10 (one thread, the other core free): the small-scale reproduction of
     # the paper's table. Every stage is short of convergence; the budget is the same for every variant. The
     # tokenizer rate (2e-3) beat 8e-4 by 0.6 dB PSNR after 150 steps of MAETok on CIFAR-10.
     "standard": PilotBudget(
