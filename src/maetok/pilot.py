@@ -198,7 +198,7 @@ class Pilot:
         # Under torchrun each rank works on its own GPU (cuda:LOCAL_RANK); on CPU the device is as given.
         self.b, self.device, self.inception = settings or BUDGETS[budget], self.dist.device, inception
         self.train_set = self.test_set = None
-        self.feature_net = None
+        self.feature_net = self._inception_net = self._inception_ref = None
 
     # ----- data and the feature network ------------------------------------------------------------------------
     def open_data(self) -> None:
@@ -270,7 +270,7 @@ class Pilot:
         CPU), shared by every variant's rFID and gFID."""
         from .eval.api import reference_features
 
-        if getattr(self, "_inception_ref", None) is None:
+        if self._inception_ref is None:
             from torch.utils.data import Subset
 
             held_out = Subset(self.test_set, range(min(self.b.n_eval, len(self.test_set))))
@@ -282,7 +282,7 @@ class Pilot:
     def inception_net(self):
         from .eval.features import build_feature_net
 
-        if getattr(self, "_inception_net", None) is None:
+        if self._inception_net is None:
             self._inception_net = build_feature_net("inception", self.device)
         return self._inception_net
 
