@@ -331,17 +331,26 @@ class Pilot:
             "test": str(cache_latents(tok, self.test_set, vdir / "latents-test", flip=False, device=self.device,
                                       batch_size=256))})
 
-        dcfg = load_config(DiffusionRunConfig, b.diffusion_preset, [
-            f"latents={vdir / 'latents-train'}", f"tokenizer={tok_dir / 'model'}",
-            f"model.num_tokens={tok.config.latent_tokens}", f"model.in_channels={tok.config.latent_dim}",
-            f"model.num_classes={self.num_classes}", f"train.steps={b.diffusion_steps}",
-            f"sample.sampler={b.sampler}", f"sample.steps={b.sample_steps}", *b.diffusion])
+        dcfg = self.diffusion_config(vdir, tok, tok_dir)
         stage("diffusion_train", lambda: train(run_diffusion, dcfg, vdir / "diffusion"), every_rank=True)
         for name, scale in (("nocfg", 1.0), ("cfg", b.cfg_scale)):
             stage(f"generation_{name}", lambda scale=scale, name=name: self.eval_generation(
                 vdir, tok, dcfg, scale, vdir / f"samples-{name}"), every_rank=True)
         stage("cost", lambda: self.measure_cost(tok, vdir, dcfg))
         return stage.results
+
+    def diffusion_config(self, vdir: Path, tok, tok_dir: Path, extra: list[str] | None = None) -> DiffusionRunConfig:
+        """The same diffusion model for every variant, sized to this tokenizer's latents."""
+        b = self.b
+        return load_config(DiffusionRunConfig, b.diffusion_preset, [
+            f"latents={vdir / 'latents-train'}", f"tokenizer={tok_dir / 'model'}",
+            f"model.num_tokens={tok.config.latent_tokens}", f"model.in_channels={tok.config.latent_dim}",
+            f"model.num_classes={self.num_classes}", f"train.steps={b.diffusion_steps}",
+            f"sample.sampler={b.sampler}", f"sample.steps={b.sample_steps}", *b.diffusion, *(extra or [])])
+
+    def tokenizer_dir(self, variant: str) -> Path:
+        vdir = self.out / variant
+        return vdir / "tokenizer-ft" if variant == "maetok" and self.b.decoder_ft_steps > 0 else vdir / "tokenizer"
 
     @torch.no_grad()
     def eval_reconstruction(self, tok, vdir: Path) -> dict:
