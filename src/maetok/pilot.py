@@ -68,7 +68,7 @@ _TINY_SIT = ["model.hidden=128", "model.depth=4", "model.heads=2", "train.batch_
              "train.ckpt_every=500"]
 
 BUDGETS: dict[str, PilotBudget] = {
-    # ~12 minutes on 2 CPU cores for three variants on the built-in shapes.
+    # ~10 minutes on 2 CPU cores (13 with one thread) for three variants on the built-in shapes.
     "quick": PilotBudget(n_train=5000, tokenizer=_TINY_TOK, diffusion=_TINY_SIT, tokenizer_steps=1500,
                          decoder_ft_steps=200, diffusion_steps=800),
     # ~60 minutes on 2 CPU cores on CIFAR-10 (one thread, the other core free): the small-scale reproduction of
