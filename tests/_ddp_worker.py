@@ -84,7 +84,6 @@ class IndexNoiseDiffusionTask(Task):
         return {"loss": (model(x_t, t, y) - v_target).pow(2).mean()}
 
 
-
 def sit_trainer(out: Path, info: DistInfo, steps: int = 2) -> Trainer:
     cfg = TrainConfig(steps=steps, batch_size=8, log_every=1, ckpt_every=1000, image_every=1000,
                       precision="fp32")
@@ -118,7 +117,6 @@ class ToyTask(Task):
         self.draws.append(torch.rand(2).tolist())  # what this rank's per-sample randomness would see
         loss = (model(batch[0]).squeeze(-1) - batch[1]).pow(2).mean()
         return {"loss": self.hook(step, loss) if self.hook else loss}
-
 
 
 def toy_trainer(out: Path, info: DistInfo, hook=None, steps: int = 6) -> Trainer:

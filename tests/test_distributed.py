@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 import _ddp_worker as W
+from conftest import free_port
 from maetok.train.checkpoint import latest_checkpoint, load_checkpoint
 from maetok.train.distributed import DistInfo
 
@@ -55,12 +55,6 @@ class DDPRun:
     def summaries(self, scenario: str) -> list[dict]:
         folder = self.check(scenario)
         return [json.loads((folder / f"summary-{r}.json").read_text()) for r in (0, 1)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _make_inputs(root: Path) -> None:
@@ -93,7 +87,7 @@ def ddp(tmp_path_factory) -> DDPRun:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(WORKER), str(root / "out"), ",".join(W.SCENARIOS),
+           "--master_port", str(free_port()), str(WORKER), str(root / "out"), ",".join(W.SCENARIOS),
            str(root / "inputs")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     return DDPRun(root / "out", root / "inputs", proc.returncode, proc.stdout + proc.stderr)

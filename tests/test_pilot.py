@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import free_port
 from maetok.cli import main
 from maetok.config import ConfigError
 from maetok.eval import features as features_module
@@ -101,9 +101,7 @@ def test_smoke_pilot_under_torchrun(tmp_path: Path):
     """`torchrun --nproc_per_node 2 -m maetok.cli pilot ...` (CPU, gloo): the training stages run as one DDP job
     over both processes, sampling is sharded, rank 0 alone writes the report; --resume reuses every stage."""
     out = tmp_path / "pilot"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
     def torchrun(*extra: str) -> subprocess.CompletedProcess:

@@ -63,12 +63,16 @@ def rotate_pairs(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         re, im = x.unflatten(-1, (-1, 2)).unbind(-1)
         cos, sin = table.unbind(-1)
         return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2).to(dtype)
-    if x.stride(-1) != 1 or x.storage_offset() % 2 or any(s % 2 for s in x.stride()[:-1]):
-        x = x.contiguous()  # view_as_complex needs whole (re, im) pairs in memory
-    if table.stride(-1) != 1 or table.storage_offset() % 2 or any(s % 2 for s in table.stride()[:-1]):
-        table = table.contiguous()
-    out = torch.view_as_complex(x.unflatten(-1, (-1, 2))) * torch.view_as_complex(table)
+    out = torch.view_as_complex(_whole_pairs(x).unflatten(-1, (-1, 2))) * torch.view_as_complex(_whole_pairs(table))
     return torch.view_as_real(out).flatten(-2).to(dtype)
+
+
+def _whole_pairs(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when its last dimension holds whole (re, im) pairs in memory, as view_as_complex needs; else a
+    contiguous copy."""
+    if t.stride(-1) != 1 or t.storage_offset() % 2 or any(s % 2 for s in t.stride()[:-1]):
+        return t.contiguous()
+    return t
 
 
 class RoPEMixed(nn.Module):

@@ -317,11 +317,10 @@ class Pilot:
 
         cfg1 = self.tokenizer_config(variant, 1)
         stage("tokenizer_train", lambda: train(run_tokenizer, cfg1, vdir / "tokenizer"), every_rank=True)
-        tok_dir = vdir / "tokenizer"
-        if variant == "maetok" and b.decoder_ft_steps > 0:
+        tok_dir = self.tokenizer_dir(variant)
+        if tok_dir.name == "tokenizer-ft":  # MAETok's stage 2: decoder fine-tuning on the frozen encoder
             cfg2 = self.tokenizer_config(variant, 2, str(vdir / "tokenizer"))
-            stage("decoder_finetune", lambda: train(run_tokenizer, cfg2, vdir / "tokenizer-ft"), every_rank=True)
-            tok_dir = vdir / "tokenizer-ft"
+            stage("decoder_finetune", lambda: train(run_tokenizer, cfg2, tok_dir), every_rank=True)
         tok = MAETok.from_pretrained(tok_dir / "model").to(self.device)
 
         stage("reconstruction", lambda: self.eval_reconstruction(tok, vdir))
@@ -349,6 +348,7 @@ class Pilot:
             f"sample.sampler={b.sampler}", f"sample.steps={b.sample_steps}", *b.diffusion, *(extra or [])])
 
     def tokenizer_dir(self, variant: str) -> Path:
+        """The run whose weights the variant's latents come from: MAETok's decoder fine-tuning when it has one."""
         vdir = self.out / variant
         return vdir / "tokenizer-ft" if variant == "maetok" and self.b.decoder_ft_steps > 0 else vdir / "tokenizer"
 

@@ -155,10 +155,9 @@ def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     ema_params = dict(ema.named_parameters())
-    names = [n for n, _ in model.named_parameters()]
+    pairs = [(ema_params[name], p.detach()) for name, p in model.named_parameters()]
     # One multi-tensor kernel instead of one launch per parameter (hundreds per step on GPU).
-    torch._foreach_lerp_([ema_params[n] for n in names], [p.detach() for _, p in model.named_parameters()],
-                         1.0 - decay)
+    torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1.0 - decay)
     ema_bufs = dict(ema.named_buffers())
     for name, b in model.named_buffers():
         ema_bufs[name].copy_(b)
