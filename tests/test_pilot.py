@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -108,7 +109,16 @@ def test_smoke_pilot_under_torchrun(tmp_path: Path):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                "127.0.0.1", "--master_port", str(port), "-m", "maetok.cli", "pilot", "--budget", "smoke",
                "--variants", "ae,maetok", "--out", str(out), "--device", "cpu", *extra]
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        # Its own process group: on a timeout the workers go too (killing torchrun alone leaves them running).
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"torchrun pilot did not finish in 300 s:\n{(stdout + stderr)[-6000:]}")
+        return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
     proc = torchrun()
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
