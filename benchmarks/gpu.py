@@ -3,9 +3,10 @@
 Run through benchmarks/gpu.sh, which bounds each part's time. Parts:
   --part eager    bf16 matmul peak (8192^3, random data); maetok-b-128 training step at batch 64 under bf16
                   autocast (masking, HOG + DINOv2-L/14- and SigLIP-SO400M-sized teachers with random weights, as
-                  the hub cannot be reached there; and HOG only); SiT-XL/1 Euler sampling in bf16 on 128 tokens x 32
-                  channels vs SiT-XL/2's 1024 tokens x 16 channels at 512 px
-  --part compile  the same tokenizer step with torch.compile on the model (as train.compile does)
+                  the hub cannot be reached there; and HOG only; and with the teachers in float32 instead of bf16);
+                  SiT-XL/1 Euler sampling in bf16 on 128 tokens x 32 channels vs SiT-XL/2's 1024 tokens x 16
+                  channels at 512 px
+  --part compile  the same tokenizer step with torch.compile on the model and teachers (as train.compile does)
   --part profile  where the eager tokenizer step's time goes: the frozen teachers' forward timed alone, and
                   torch.profiler's top operators and kernels by device time (gpu-profile.md)
   --merge A B     one gpu.json + gpu.md from the parts' JSON files
@@ -49,13 +50,15 @@ def aux_targets(names: list[dict]):
     return [AuxTargetConfig(t["name"], t["weight"], dict(t.get("options", {}))) for t in names]
 
 
-def tokenizer_case(label: str, targets: list[dict], compile: bool, reps: int, batch: int | None = None) -> dict:
+def tokenizer_case(label: str, targets: list[dict], compile: bool, reps: int, batch: int | None = None,
+                   overrides: tuple[str, ...] = ()) -> dict:
     from tokenizer import train_step_fn
 
     start = time.perf_counter()
     batch = batch or SETUP["batch"]
     step, one, info = train_step_fn(SETUP["preset"], batch, SETUP["device"], precision="bf16",
-                                    overrides=STEP_OVERRIDES, aux_targets=aux_targets(targets), compile=compile)
+                                    overrides=[*STEP_OVERRIDES, *overrides], aux_targets=aux_targets(targets),
+                                    compile=compile)
     built = time.perf_counter() - start  # with torch.compile: includes compiling the first step
     # A compiled step is not run under the FLOP counter (a dispatch mode would send it back through the
     # compiler); it does the eager step's arithmetic, so merge() takes the count from the eager row.
@@ -64,7 +67,7 @@ def tokenizer_case(label: str, targets: list[dict], compile: bool, reps: int, ba
     r = measure(step, batch, reps, warmup=2, device=SETUP["device"], memory=True, flops=not info["compiled"],
                 prime=None if compile else one)
     what = (f"{SETUP['preset']} train step, batch {batch}, bf16 autocast, aux {'+'.join(info['aux_targets'])}"
-            + (", torch.compile" if info["compiled"] else ""))
+            + "".join(f", {o}" for o in overrides) + (", torch.compile" if info["compiled"] else ""))
     return {"case": label, "what": what, "setup_s": built, **info, **r}
 
 
@@ -103,13 +106,11 @@ def profile_tokenizer_step(out: Path, steps: int = 3, top: int = 25) -> None:
                                                return_task=True)
     for _ in range(2):
         step()
-    from maetok.train.loop import autocast_for
-
     teachers = {}
-    for name, target in task.targets.items():  # what each frozen target costs per step, under the same autocast
-        def teacher(target=target):
-            with torch.no_grad(), autocast_for(torch.device(device), "bf16"):
-                target(images, task.model.config.patch_size)
+    for name, fn in task.target_fns.items():  # what each frozen target costs per step, run as the step runs it
+        def teacher(fn=fn):
+            with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+                fn(images, task.model.config.patch_size)
         teachers[name] = measure(teacher, SETUP["batch"], 5, warmup=1, device=device)["seconds_per_call"]
     whole = measure(step, SETUP["batch"], 5, warmup=0, device=device)["seconds_per_call"]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -136,7 +137,9 @@ def run_part(part: str, out: Path, quick: bool) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True  # any float32 matmul left outside autocast
     result = {"machine": machine(SETUP["device"]), "date": utc_now(), "part": part,
               "settings": {"tokenizer_step": f"{SETUP['preset']} preset with " + ", ".join(STEP_OVERRIDES) +
-                           "; teachers dinov2 / siglip built by timm at their real sizes with pretrained=false",
+                           "; teachers dinov2 / siglip built by timm at their real sizes with pretrained=false, "
+                           "held in bf16 and run outside autocast (teacher_precision=auto) unless a row says "
+                           "otherwise; with torch.compile the teachers are compiled too",
                            "flops": "torch.utils.flop_counter on one real call, 2 per multiply-add",
                            "timing": "median of the timed calls after warm-up, host clock with a CUDA sync"},
               "rows": [], "errors": []}
@@ -148,6 +151,9 @@ def run_part(part: str, out: Path, quick: bool) -> None:
     if part == "eager":
         cases = [lambda: with_oom_fallback(tokenizer_case, "tokenizer-train", TEACHERS, False, reps),
                  lambda: with_oom_fallback(tokenizer_case, "tokenizer-train-hog", TEACHERS[:1], False, reps),
+                 # what holding the teachers in bf16 (the default, teacher_precision=auto) saves
+                 lambda: with_oom_fallback(tokenizer_case, "tokenizer-train-fp32-teachers", TEACHERS, False, reps,
+                                           overrides=("teacher_precision=fp32",)),
                  lambda: sit_case(128, 32, 3),
                  lambda: sit_case(1024, 16, 3)]
     else:

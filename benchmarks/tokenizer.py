@@ -50,6 +50,8 @@ def train_step_fn(preset: str, batch: int, device, precision: str = "fp32", over
     """
     device = torch.device(device)
     cfg = tokenizer_run_config(preset, overrides)
+    # As the training loop would be configured: the task casts and compiles its frozen teachers from these.
+    cfg.train.precision, cfg.train.compile = precision, compile
     if aux_targets is not None:
         cfg.model.aux_targets = aux_targets
     torch.manual_seed(0)

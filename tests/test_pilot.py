@@ -108,7 +108,9 @@ def test_smoke_pilot_under_torchrun(tmp_path: Path):
     def torchrun(*extra: str) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                "127.0.0.1", "--master_port", str(port), "-m", "maetok.cli", "pilot", "--budget", "smoke",
-               "--variants", "ae,maetok", "--out", str(out), "--device", "cpu", *extra]
+               "--variants", "ae,maetok", "--out", str(out), "--device", "cpu",
+               # A stuck collective raises with a traceback (well before the kill below) instead of hanging.
+               "--collective-timeout", "150", *extra]
         # Its own process group: on a timeout the workers go too (killing torchrun alone leaves them running).
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)

@@ -91,3 +91,59 @@ def test_baseline_variants_train(variant: str, tmp_path: Path):
     records = [json.loads(line) for line in (tmp_path / variant / "log.jsonl").read_text().splitlines()]
     assert ("loss_kl" in records[-1]) == (variant == "vae")
     assert ("mask_ratio" in records[-1]) == (variant == "mae")
+
+
+TEACHERS = ("model.aux_targets=[{name: hog, weight: 1.0}, {name: siglip, weight: 1.0, options: {pretrained: false, "
+            "model_kwargs: {depth: 2, embed_dim: 64, num_heads: 2}}}]")
+
+
+def _task(*overrides: str):
+    from maetok.train.tokenizer_task import TokenizerTask
+
+    torch.manual_seed(0)
+    cfg = load_config(TokenizerRunConfig, "cpu-32", TINY + [TEACHERS, *overrides])
+    return TokenizerTask(cfg, torch.device("cpu"))
+
+
+def test_bf16_training_holds_network_teachers_in_bf16_and_hog_in_float32():
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    full = _task("train.precision=bf16", "teacher_precision=fp32")
+    half = _task("train.precision=bf16")
+    assert full.targets["siglip"].compute_dtype == torch.float32
+    assert half.targets["siglip"].compute_dtype == torch.bfloat16
+    assert half.targets["hog"].compute_dtype == torch.float32
+    # Features as the step computes them, under the step's autocast.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        f_full, f_half = full.teacher_features(images), half.teacher_features(images)
+    assert all(f.dtype == torch.float32 for f in (*f_full.values(), *f_half.values()))
+    # HOG runs outside autocast: exactly the float32 target, not a bf16 approximation of it.
+    assert torch.equal(f_half["hog"], half.targets["hog"](images, 4))
+    # bf16 weights: the same features up to bf16 rounding (same seed, so the same random teacher).
+    cos = torch.nn.functional.cosine_similarity(f_half["siglip"], f_full["siglip"], dim=-1)
+    assert cos.min() > 0.99 and not torch.equal(f_half["siglip"], f_full["siglip"])
+    # float32 training never casts a teacher.
+    assert _task().targets["siglip"].compute_dtype == torch.float32
+
+
+def test_a_teacher_that_fails_to_compile_runs_eagerly(monkeypatch, caplog):
+    class BackendCompilerFailed(RuntimeError):
+        pass
+
+    BackendCompilerFailed.__module__ = "torch._dynamo.exc"  # where torch.compile's own errors come from
+
+    def failing_compile(module, **kwargs):
+        def compiled(*args):
+            raise BackendCompilerFailed("no C compiler")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    task = _task("train.compile=true")
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    with caplog.at_level("WARNING"):
+        feats = task.teacher_features(images)
+    assert "running it eagerly" in caplog.text
+    assert torch.equal(feats["siglip"], task.targets["siglip"](images, 4))
+    assert all(task.target_fns[n] is task.targets[n] for n in task.targets)
+    # An error of the teacher itself is not mistaken for a compiler failure.
+    with pytest.raises(ValueError, match="expected images"):
+        task.teacher_features(images[:, :2])

@@ -143,7 +143,8 @@ def cmd_pilot(a: argparse.Namespace) -> int:
     settings = pilot_settings(a.budget, a.overrides, a.tokenizer_set, a.diffusion_set)
     try:
         report = run_pilot(a.data, a.variants.split(","), a.budget, Path(a.out), resume=a.resume, force=a.force,
-                           device=_device(a.device), inception=a.inception, settings=settings)
+                           device=_device(a.device), inception=a.inception, settings=settings,
+                           collective_timeout=a.collective_timeout)
     except PilotInterrupted as e:
         print(f"maetok: pilot interrupted: {e}", file=sys.stderr)
         return 130
@@ -255,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue a pilot in --out")
     p.add_argument("--force", action="store_true", help="delete --out and start over")
     p.add_argument("--device", default="auto")
+    p.add_argument("--collective-timeout", type=float, default=None, metavar="SECONDS",
+                   help="under torchrun: how long a rank may wait for the others (rank 0 evaluates alone while "
+                        "they wait); default 12 hours")
     p.add_argument("--tokenizer-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override for every tokenizer run, after the budget's own (repeatable)")
     p.add_argument("--diffusion-set", action="append", default=[], metavar="KEY=VALUE",

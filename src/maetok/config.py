@@ -309,6 +309,9 @@ class TokenizerRunConfig:
     stage: Literal[1, 2] = 1
     decoder_ft: DecoderFinetuneConfig = field(default_factory=DecoderFinetuneConfig)
     stats_batches: int = 20             # batches used to measure the latent mean/std after training
+    # auto: when training runs in bf16, frozen network teachers (DINOv2, SigLIP, ...) hold bf16 weights and run
+    # without autocast (half the memory traffic of fp32 activations); fp32: full precision. HOG is always fp32.
+    teacher_precision: Literal["auto", "fp32"] = "auto"
 
     def validate(self, key: str) -> None:
         if self.data.image_size != self.model.image_size:

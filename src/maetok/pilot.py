@@ -561,13 +561,16 @@ def pilot_settings(budget: str, overrides: list[str] | None = None, tokenizer_se
 
 def run_pilot(data_spec: str, variants: list[str], budget: str, out: Path, resume: bool = False,
               force: bool = False, device: str = "cpu", inception: bool = False,
-              settings: PilotBudget | None = None) -> Path | None:
+              settings: PilotBudget | None = None, collective_timeout: float | None = None) -> Path | None:
     """Run (or continue) the pilot in `out`; alone or under torchrun. The report's path on rank 0, else None.
-    `settings`: the budget's settings when changed from BUDGETS[budget] (see `pilot_settings`)."""
+    `settings`: the budget's settings when changed from BUDGETS[budget] (see `pilot_settings`).
+    `collective_timeout`: seconds a rank may wait for the others (default PILOT_COLLECTIVE_TIMEOUT); past it the
+    waiting collective raises with a traceback instead of hanging."""
     from .train.loop import RunDirExists
     from .train.run import setup_logging
 
-    dist = init_distributed(device, timeout=PILOT_COLLECTIVE_TIMEOUT)
+    timeout = PILOT_COLLECTIVE_TIMEOUT if collective_timeout is None else timedelta(seconds=collective_timeout)
+    dist = init_distributed(device, timeout=timeout)
     if not dist.enabled:
         dist.device = torch.device(device)
     try:

@@ -33,6 +33,15 @@ class Target(nn.Module):
     name: str = ""
     dim: int = 0
     loss: str = "mse"
+    # A frozen network whose features are as good from bf16 weights (the task casts it when training runs in
+    # bf16); hand-computed targets such as HOG keep False and are always computed in float32.
+    half_precision_ok: bool = False
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the weights, which the input is cast to; float32 for targets without weights."""
+        first = next(self.parameters(), None)
+        return first.dtype if first is not None else torch.float32
 
     def forward(self, images: torch.Tensor, patch_size: int) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -257,6 +266,7 @@ class ResNetCifarTarget(Target):
     setting and must be reported as such. Channels: layer1 16, layer2 32, layer3 64 (at H, H/2, H/4).
     """
     loss = "cosine"
+    half_precision_ok = True
     CHANNELS = {"layer1": 16, "layer2": 32, "layer3": 64}
 
     def __init__(self, network: nn.Module, layer: str, resample: str, input_size: int):
@@ -275,8 +285,8 @@ class ResNetCifarTarget(Target):
             # The network was trained at 32x32: optionally show it images at the scale it knows.
             images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bicubic",
                                    align_corners=False, antialias=True).clamp(-1, 1)
-        fmap = self.network.feature_maps(images)[self.layer]
-        return feature_map_to_tokens(fmap, grid, self.resample).float()
+        fmap = self.network.feature_maps(images.to(self.compute_dtype))[self.layer]
+        return feature_map_to_tokens(fmap.float(), grid, self.resample)
 
 
 @register_target("resnet-cifar")
@@ -307,6 +317,7 @@ class TimmTarget(Target):
     norm (layer=None) or the output of block `layer`; prefix tokens (class, registers) are dropped.
     """
     loss = "cosine"
+    half_precision_ok = True
 
     def __init__(self, name: str, model: nn.Module, layer: int | None, norm: bool):
         super().__init__()
@@ -324,7 +335,7 @@ class TimmTarget(Target):
     @torch.no_grad()
     def forward(self, images: torch.Tensor, patch_size: int) -> torch.Tensor:
         grid = check_images(images, patch_size, self.name)
-        x = ((images + 1) / 2 - self.mean) / self.std
+        x = (((images + 1) / 2 - self.mean) / self.std).to(self.compute_dtype)
         if self.layer is None:
             tokens = self.model.forward_features(x)[:, self.model.num_prefix_tokens:]
         else:

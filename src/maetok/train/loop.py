@@ -168,11 +168,20 @@ def ema_decay_at(step: int, target: float) -> float:
     return min(target, (1 + step) / (10 + step))
 
 
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def autocast_for(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
+    if uses_bf16(device, precision):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)
+
+
+def is_compile_error(e: Exception) -> bool:
+    """Whether `e` came from torch.compile (backend, lowering, unsupported op) rather than from the model."""
+    module = type(e).__module__
+    return "dynamo" in module or "inductor" in module or "compile" in str(e).lower()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -347,8 +356,7 @@ class Trainer:
         try:
             return self.task.training_step(self.forward_model, batch, self.step)
         except Exception as e:  # torch.compile raises many types (backend, lowering, unsupported ops)
-            if "dynamo" not in type(e).__module__ and "inductor" not in type(e).__module__ and \
-                    "compile" not in str(e).lower():
+            if not is_compile_error(e):
                 raise
             log.warning("torch.compile failed (%s: %s); continuing eagerly", type(e).__name__, str(e)[:200])
             self.forward_model, self._compiled = self.ddp_model, False

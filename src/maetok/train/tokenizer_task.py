@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,7 @@ from ..tokenizer.losses import (LeCAM, adaptive_gan_weight, build_discriminator,
                                 hinge_d_loss, hinge_g_loss, kl_loss, ramp)
 from ..tokenizer.model import MAETok
 from ..tokenizer.targets import build_target, target_loss
-from .loop import Task
+from .loop import Task, is_compile_error, uses_bf16
 
 log = logging.getLogger("maetok.train")
 
@@ -46,6 +46,7 @@ class TokenizerTask(Task):
         elif mcfg.aux_targets and mcfg.variant != "maetok":
             log.info("variant %s: auxiliary targets %s are not used", mcfg.variant,
                      [t.name for t in mcfg.aux_targets])
+        self.target_fns = self._prepare_targets()
         aux_dims = {n: t.dim for n, t in self.targets.items()}
         self.model = MAETok(mcfg, aux_dims).to(device)
         if cfg.stage == 2:
@@ -60,6 +61,38 @@ class TokenizerTask(Task):
                                               lr=cfg.loss.gan.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
             self.lecam = LeCAM().to(device) if cfg.loss.gan.lecam_weight > 0 else None
         self.preview = preview
+
+    def _prepare_targets(self) -> dict[str, Callable]:
+        """How each frozen target runs. Network teachers hold bf16 weights when training runs in bf16 (see
+        teacher_precision); with train.compile every target is compiled too, as the model is (at maetok-b-128
+        size the teachers are ~40% of a training step's FLOPs, and compiling fuses their elementwise work)."""
+        cfg = self.cfg
+        if cfg.teacher_precision == "auto" and uses_bf16(self.device, cfg.train.precision):
+            for target in self.targets.values():
+                if target.half_precision_ok:
+                    target.to(torch.bfloat16)
+        return {name: torch.compile(t) if cfg.train.compile else t for name, t in self.targets.items()}
+
+    @torch.no_grad()
+    def teacher_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every target's per-patch features (float32) of `images`."""
+        patch = self.model.config.patch_size
+        feats = {}
+        # Outside autocast: HOG stays float32 and bf16 teachers stay bf16 throughout (autocast would run their
+        # norms in float32 and cast every activation back and forth).
+        with torch.autocast(images.device.type, enabled=False):
+            for name, fn in self.target_fns.items():
+                try:
+                    feats[name] = fn(images, patch)
+                except Exception as e:
+                    eager = self.targets[name]
+                    if fn is eager or not is_compile_error(e):
+                        raise
+                    log.warning("torch.compile failed for target %s (%s: %s); running it eagerly", name,
+                                type(e).__name__, str(e)[:200])
+                    self.target_fns[name] = eager
+                    feats[name] = eager(images, patch)
+        return feats
 
     def _init_stage2(self) -> None:
         """Load stage-1 encoder + decoder, freeze the encoder; aux decoders are gone (not built)."""
@@ -102,8 +135,7 @@ class TokenizerTask(Task):
             rec = rec + lcfg.perceptual_weight * ramp(step, lcfg.perceptual_warmup_steps) * losses["loss_perceptual"]
         total = rec
         if out.aux:
-            with torch.no_grad():
-                feats = {n: t(images, self.model.config.patch_size) for n, t in self.targets.items()}
+            feats = self.teacher_features(images)
             mask = out.mask if self.model.config.aux_loss_on == "masked" else None
             for t in self.model.config.aux_targets:
                 tgt = self.targets[t.name]

@@ -1,0 +1,157 @@
+"""Tokenizer learning-rate sweep under a pilot budget: the evidence behind the rates the budgets use.
+
+For each variant and rate, the pilot's own tokenizer runs (MAETok: stage 1, then decoder fine-tuning at the same
+rate) are trained on the pilot's data and scored on its held-out set: rFID under the pilot's feature network,
+PSNR and SSIM. Everything else is the budget's; only `train.optim.lr` changes.
+
+    python benchmarks/lr_sweep.py --budget quick --lrs 1e-3 2e-3 5e-3 1e-2 --out runs/lr-sweep-quick
+    python benchmarks/lr_sweep.py --data zip:../shared/data/cifar10-jpeg.zip --budget standard \\
+        --lrs 8e-4 2e-3 4e-3 --out runs/lr-sweep-standard
+    # writes OUT/lr_sweep.json, lr_sweep.md and lr_sweep.png; re-running continues and skips finished runs
+
+Budget fields take dotted overrides at the end (e.g. `tokenizer_steps=300` for a shorter sweep).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from common import machine, machine_line, markdown_table, utc_now, write_json
+
+METRICS = ("rfid", "psnr", "ssim")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import json
+
+    from maetok.pilot import Pilot, Stage, _summary, _train_run, pilot_settings
+    from maetok.tokenizer import MAETok
+    from maetok.train.run import run_tokenizer, setup_logging
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default="shapes", help="data spec, as for `maetok pilot` (default: built-in shapes)")
+    ap.add_argument("--budget", default="quick")
+    ap.add_argument("--variants", nargs="+", default=["ae", "vae", "maetok"])
+    ap.add_argument("--lrs", nargs="+", type=float, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("overrides", nargs="*", help="budget fields, e.g. tokenizer_steps=300")
+    args = ap.parse_args(argv)
+    setup_logging(None)
+    args.out.mkdir(parents=True, exist_ok=True)
+    # One feature network and one held-out reference for every run: a shared "pilot" holds them.
+    base = Pilot(args.data, args.variants, args.budget, args.out, settings=pilot_settings(args.budget, args.overrides))
+    base.open_data()
+    base.build_feature_net()
+    base.ref_feats = base.features(base.real_batches(base.test_set, base.b.n_eval))
+    results_path = args.out / "lr_sweep.json"
+    previous = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if previous and previous.get("settings") != {"data": args.data, "budget": args.budget,
+                                                  "overrides": args.overrides}:
+        raise SystemExit(f"{args.out} holds a sweep with other settings ({previous.get('settings')}); use a new --out")
+    result = {"machine": machine("cpu"), "date": utc_now(),
+              "settings": {"data": args.data, "budget": args.budget, "overrides": args.overrides},
+              "budget_lr": _budget_lr(base), "runs": previous.get("runs", {})}
+    for variant in args.variants:
+        for lr in args.lrs:
+            key = f"{variant}@{lr:g}"
+            run_dir = args.out / key
+            pilot = Pilot(args.data, [variant], args.budget, run_dir, settings=pilot_settings(
+                args.budget, args.overrides, tokenizer_set=[f"train.optim.lr={lr}"]))
+            pilot.train_set, pilot.test_set, pilot.num_classes = base.train_set, base.test_set, base.num_classes
+            pilot.feature_net, pilot.ref_feats = base.feature_net, base.ref_feats
+            vdir = run_dir / variant
+            vdir.mkdir(parents=True, exist_ok=True)
+            stage = Stage(vdir / "results.json", pilot.dist)
+
+            def train(cfg, out: Path) -> dict:
+                return _summary(_train_run(run_tokenizer, cfg, out, pilot.dist, pilot.device))
+
+            stage("tokenizer_train", lambda: train(pilot.tokenizer_config(variant, 1), vdir / "tokenizer"))
+            tok_dir = pilot.tokenizer_dir(variant)
+            if tok_dir.name == "tokenizer-ft":
+                stage("decoder_finetune", lambda: train(pilot.tokenizer_config(variant, 2, str(vdir / "tokenizer")),
+                                                        tok_dir))
+            tok = MAETok.from_pretrained(tok_dir / "model")
+            recon = stage("reconstruction", lambda: pilot.eval_reconstruction(tok, vdir))
+            result["runs"][key] = {"variant": variant, "lr": lr, **_pick(recon),
+                                   "train_wall_s": sum(stage.results[k].get("wall_s", 0.0) for k in
+                                                       ("tokenizer_train", "decoder_finetune") if k in stage.results)}
+            write_json(results_path, result)  # after every run: an interrupted sweep keeps what it measured
+    md = markdown(result, args.variants)
+    (args.out / "lr_sweep.md").write_text(md + "\n")
+    plot(result, args.variants, args.out / "lr_sweep.png")
+    print(md)
+    return 0
+
+
+def _budget_lr(pilot) -> float | None:
+    """The tokenizer rate the budget itself uses (its last train.optim.lr override)."""
+    rates = [float(o.split("=", 1)[1]) for o in pilot.b.tokenizer if o.startswith("train.optim.lr=")]
+    return rates[-1] if rates else None
+
+
+def _pick(recon: dict) -> dict:
+    """rFID / PSNR / SSIM from a pilot reconstruction record (whose keys carry the feature net and counts)."""
+    out = {}
+    for k, v in recon.items():
+        if k.startswith("rfid[") and "inception" not in k:
+            out["rfid"], out["rfid_key"] = v, k
+        elif k.startswith("psnr@"):
+            out["psnr"] = v
+        elif k.startswith("ssim@"):
+            out["ssim"] = v
+    return out
+
+
+def markdown(result: dict, variants: list[str]) -> str:
+    runs = result["runs"]
+    lrs = sorted({r["lr"] for r in runs.values()})
+    rows = []
+    for v in variants:
+        mine = {r["lr"]: r for r in runs.values() if r["variant"] == v}
+        best = min(mine.values(), key=lambda r: r["rfid"])["lr"] if mine else None
+        for lr in lrs:
+            if lr in mine:
+                r = mine[lr]
+                mark = " (best rFID)" if lr == best else ""
+                rows.append([v, f"{lr:g}{mark}", f"{r['rfid']:.2f}", f"{r['psnr']:.2f}", f"{r['ssim']:.3f}",
+                             f"{r['train_wall_s']:.0f}"])
+    s = result["settings"]
+    key = next((r["rfid_key"] for r in runs.values()), "rfid")
+    return "\n".join([machine_line(result["machine"]), "",
+                      f"Tokenizer learning-rate sweep on `{s['data']}`, `{s['budget']}` budget"
+                      + (f" with {' '.join(s['overrides'])}" if s["overrides"] else "")
+                      + f"; the budget uses lr {result['budget_lr']:g}. rFID is `{key}`; PSNR / SSIM on the same "
+                        "held-out images. One seed per run.", "",
+                      markdown_table(["variant", "lr", "rFID", "PSNR (dB)", "SSIM", "train s"], rows)])
+
+
+def plot(result: dict, variants: list[str], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 3.2), dpi=120)
+    FigureCanvasAgg(fig)
+    for i, (metric, label) in enumerate((("rfid", "rFID (lower is better)"), ("psnr", "PSNR dB (higher is better)"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for v in variants:
+            pts = sorted((r["lr"], r[metric]) for r in result["runs"].values() if r["variant"] == v
+                         and math.isfinite(r[metric]))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=v)
+        if result["budget_lr"]:
+            ax.axvline(result["budget_lr"], color="gray", linestyle=":", label="budget's lr")
+        ax.set_xscale("log")
+        lrs = sorted({r["lr"] for r in result["runs"].values()})
+        ax.minorticks_off()  # label the swept rates only: log-axis minor labels overlap
+        ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+        ax.set_xlabel("tokenizer learning rate")
+        ax.set_title(label, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

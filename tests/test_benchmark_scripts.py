@@ -1,0 +1,44 @@
+"""Scripts in benchmarks/ that produce committed evidence: run at toy size, checked for what they write."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.fixture
+def benchmarks(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # the scripts import their `common` module
+    yield
+    for name in ("lr_sweep", "common"):
+        sys.modules.pop(name, None)
+
+
+def test_lr_sweep_scores_every_rate_and_continues_where_it_stopped(benchmarks, tmp_path):
+    import lr_sweep
+
+    out = tmp_path / "sweep"
+    toy = ["n_train=64", "n_eval=32", "tokenizer_steps=3", "decoder_ft_steps=2", "classifier_steps=5"]
+    assert lr_sweep.main(["--budget", "smoke", "--variants", "ae", "maetok", "--lrs", "1e-3", "4e-3",
+                          "--out", str(out), *toy]) == 0
+    result = json.loads((out / "lr_sweep.json").read_text())
+    assert set(result["runs"]) == {"ae@0.001", "ae@0.004", "maetok@0.001", "maetok@0.004"}
+    assert result["budget_lr"] == 5e-3  # what the smoke budget itself uses
+    for key, run in result["runs"].items():
+        assert run["rfid"] >= 0 and run["psnr"] > 0 and 0 < run["ssim"] <= 1, key
+    # Only the rate differs between the runs of one variant; MAETok gets its decoder fine-tuning too.
+    cfg = (out / "maetok@0.004" / "maetok" / "tokenizer" / "config.yaml").read_text()
+    assert "lr: 0.004" in cfg and (out / "maetok@0.004" / "maetok" / "tokenizer-ft" / "model").is_dir()
+    md = (out / "lr_sweep.md").read_text()
+    assert md.count("(best rFID)") == 2 and (out / "lr_sweep.png").stat().st_size > 0
+    # A second call trains nothing: every run's stages are on disk.
+    before = {p: p.stat().st_mtime for p in out.rglob("model.safetensors")}
+    assert lr_sweep.main(["--budget", "smoke", "--variants", "ae", "maetok", "--lrs", "1e-3", "4e-3",
+                          "--out", str(out), *toy]) == 0
+    assert {p: p.stat().st_mtime for p in out.rglob("model.safetensors")} == before
+    # Other settings in the same folder are refused rather than mixed into one table.
+    with pytest.raises(SystemExit, match="other settings"):
+        lr_sweep.main(["--budget", "smoke", "--lrs", "1e-3", "--out", str(out), "tokenizer_steps=5"])
