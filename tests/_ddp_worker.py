@@ -253,10 +253,64 @@ def scenario_sample(out: Path, info: DistInfo, inputs: Path) -> None:
                         progress=False)
 
 
+def toy_feature_net():
+    """A randomly initialised CIFAR ResNet-20 as the feature network: the same weights in every process."""
+    from maetok.eval.features import build_feature_net
+
+    torch.manual_seed(0)
+    return build_feature_net("resnet20-cifar10", pretrained=False)
+
+
+def evaluate_both(inputs: Path, out: Path, dist_info: DistInfo | None) -> dict:
+    """`maetok eval gen` and `eval recon` through the Python API: 13 samples and 13 held-out images, so the two
+    ranks' shares differ in size."""
+    from maetok.data import open_dataset
+    from maetok.eval.api import evaluate_generation, evaluate_reconstruction
+    from maetok.tokenizer import MAETok
+
+    out.mkdir(parents=True, exist_ok=True)
+    net = toy_feature_net()
+    embedded = [0]  # images this process put through the feature net: each rank should see only its share
+    embed = net.embed
+
+    def counting_embed(images):
+        embedded[0] += len(images)
+        return embed(images)
+
+    net.embed = counting_embed
+    gen = evaluate_generation(str(inputs / "samples.npz"), "shapes", net, split="test", num_ref=13, batch_size=4,
+                              stats_cache=out / "ref-stats.npz", kid_subsets=2, progress=False, dist=dist_info)
+    rec = evaluate_reconstruction(MAETok.from_pretrained(inputs / "tok"), open_dataset("shapes", "test", 16, limit=13),
+                                  net, batch_size=4, lpips=None, progress=False, dist=dist_info)
+    return {"gen": gen, "recon": rec, "embedded": embedded[0]}
+
+
+def scenario_eval(out: Path, info: DistInfo, inputs: Path) -> None:
+    import contextlib
+    import io
+    import shutil
+
+    from maetok.cli import main as cli
+    from maetok.eval.features import available_feature_nets, register_feature_net
+
+    _json(out / f"result-{info.rank}.json", evaluate_both(inputs, out, info))
+    # The command line under torchrun: rank 0 alone prints and writes the result.
+    if "toy-resnet20" not in available_feature_nets():
+        register_feature_net("toy-resnet20", toy_feature_net)
+    if info.is_main:
+        shutil.copy(inputs / "samples.npz", out / "samples.npz")
+    dist.barrier()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = cli(["eval", "gen", "--samples", str(out / "samples.npz"), "--ref", "shapes", "--num", "13",
+                    "--features", "toy-resnet20", "--device", "cpu"])
+    _json(out / f"cli-{info.rank}.json", {"code": code, "stdout": printed.getvalue()})
+
+
 # Control-flow scenarios last: if one deadlocks, the collective timeout breaks the group for what follows.
 SCENARIOS = {"tok_ae": scenario_tok_ae, "tok_gan": scenario_tok_gan, "tok_masks": scenario_tok_masks,
              "sit": scenario_sit, "diffusion_run": scenario_diffusion_run, "sample": scenario_sample,
-             "nan": scenario_nan, "sigterm": scenario_sigterm}
+             "eval": scenario_eval, "nan": scenario_nan, "sigterm": scenario_sigterm}
 
 
 def main() -> None:

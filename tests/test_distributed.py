@@ -78,6 +78,8 @@ def _make_inputs(root: Path) -> None:
     cache_latents(tok, open_dataset("shapes", "train", 16, limit=32), root / "cache", batch_size=16,
                   progress=False)
     sit.save_pretrained(root / "sit")
+    rng = np.random.default_rng(0)
+    np.savez(root / "samples.npz", arr_0=rng.integers(0, 256, (13, 16, 16, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -230,3 +232,44 @@ def test_sharded_sampling_equals_single_process(ddp: DDPRun, tmp_path: Path, sam
         assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
         assert len({a["arr_0"][i].tobytes() for i in range(11)}) == 11  # no sample written twice or left blank
     assert (folder / "samples.png").is_file()
+
+
+# ==============================================================================================================
+# Sharded evaluation
+# ==============================================================================================================
+def test_sharded_evaluation_equals_single_process(ddp: DDPRun, tmp_path: Path):
+    """`maetok eval` under torchrun: the ranks split the feature extraction and the reconstructions, every rank
+    returns the same result, equal to one process's, and rank 0 alone writes the reference cache."""
+    from maetok.eval.fid import FeatureStats
+
+    folder = ddp.check("eval")
+    results = [json.loads((folder / f"result-{r}.json").read_text()) for r in (0, 1)]
+    single = W.evaluate_both(ddp.inputs, tmp_path, None)
+    # 13 references, 13 samples, 13 originals and their reconstructions: 7 + 6 of each per rank.
+    assert single["embedded"] == 52 and [r.pop("embedded") for r in results] == [28, 24]
+    assert results[0] == results[1]
+    for kind in ("gen", "recon"):
+        got, want = results[0][kind], single[kind]
+        assert got["skipped"] == want["skipped"] and got["metrics"].keys() == want["metrics"].keys(), kind
+        for key, value in want["metrics"].items():
+            assert got["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (kind, key)
+    assert results[0]["gen"]["num_samples"] == 13 and results[0]["recon"]["num_images"] == 13
+    assert not [p.name for p in folder.iterdir() if ".tmp" in p.name]  # one writer: no stray temporary files
+    a, b = FeatureStats.load(folder / "ref-stats.npz"), FeatureStats.load(tmp_path / "ref-stats.npz")
+    assert a.n == b.n == 13 and np.allclose(a.mu, b.mu, rtol=1e-6, atol=1e-9)
+    # `maetok eval gen` under torchrun: one printed result (rank 0's), written once beside the samples.
+    cli = [json.loads((folder / f"cli-{r}.json").read_text()) for r in (0, 1)]
+    assert [c["code"] for c in cli] == [0, 0] and cli[1]["stdout"] == ""
+    printed = json.loads(cli[0]["stdout"])
+    [written] = [json.loads(p.read_text()) for p in folder.glob("samples.eval-*.json")]
+    assert printed["metrics"] == written["metrics"] and printed["num_samples"] == 13
+    assert printed["metrics"] == pytest.approx(results[0]["gen"]["metrics"])  # the API's numbers (same net, data)
+
+
+@pytest.mark.parametrize("n,world", [(13, 2), (2, 4), (0, 3), (16, 4)])
+def test_shards_cover_every_item_once_in_order(n: int, world: int):
+    from maetok.train.distributed import shard_range
+
+    shares = [shard_range(n, DistInfo(rank=r, world=world)) for r in range(world)]
+    assert [i for s in shares for i in s] == list(range(n))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1

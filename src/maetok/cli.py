@@ -126,7 +126,9 @@ def cmd_sample(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     from .eval.api import evaluate_command
 
-    print(json.dumps(evaluate_command(a), indent=2))
+    result = evaluate_command(a)
+    if result is not None:  # None on ranks other than 0 under torchrun
+        print(json.dumps(result, indent=2))
     return 0
 
 
@@ -228,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(fn=cmd_sample)
 
-    p = sub.add_parser("eval", help="FID/KID/IS/PR of samples, or rFID/PSNR/SSIM of a tokenizer")
+    p = sub.add_parser("eval", help="FID/KID/IS/PR of samples, or rFID/PSNR/SSIM of a tokenizer (runs as it is "
+                                    "under torchrun: the ranks share the feature extraction)")
     p.add_argument("what", choices=["gen", "recon"])
     p.add_argument("--samples", help="gen: .npz with arr_0 (uint8 NHWC), or an image folder")
     p.add_argument("--tokenizer", help="recon: tokenizer weights folder")

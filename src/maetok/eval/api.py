@@ -22,11 +22,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..config import ConfigError
+from ..train.distributed import DistInfo, all_gather_list, shard_range
 from .features import (FeatureNet, FeatureSet, available_feature_nets, build_feature_net, concat_features,
-                       extract_features)
+                       extract_features, features_of)
 from .fid import (FeatureStats, fid, inception_score, kid, load_adm_images, metric_name, precision_recall)
 from .latent_analysis import (gmm_analysis, linear_probe, pca_dim_for_variance, plot_gmm_nll, token_statistics)
 from .recon import ReconstructionMetrics
@@ -156,20 +157,16 @@ def _save_cache(path: Path, feats: FeatureSet, key: dict | None) -> FeatureStats
     return stats
 
 
-def _dataset_features(net: FeatureNet, dataset: Dataset, batch_size: int, progress: bool) -> FeatureSet:
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    return extract_features(net, loader, batch_size, progress, total=len(dataset))
-
-
 def reference_features(ref, net: FeatureNet, *, split: str = "test", num: int = 0, image_size: int | None = None,
-                       stats_cache: str | Path | None = None, batch_size: int = 64, progress: bool = True
-                       ) -> tuple[FeatureSet | FeatureStats, dict[str, Any]]:
+                       stats_cache: str | Path | None = None, batch_size: int = 64, progress: bool = True,
+                       dist: DistInfo | None = None) -> tuple[FeatureSet | FeatureStats, dict[str, Any]]:
     """The reference side of a metric: (FeatureSet, or FeatureStats when only statistics exist; a description).
 
     `ref`: a FeatureSet/FeatureStats; a Dataset, uint8 NHWC array or float NCHW tensor of images; or a string:
     a data spec for `open_dataset` (opened at `image_size`, `split`, first `num` items), an ADM .npz batch
     (arr_0 images, first `num`), or a statistics .npz (ours: FeatureStats or a stats cache; ADM's mu/sigma are
     Inception statistics). `stats_cache`: read when it exists, else written with what was computed.
+    `dist`: torchrun ranks share the feature extraction (see `features_of`); rank 0 alone writes the cache.
     """
     if isinstance(ref, (FeatureSet, FeatureStats)):
         if ref.net != net.name:
@@ -201,7 +198,7 @@ def reference_features(ref, net: FeatureNet, *, split: str = "test", num: int = 
                                  f"(keys {sorted(keys)})")
         images = load_adm_images(path)
         images = images[:num] if num else images
-        feats = extract_features(net, images, batch_size, progress)
+        feats = features_of(net, images, batch_size, progress, dist)
         if {"mu", "sigma"} <= keys and net.name == "inception":
             # As the ADM evaluator: FID against the batch's stored statistics, which may come from more images
             # than arr_0 holds; arr_0's features serve KID, precision/recall.
@@ -216,14 +213,13 @@ def reference_features(ref, net: FeatureNet, *, split: str = "test", num: int = 
             dataset = open_dataset(str(ref), split=split, image_size=image_size, limit=num)
         except DatasetError as e:
             raise EvalInputError(f"reference {ref!r}: {e}") from None
-        feats = _dataset_features(net, dataset, batch_size, progress)
-    elif isinstance(ref, Dataset):
-        feats = _dataset_features(net, ref, batch_size, progress)
+        feats = features_of(net, dataset, batch_size, progress, dist)
     else:
-        feats = extract_features(net, ref, batch_size, progress)
+        feats = features_of(net, ref, batch_size, progress, dist)
     info["n"], info["from"] = feats.n, "images"
     if cache is not None:
-        _save_cache(cache, feats, key)
+        if dist is None or dist.is_main:
+            _save_cache(cache, feats, key)
         info["cached_to"] = str(cache)
     return feats, info
 
@@ -266,12 +262,13 @@ def generation_report(evaluated: FeatureSet, reference: FeatureSet | FeatureStat
 def evaluate_generation(samples, reference, feature_net: FeatureNet | str = "inception", *, split: str = "test",
                         num_ref: int = 0, stats_cache: str | Path | None = None, batch_size: int = 64,
                         device: str | torch.device = "cpu", kid_subsets: int = 100, is_splits: int = 10,
-                        progress: bool = True) -> dict[str, Any]:
+                        progress: bool = True, dist: DistInfo | None = None) -> dict[str, Any]:
     """FID (+ KID, precision/recall, IS where possible) of generated images against a reference.
 
     samples: an .npz (arr_0 uint8 NHWC) or image folder path, a uint8 NHWC array, a float NCHW tensor in
     [-1, 1], or a FeatureSet. reference: see `reference_features`; a data spec is opened at the samples'
     resolution. Returns {"metrics", "skipped", "feature_net", "num_samples", "reference", ...}.
+    `dist`: under torchrun the ranks share the feature extraction, and every rank returns the same result.
     """
     net = resolve_feature_net(feature_net, device)
     source = str(samples) if isinstance(samples, (str, Path)) else "given images"
@@ -283,9 +280,9 @@ def evaluate_generation(samples, reference, feature_net: FeatureNet | str = "inc
                    else images.shape[-1])
     # The reference first: a mismatched statistics cache fails before any sample features are computed.
     ref, ref_info = reference_features(reference, net, split=split, num=num_ref, image_size=size,
-                                       stats_cache=stats_cache, batch_size=batch_size, progress=progress)
+                                       stats_cache=stats_cache, batch_size=batch_size, progress=progress, dist=dist)
     if gen is None:
-        gen = extract_features(net, images, batch_size, progress)
+        gen = features_of(net, images, batch_size, progress, dist)
     metrics, skipped = generation_report(gen, ref, kid_subsets, is_splits=is_splits, device=device)
     return {"kind": "generation", "samples": source, "num_samples": gen.n, "image_size": size,
             "feature_net": net.name, "reference": ref_info, "metrics": metrics, "skipped": skipped}
@@ -304,10 +301,11 @@ def _to_uint8_levels(images: torch.Tensor) -> torch.Tensor:
 def evaluate_reconstruction(tokenizer, dataset: Dataset, feature_net: FeatureNet | str | None = None, *,
                             batch_size: int = 64, device: str | torch.device = "cpu", lpips="auto",
                             stats_cache: str | Path | None = None, cache_key: dict | None = None,
-                            progress: bool = True) -> dict[str, Any]:
+                            progress: bool = True, dist: DistInfo | None = None) -> dict[str, Any]:
     """Encode + decode every image of `dataset` ((image in [-1, 1], label) items): PSNR, SSIM, LPIPS (skipped
     with the reason when its weights are missing) and, with a feature network, rFID of the reconstructions
-    against the originals (reference statistics from `stats_cache` when it exists and matches `cache_key`)."""
+    against the originals (reference statistics from `stats_cache` when it exists and matches `cache_key`).
+    `dist`: under torchrun each rank reconstructs a contiguous share, and every rank returns the same result."""
     from tqdm.auto import tqdm
 
     tokenizer = tokenizer.to(device).eval()
@@ -317,8 +315,11 @@ def evaluate_reconstruction(tokenizer, dataset: Dataset, feature_net: FeatureNet
         else None
     meter = ReconstructionMetrics(lpips=lpips, device=device)
     rec_feats, ref_feats = [], []
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for images, _ in tqdm(loader, desc="reconstruct", disable=not progress, dynamic_ncols=True):
+    sharded = dist is not None and dist.enabled
+    share = Subset(dataset, shard_range(len(dataset), dist)) if sharded else dataset
+    loader = DataLoader(share, batch_size=batch_size, shuffle=False)
+    main = dist is None or dist.is_main
+    for images, _ in tqdm(loader, desc="reconstruct", disable=not (progress and main), dynamic_ncols=True):
         x = images.to(device)
         recon = _to_uint8_levels(tokenizer.decode(tokenizer.encode(x)).float())
         meter.update(recon, x)
@@ -326,6 +327,9 @@ def evaluate_reconstruction(tokenizer, dataset: Dataset, feature_net: FeatureNet
             rec_feats.append(extract_features(net, recon, batch_size, progress=False))
             if ref is None:
                 ref_feats.append(extract_features(net, x, batch_size, progress=False))
+    if sharded:
+        meter.all_gather(dist)
+        rec_feats, ref_feats = all_gather_list(rec_feats, dist), all_gather_list(ref_feats, dist)
     metrics: dict[str, Any] = dict(meter.compute())
     skipped = {"lpips": metrics.pop("lpips_skipped")} if "lpips_skipped" in metrics else {}
     out: dict[str, Any] = {"kind": "reconstruction", "num_images": len(dataset),
@@ -335,7 +339,8 @@ def evaluate_reconstruction(tokenizer, dataset: Dataset, feature_net: FeatureNet
         if ref is None:
             ref = concat_features(ref_feats)
             if cache is not None:
-                _save_cache(cache, ref, cache_key)
+                if main:
+                    _save_cache(cache, ref, cache_key)
                 out["reference_cached_to"] = str(cache)
         value = next(iter(fid(evaluated, ref).values()))
         metrics[metric_name("rfid", net.name, evaluated.n)] = value
@@ -470,17 +475,30 @@ def _write_json(result: dict[str, Any], path: Path) -> dict[str, Any]:
         return {**result, "json": None}
 
 
-def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
-    """`maetok eval gen|recon`; returns the result and writes it as JSON beside the samples / tokenizer."""
-    device = _device(args.device)
+def evaluate_command(args: argparse.Namespace) -> dict[str, Any] | None:
+    """`maetok eval gen|recon`; returns the result and writes it as JSON beside the samples / tokenizer.
+    Under torchrun the ranks share the work; rank 0 returns and writes the result, the others return None."""
+    from ..train.distributed import cleanup, init_distributed
+
+    info = init_distributed(args.device)
+    try:
+        result = _evaluate(args, info, info.device if info.enabled else _device(args.device))
+    finally:
+        cleanup(info)
+    return result if info.is_main else None
+
+
+def _evaluate(args: argparse.Namespace, info: DistInfo, device) -> dict[str, Any]:
+    write = _write_json if info.is_main else (lambda result, path: result)
     if args.what == "gen":
         if not args.samples:
             raise EvalInputError("maetok eval gen needs --samples (.npz with arr_0, or an image folder)")
         result = evaluate_generation(args.samples, args.ref, args.features, split=args.split, num_ref=args.num,
-                                     stats_cache=args.stats_cache, device=device)
+                                     stats_cache=args.stats_cache, device=device, progress=info.is_main,
+                                     dist=info)
         src = Path(args.samples)
-        where = src.parent / f"{src.stem if src.is_file() else src.name}.eval-{result['feature_net']}.json"
-        return _write_json(result, where)
+        name = f"{src.stem if src.is_file() else src.name}.eval-{result['feature_net']}.json"
+        return write(result, src.parent / name)
 
     if not args.tokenizer:
         raise EvalInputError("maetok eval recon needs --tokenizer (a tokenizer weights folder)")
@@ -497,12 +515,12 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
     # The same key as `eval gen` uses: one cache of these reference images serves rFID and gFID alike.
     key = _reference_key(args.ref, args.split, args.num, size, net.name)
     result = evaluate_reconstruction(tokenizer, dataset, net, device=device, stats_cache=args.stats_cache,
-                                     cache_key=key)
+                                     cache_key=key, progress=info.is_main, dist=info)
     result = {"tokenizer": str(args.tokenizer), "reference": {"source": args.ref, "split": args.split}, **result}
     tok = Path(args.tokenizer)
     if not tok.is_dir():  # a hub id: nowhere beside it to write
         return {**result, "json": None}
-    return _write_json(result, tok.parent / f"{tok.name}.recon-{net.name}.json")
+    return write(result, tok.parent / f"{tok.name}.recon-{net.name}.json")
 
 
 def _pairs(items: Sequence[str], option: str) -> dict[str, str]:

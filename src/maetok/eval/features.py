@@ -2,6 +2,7 @@
 
     net = build_feature_net("resnet56-cifar10")          # or "inception" (the number papers report)
     feats = extract_features(net, images, batch_size=256) # FeatureSet: features (N, D), logits (N, K) or None
+    feats = features_of(net, dataset, dist=info)          # the same, split across torchrun ranks
     register_feature_net("pilot-classifier", lambda: wrap_feature_net(my_classifier, "pilot-classifier", 32))
 
 A network registers a factory; `FeatureNet` adapts any module with `.features(images)` (images in [-1, 1]),
@@ -18,9 +19,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from ..nets.resnet_cifar import ResNetCifar
+from ..train.distributed import DistInfo, all_gather_list, shard_range
 
 
 @dataclass
@@ -189,3 +192,24 @@ def extract_features(net: FeatureNet, images_or_iterable, batch_size: int = 64, 
     if not feats:
         raise ValueError("extract_features: no images were given")
     return FeatureSet(np.concatenate(feats), np.concatenate(logits) if logits else None, net.name)
+
+
+def features_of(net: FeatureNet, source, batch_size: int = 64, progress: bool = True,
+                dist: DistInfo | None = None) -> FeatureSet:
+    """Features of every image of `source`: a Dataset of (image, label) items, a uint8 NHWC array, a float NCHW
+    tensor, or (not shardable) an iterable of batches. With `dist` of several torchrun ranks, each rank embeds a
+    contiguous share and every rank receives the whole set in order, so what follows runs the same everywhere."""
+    shardable = isinstance(source, (Dataset, np.ndarray, torch.Tensor))
+    if dist is None or not dist.enabled or not shardable:
+        return _features(net, source, batch_size, progress)
+    share = shard_range(len(source), dist)
+    part = Subset(source, share) if isinstance(source, Dataset) else source[share.start:share.stop]
+    mine = [_features(net, part, batch_size, progress and dist.is_main)] if len(share) else []
+    return concat_features(all_gather_list(mine, dist))
+
+
+def _features(net: FeatureNet, source, batch_size: int, progress: bool) -> FeatureSet:
+    if isinstance(source, Dataset):
+        loader = DataLoader(source, batch_size=batch_size, shuffle=False)
+        return extract_features(net, loader, batch_size, progress, total=len(source))
+    return extract_features(net, source, batch_size, progress)

@@ -106,6 +106,14 @@ class ReconstructionMetrics:
             to_unit = lambda t: (t.to(dev).float() - lo) / (hi - lo) * 2 - 1  # LPIPS expects [-1, 1]
             self._values["lpips[vgg]"].append(self.lpips(to_unit(pred), to_unit(target)).double().cpu())
 
+    def all_gather(self, info) -> None:
+        """Sharded evaluation under torchrun: every rank's per-image values, in rank order, on every rank."""
+        from ..train.distributed import all_gather_list
+
+        mine = [{k: torch.cat(v) if v else torch.empty(0, dtype=torch.float64) for k, v in self._values.items()}]
+        parts = all_gather_list(mine, info)
+        self._values = {k: [p[k] for p in parts if len(p[k])] for k in self._values}
+
     def compute(self) -> dict[str, float | str]:
         out: dict[str, float | str] = {}
         for key, values in self._values.items():

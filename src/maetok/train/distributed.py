@@ -70,6 +70,23 @@ def all_reduce_max(value: float, info: DistInfo) -> float:
     return float(x)
 
 
+def shard_range(n: int, info: DistInfo) -> range:
+    """This rank's contiguous share of n items; shares differ in size by at most one, in rank order."""
+    per, extra = divmod(n, info.world)
+    start = info.rank * per + min(info.rank, extra)
+    return range(start, start + per + (info.rank < extra))
+
+
+def all_gather_list(items: list, info: DistInfo) -> list:
+    """Every rank's `items`, concatenated in rank order, on every rank (small Python objects or arrays: pickled
+    between the job's own processes)."""
+    if not info.enabled:
+        return list(items)
+    parts: list = [None] * info.world
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
 def cleanup(info: DistInfo) -> None:
     if info.enabled and info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
