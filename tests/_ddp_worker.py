@@ -307,10 +307,30 @@ def scenario_eval(out: Path, info: DistInfo, inputs: Path) -> None:
     _json(out / f"cli-{info.rank}.json", {"code": code, "stdout": printed.getvalue()})
 
 
+def scenario_latents(out: Path, info: DistInfo, inputs: Path) -> None:
+    """A latent cache of 32 images in shards of 5: rank 0 encodes shards 0, 2, 4, 6 and rank 1 the others."""
+    import contextlib
+    import io
+
+    from maetok.cli import main as cli
+    from maetok.data import open_dataset
+    from maetok.data.latents import cache_latents
+    from maetok.tokenizer import MAETok
+
+    tok = MAETok.from_pretrained(inputs / "tok")
+    cache_latents(tok, open_dataset("shapes", "train", 16, limit=32), out / "cache", batch_size=4, shard_size=5,
+                  progress=False, dist=info)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = cli(["latents", "cache", "--tokenizer", str(inputs / "tok"), "--data", "shapes", "--limit", "8",
+                    "--out", str(out / "cli-cache"), "--device", "cpu"])
+    _json(out / f"cli-{info.rank}.json", {"code": code, "stdout": printed.getvalue()})
+
+
 # Control-flow scenarios last: if one deadlocks, the collective timeout breaks the group for what follows.
 SCENARIOS = {"tok_ae": scenario_tok_ae, "tok_gan": scenario_tok_gan, "tok_masks": scenario_tok_masks,
              "sit": scenario_sit, "diffusion_run": scenario_diffusion_run, "sample": scenario_sample,
-             "eval": scenario_eval, "nan": scenario_nan, "sigterm": scenario_sigterm}
+             "eval": scenario_eval, "latents": scenario_latents, "nan": scenario_nan, "sigterm": scenario_sigterm}
 
 
 def main() -> None:

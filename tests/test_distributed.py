@@ -266,6 +266,27 @@ def test_sharded_evaluation_equals_single_process(ddp: DDPRun, tmp_path: Path):
     assert printed["metrics"] == pytest.approx(results[0]["gen"]["metrics"])  # the API's numbers (same net, data)
 
 
+def test_sharded_latent_cache_equals_single_process(ddp: DDPRun, tmp_path: Path):
+    from maetok.data import open_dataset
+    from maetok.data.latents import LatentDataset, cache_latents
+    from maetok.tokenizer import MAETok
+
+    folder = ddp.check("latents")
+    tok = MAETok.from_pretrained(ddp.inputs / "tok")
+    cache_latents(tok, open_dataset("shapes", "train", 16, limit=32), tmp_path, batch_size=4, shard_size=5,
+                  progress=False)
+    a, b = LatentDataset(folder / "cache"), LatentDataset(tmp_path)
+    assert len(a) == len(b) == 32 and len(a.meta["shards"]) == 7
+    assert a.meta == b.meta
+    torch.testing.assert_close(a.latents, b.latents, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.latents_flip, b.latents_flip, rtol=1e-5, atol=1e-6)
+    assert torch.equal(a.labels, b.labels)
+    # The command line under torchrun: one cache, one message.
+    cli = [json.loads((folder / f"cli-{r}.json").read_text()) for r in (0, 1)]
+    assert [c["code"] for c in cli] == [0, 0] and cli[1]["stdout"] == "" and "cached 8 latents" in cli[0]["stdout"]
+    assert len(LatentDataset(folder / "cli-cache")) == 8
+
+
 @pytest.mark.parametrize("n,world", [(13, 2), (2, 4), (0, 3), (16, 4)])
 def test_shards_cover_every_item_once_in_order(n: int, world: int):
     from maetok.train.distributed import shard_range

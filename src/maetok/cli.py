@@ -92,10 +92,18 @@ def cmd_latents_cache(a: argparse.Namespace) -> int:
     from .data.latents import cache_latents
     from .tokenizer import MAETok
 
+    from .train.distributed import cleanup, init_distributed
+
     tok = MAETok.from_pretrained(a.tokenizer)
     ds = open_dataset(a.data, split=a.split, image_size=tok.config.image_size, limit=a.limit)
-    out = cache_latents(tok, ds, a.out, batch_size=a.batch_size, flip=not a.no_flip, device=_device(a.device))
-    print(f"cached {len(ds)} latents of {a.data} ({a.split}) in {out}")
+    info = init_distributed(a.device)  # under torchrun the ranks encode alternate shards
+    try:
+        out = cache_latents(tok, ds, a.out, batch_size=a.batch_size, flip=not a.no_flip,
+                            device=info.device if info.enabled else _device(a.device), dist=info)
+    finally:
+        cleanup(info)
+    if info.is_main:
+        print(f"cached {len(ds)} latents of {a.data} ({a.split}) in {out}")
     return 0
 
 
@@ -199,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_convert)
 
     lat = sub.add_parser("latents", help="latent caches").add_subparsers(dest="action", required=True)
-    p = lat.add_parser("cache", help="encode a dataset once into sharded safetensors (with flipped copies)")
+    p = lat.add_parser("cache", help="encode a dataset once into sharded safetensors (with flipped copies); "
+                                     "under torchrun the ranks share the shards")
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--data", required=True, help="data spec: folder, zip:FILE, cifar:DIR, npz:FILE or shapes")
     p.add_argument("--split", default="train")

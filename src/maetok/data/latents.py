@@ -15,13 +15,17 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from ..train.checkpoint import atomic_write_bytes
+from ..train.distributed import DistInfo, barrier
 
 
 @torch.no_grad()
 def cache_latents(tokenizer, dataset, out_dir: str | Path, batch_size: int = 64, flip: bool = True,
                   shard_size: int = 10_000, device: str | torch.device = "cpu", progress: bool = True,
-                  num_workers: int = 0) -> Path:
-    """Encode every item of `dataset` ((image, label) pairs, images in [-1, 1]); resumable by shard."""
+                  num_workers: int = 0, dist: DistInfo | None = None) -> Path:
+    """Encode every item of `dataset` ((image, label) pairs, images in [-1, 1]); resumable by shard.
+
+    `dist` (torchrun): rank r encodes shards r, r + world, ...; meta.json, which makes the folder a cache, is
+    written by rank 0 once every shard is on disk."""
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
@@ -29,11 +33,15 @@ def cache_latents(tokenizer, dataset, out_dir: str | Path, batch_size: int = 64,
     tokenizer = tokenizer.to(device).eval()
     n = len(dataset)
     shards = []
-    bar = tqdm(total=n, desc="encode latents", disable=not progress, dynamic_ncols=True)
+    rank, world = (dist.rank, dist.world) if dist is not None and dist.enabled else (0, 1)
+    mine = sum(min(shard_size, n - start) for s, start in enumerate(range(0, n, shard_size)) if s % world == rank)
+    bar = tqdm(total=mine, desc="encode latents", disable=not progress or rank != 0, dynamic_ncols=True)
     for s, start in enumerate(range(0, n, shard_size)):
         name = f"shard-{s:05d}.safetensors"
         shards.append(name)
         stop = min(n, start + shard_size)
+        if s % world != rank:
+            continue
         if (out / name).is_file():  # written atomically, so present means complete
             bar.update(stop - start)
             continue
@@ -54,6 +62,14 @@ def cache_latents(tokenizer, dataset, out_dir: str | Path, batch_size: int = 64,
         save_file(tensors, str(tmp))
         tmp.replace(out / name)
     bar.close()
+    if world > 1:
+        barrier(dist)
+        if rank != 0:
+            barrier(dist)  # returns once rank 0 has written meta.json
+            return out
+        missing = [name for name in shards if not (out / name).is_file()]
+        if missing:
+            raise RuntimeError(f"{out}: shards {missing[:5]} were not written by their ranks")
     from ..config import to_dict
 
     meta = {"kind": "maetok-latent-cache", "count": n, "shards": shards, "flip": flip,
@@ -62,6 +78,8 @@ def cache_latents(tokenizer, dataset, out_dir: str | Path, batch_size: int = 64,
             "num_classes": int(getattr(dataset, "num_classes", 0) or 0),
             "tokenizer_config": to_dict(tokenizer.config)}
     atomic_write_bytes(out / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    if world > 1:
+        barrier(dist)
     return out
 
 
