@@ -6,8 +6,8 @@ rFID / gFID / IS / precision-recall / PSNR / SSIM, GMM NLL per K (one PCA dimens
 accuracy, parameters, GFLOPs and throughput. Writes `report.md` + `report.json` + PNG grids and plots.
 Every stage writes its result to disk before the next starts, so re-running with --resume continues.
 
-Under torchrun every rank runs the training stages (DDP) and generation (sharded); rank 0 alone evaluates,
-caches latents and writes the report while the others wait at a barrier.
+Under torchrun every rank runs the training stages (DDP), latent caching and generation (sharded); rank 0
+alone evaluates and writes the report while the others wait at a barrier.
 """
 from __future__ import annotations
 
@@ -324,11 +324,11 @@ class Pilot:
         tok = MAETok.from_pretrained(tok_dir / "model").to(self.device)
 
         stage("reconstruction", lambda: self.eval_reconstruction(tok, vdir))
-        stage("latents", lambda: {
+        stage("latents", lambda: {  # under torchrun the ranks encode alternate shards
             "train": str(cache_latents(tok, self.train_set, vdir / "latents-train", flip=b.cache_flip,
-                                       device=self.device, batch_size=256)),
+                                       device=self.device, batch_size=256, dist=self.dist)),
             "test": str(cache_latents(tok, self.test_set, vdir / "latents-test", flip=False, device=self.device,
-                                      batch_size=256))})
+                                      batch_size=256, dist=self.dist))}, every_rank=True)
 
         dcfg = self.diffusion_config(vdir, tok, tok_dir)
         stage("diffusion_train", lambda: train(run_diffusion, dcfg, vdir / "diffusion"), every_rank=True)
