@@ -13,7 +13,7 @@ from conftest import REPO
 def benchmarks(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # the scripts import their `common` module
     yield
-    for name in ("lr_sweep", "common"):
+    for name in ("lr_sweep", "pilot_compare", "common"):
         sys.modules.pop(name, None)
 
 
@@ -42,3 +42,33 @@ def test_lr_sweep_scores_every_rate_and_continues_where_it_stopped(benchmarks, t
     # Other settings in the same folder are refused rather than mixed into one table.
     with pytest.raises(SystemExit, match="other settings"):
         lr_sweep.main(["--budget", "smoke", "--lrs", "1e-3", "--out", str(out), "tokenizer_steps=5"])
+
+
+def _fake_pilot(root, name: str, gfid: dict, pca_dim: int = 20, net: str = "cnn"):
+    folder = root / name
+    folder.mkdir()
+    report = {"data": "shapes", "gmm_pca_dim": pca_dim}
+    for variant, value in gfid.items():
+        report[variant] = {f"gfid[{net}]@100 (nocfg)": value, "psnr@100": 20.0, "kid_std[cnn]@100 (nocfg)": 0.1,
+                           "variant_total_wall_s": 5.0}
+    (folder / "report.json").write_text(json.dumps(report))
+    return folder
+
+
+def test_pilot_compare_puts_runs_side_by_side_with_their_spread(benchmarks, tmp_path):
+    import pilot_compare
+
+    a = _fake_pilot(tmp_path, "a", {"ae": 30.0, "maetok": 25.0})
+    b = _fake_pilot(tmp_path, "b", {"ae": 32.0, "maetok": 26.0, "vae": 40.0}, pca_dim=24)
+    out = tmp_path / "cmp.md"
+    assert pilot_compare.main([str(a), str(b), "--labels", "seed 0", "seed 1", "--out", str(out)]) == 0
+    md = out.read_text()
+    assert "| gfid[cnn]@100 (nocfg) | ae | 30.00 | 32.00 | 31.00 ± 1.414 |" in md
+    assert "| gfid[cnn]@100 (nocfg) | maetok | 25.00 | 26.00 | 25.50 ± 0.707 |" in md
+    assert "vae" not in md and "kid_std" not in md and "wall" not in md  # only shared variants, chosen metrics
+    assert "different PCA dimensions" in md
+    assert json.loads(out.with_suffix(".json").read_text())["metrics"]["ae"]["psnr@100"] == [20.0, 20.0]
+    # FIDs under different feature networks are not comparable: refused, naming the metrics.
+    c = _fake_pilot(tmp_path, "c", {"ae": 30.0, "maetok": 25.0}, net="inception-like")
+    with pytest.raises(SystemExit, match="not in every pilot"):
+        pilot_compare.main([str(a), str(c)])
