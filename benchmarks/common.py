@@ -176,8 +176,12 @@ def reset_peak_rss() -> int | None:
 # Output
 # --------------------------------------------------------------------------------------------------------------
 def write_json(path: Path, result: dict) -> None:
+    """Atomically: scripts rewrite their results after every case, and a kill mid-write must not leave a file
+    the next run cannot read."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def markdown_table(headers: list[str], rows: list[list[object]]) -> str:

@@ -9,12 +9,14 @@ PSNR and SSIM. Everything else is the budget's; only `train.optim.lr` changes.
         --lrs 8e-4 2e-3 4e-3 --out runs/lr-sweep-standard
     # writes OUT/lr_sweep.json, lr_sweep.md and lr_sweep.png; re-running continues and skips finished runs
 
-Budget fields take dotted overrides at the end (e.g. `tokenizer_steps=300` for a shorter sweep).
+Budget fields take dotted overrides at the end (e.g. `tokenizer_steps=300` for a shorter sweep). A rate at which
+training diverges (too many non-finite steps in a row) is recorded as such and the sweep goes on.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 from common import machine, machine_line, markdown_table, utc_now, write_json
@@ -35,28 +37,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="+", default=["ae", "vae", "maetok"])
     ap.add_argument("--lrs", nargs="+", type=float, required=True)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("overrides", nargs="*", help="budget fields, e.g. tokenizer_steps=300")
     args = ap.parse_args(argv)
     setup_logging(None)
+    results_path = args.out / "lr_sweep.json"
+    settings = {"data": args.data, "budget": args.budget, "overrides": args.overrides}
+    previous = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if previous and previous.get("settings") != settings:
+        raise SystemExit(f"{args.out} holds a sweep with other settings ({previous.get('settings')}); use a new --out")
     args.out.mkdir(parents=True, exist_ok=True)
     # One feature network and one held-out reference for every run: a shared "pilot" holds them.
-    base = Pilot(args.data, args.variants, args.budget, args.out, settings=pilot_settings(args.budget, args.overrides))
+    base = Pilot(args.data, args.variants, args.budget, args.out, device=args.device,
+                 settings=pilot_settings(args.budget, args.overrides))
     base.open_data()
     base.build_feature_net()
     base.ref_feats = base.features(base.real_batches(base.test_set, base.b.n_eval))
-    results_path = args.out / "lr_sweep.json"
-    previous = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    if previous and previous.get("settings") != {"data": args.data, "budget": args.budget,
-                                                  "overrides": args.overrides}:
-        raise SystemExit(f"{args.out} holds a sweep with other settings ({previous.get('settings')}); use a new --out")
-    result = {"machine": machine("cpu"), "date": utc_now(),
-              "settings": {"data": args.data, "budget": args.budget, "overrides": args.overrides},
-              "budget_lr": _budget_lr(base), "runs": previous.get("runs", {})}
+    result = {"machine": machine(args.device), "date": utc_now(), "settings": settings,
+              # the rate the budget's own runs use (its override, else the preset's)
+              "budget_lr": base.tokenizer_config(args.variants[0], 1).train.optim.lr,
+              "runs": previous.get("runs", {})}
     for variant in args.variants:
         for lr in args.lrs:
             key = f"{variant}@{lr:g}"
+            if result["runs"].get(key, {}).get("diverged"):
+                continue  # resuming it would only diverge again
             run_dir = args.out / key
-            pilot = Pilot(args.data, [variant], args.budget, run_dir, settings=pilot_settings(
+            pilot = Pilot(args.data, [variant], args.budget, run_dir, device=args.device, settings=pilot_settings(
                 args.budget, args.overrides, tokenizer_set=[f"train.optim.lr={lr}"]))
             pilot.train_set, pilot.test_set, pilot.num_classes = base.train_set, base.test_set, base.num_classes
             pilot.feature_net, pilot.ref_feats = base.feature_net, base.ref_feats
@@ -67,11 +74,17 @@ def main(argv: list[str] | None = None) -> int:
             def train(cfg, out: Path) -> dict:
                 return _summary(_train_run(run_tokenizer, cfg, out, pilot.dist, pilot.device))
 
-            stage("tokenizer_train", lambda: train(pilot.tokenizer_config(variant, 1), vdir / "tokenizer"))
-            tok_dir = pilot.tokenizer_dir(variant)
-            if tok_dir.name == "tokenizer-ft":
-                stage("decoder_finetune", lambda: train(pilot.tokenizer_config(variant, 2, str(vdir / "tokenizer")),
-                                                        tok_dir))
+            try:
+                stage("tokenizer_train", lambda: train(pilot.tokenizer_config(variant, 1), vdir / "tokenizer"))
+                tok_dir = pilot.tokenizer_dir(variant)
+                if tok_dir.name == "tokenizer-ft":
+                    stage("decoder_finetune", lambda: train(
+                        pilot.tokenizer_config(variant, 2, str(vdir / "tokenizer")), tok_dir))
+            except FloatingPointError as e:  # too high a rate: the finding, not a failure of the sweep
+                print(f"{key}: diverged ({e})", file=sys.stderr)
+                result["runs"][key] = {"variant": variant, "lr": lr, "diverged": True}
+                write_json(results_path, result)
+                continue
             tok = MAETok.from_pretrained(tok_dir / "model")
             recon = stage("reconstruction", lambda: pilot.eval_reconstruction(tok, vdir))
             result["runs"][key] = {"variant": variant, "lr": lr, **_pick(recon),
@@ -83,12 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     plot(result, args.variants, args.out / "lr_sweep.png")
     print(md)
     return 0
-
-
-def _budget_lr(pilot) -> float | None:
-    """The tokenizer rate the budget itself uses (its last train.optim.lr override)."""
-    rates = [float(o.split("=", 1)[1]) for o in pilot.b.tokenizer if o.startswith("train.optim.lr=")]
-    return rates[-1] if rates else None
 
 
 def _pick(recon: dict) -> dict:
@@ -110,15 +117,20 @@ def markdown(result: dict, variants: list[str]) -> str:
     rows = []
     for v in variants:
         mine = {r["lr"]: r for r in runs.values() if r["variant"] == v}
-        best = min(mine.values(), key=lambda r: r["rfid"])["lr"] if mine else None
+        scored = [r for r in mine.values() if not r.get("diverged") and math.isfinite(r["rfid"])]
+        best = min(scored, key=lambda r: r["rfid"])["lr"] if scored else None
         for lr in lrs:
-            if lr in mine:
-                r = mine[lr]
-                mark = " (best rFID)" if lr == best else ""
-                rows.append([v, f"{lr:g}{mark}", f"{r['rfid']:.2f}", f"{r['psnr']:.2f}", f"{r['ssim']:.3f}",
-                             f"{r['train_wall_s']:.0f}"])
+            if lr not in mine:
+                continue
+            r = mine[lr]
+            if r.get("diverged"):
+                rows.append([v, f"{lr:g}", "diverged", "", "", ""])
+                continue
+            mark = " (best rFID)" if lr == best else ""
+            rows.append([v, f"{lr:g}{mark}", f"{r['rfid']:.2f}", f"{r['psnr']:.2f}", f"{r['ssim']:.3f}",
+                         f"{r['train_wall_s']:.0f}"])
     s = result["settings"]
-    key = next((r["rfid_key"] for r in runs.values()), "rfid")
+    key = next((r["rfid_key"] for r in runs.values() if "rfid_key" in r), "rfid")
     return "\n".join([machine_line(result["machine"]), "",
                       f"Tokenizer learning-rate sweep on `{s['data']}`, `{s['budget']}` budget"
                       + (f" with {' '.join(s['overrides'])}" if s["overrides"] else "")
@@ -137,11 +149,10 @@ def plot(result: dict, variants: list[str], path: Path) -> None:
         ax = fig.add_subplot(1, 2, i + 1)
         for v in variants:
             pts = sorted((r["lr"], r[metric]) for r in result["runs"].values() if r["variant"] == v
-                         and math.isfinite(r[metric]))
+                         and not r.get("diverged") and math.isfinite(r[metric]))
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=v)
-        if result["budget_lr"]:
-            ax.axvline(result["budget_lr"], color="gray", linestyle=":", label="budget's lr")
+        ax.axvline(result["budget_lr"], color="gray", linestyle=":", label="budget's lr")
         ax.set_xscale("log")
         lrs = sorted({r["lr"] for r in result["runs"].values()})
         ax.minorticks_off()  # label the swept rates only: log-axis minor labels overlap

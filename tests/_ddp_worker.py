@@ -263,26 +263,36 @@ def toy_feature_net():
 
 def evaluate_both(inputs: Path, out: Path, dist_info: DistInfo | None) -> dict:
     """`maetok eval gen` and `eval recon` through the Python API: 13 samples and 13 held-out images, so the two
-    ranks' shares differ in size."""
+    ranks' shares differ in size. The reconstruction runs twice on one stats cache: written, then read."""
+    import maetok.eval.api as api
     from maetok.data import open_dataset
-    from maetok.eval.api import evaluate_generation, evaluate_reconstruction
     from maetok.tokenizer import MAETok
 
     out.mkdir(parents=True, exist_ok=True)
     net = toy_feature_net()
-    embedded = [0]  # images this process put through the feature net: each rank should see only its share
-    embed = net.embed
+    embedded, saved = [0], [0]  # images this process embedded, caches it wrote: each rank should do its share
+    embed, save = net.embed, api._save_cache
 
     def counting_embed(images):
         embedded[0] += len(images)
         return embed(images)
 
-    net.embed = counting_embed
-    gen = evaluate_generation(str(inputs / "samples.npz"), "shapes", net, split="test", num_ref=13, batch_size=4,
-                              stats_cache=out / "ref-stats.npz", kid_subsets=2, progress=False, dist=dist_info)
-    rec = evaluate_reconstruction(MAETok.from_pretrained(inputs / "tok"), open_dataset("shapes", "test", 16, limit=13),
-                                  net, batch_size=4, lpips=None, progress=False, dist=dist_info)
-    return {"gen": gen, "recon": rec, "embedded": embedded[0]}
+    def counting_save(*args):
+        saved[0] += 1
+        return save(*args)
+
+    net.embed, api._save_cache = counting_embed, counting_save
+    try:
+        gen = api.evaluate_generation(str(inputs / "samples.npz"), "shapes", net, split="test", num_ref=13,
+                                      batch_size=4, stats_cache=out / "ref-stats.npz", kid_subsets=2,
+                                      progress=False, dist=dist_info)
+        tok, held_out = MAETok.from_pretrained(inputs / "tok"), open_dataset("shapes", "test", 16, limit=13)
+        rec, rec_cached = (api.evaluate_reconstruction(tok, held_out, net, batch_size=4, lpips=None, progress=False,
+                                                       stats_cache=out / "recon-stats.npz", dist=dist_info)
+                           for _ in range(2))
+    finally:
+        api._save_cache = save
+    return {"gen": gen, "recon": rec, "recon_cached": rec_cached, "embedded": embedded[0], "saved": saved[0]}
 
 
 def scenario_eval(out: Path, info: DistInfo, inputs: Path) -> None:
@@ -299,18 +309,21 @@ def scenario_eval(out: Path, info: DistInfo, inputs: Path) -> None:
         register_feature_net("toy-resnet20", toy_feature_net)
     if info.is_main:
         shutil.copy(inputs / "samples.npz", out / "samples.npz")
+        shutil.copytree(inputs / "tok", out / "tok")
     dist.barrier()
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        code = cli(["eval", "gen", "--samples", str(out / "samples.npz"), "--ref", "shapes", "--num", "13",
-                    "--features", "toy-resnet20", "--device", "cpu"])
-    _json(out / f"cli-{info.rank}.json", {"code": code, "stdout": printed.getvalue()})
+    for what, source in (("gen", ["--samples", str(out / "samples.npz")]), ("recon", ["--tokenizer", str(out / "tok")])):
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            code = cli(["eval", what, *source, "--ref", "shapes", "--num", "13", "--features", "toy-resnet20",
+                        "--device", "cpu"])
+        _json(out / f"cli-{what}-{info.rank}.json", {"code": code, "stdout": printed.getvalue()})
 
 
 def scenario_latents(out: Path, info: DistInfo, inputs: Path) -> None:
     """A latent cache of 32 images in shards of 5: rank 0 encodes shards 0, 2, 4, 6 and rank 1 the others."""
     import contextlib
     import io
+    import shutil
 
     from maetok.cli import main as cli
     from maetok.data import open_dataset
@@ -318,8 +331,17 @@ def scenario_latents(out: Path, info: DistInfo, inputs: Path) -> None:
     from maetok.tokenizer import MAETok
 
     tok = MAETok.from_pretrained(inputs / "tok")
-    cache_latents(tok, open_dataset("shapes", "train", 16, limit=32), out / "cache", batch_size=4, shard_size=5,
-                  progress=False, dist=info)
+    data = open_dataset("shapes", "train", 16, limit=32)
+    cache_latents(tok, data, out / "cache", batch_size=4, shard_size=5, progress=False, dist=info)
+    # Finishing a cache one process started (shards 0 and 3 on disk, no meta.json): those two are kept as they are.
+    if info.is_main:
+        shutil.copytree(inputs / "partial-cache", out / "resumed")
+    dist.barrier()
+    kept = {p.name: p.stat().st_mtime_ns for p in (out / "resumed").glob("shard-*")}
+    dist.barrier()  # every rank has looked before any writes a shard
+    cache_latents(tok, data, out / "resumed", batch_size=4, shard_size=5, progress=False, dist=info)
+    _json(out / f"kept-{info.rank}.json", {name: (mtime, (out / "resumed" / name).stat().st_mtime_ns)
+                                           for name, mtime in kept.items()})
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = cli(["latents", "cache", "--tokenizer", str(inputs / "tok"), "--data", "shapes", "--limit", "8",
@@ -327,10 +349,31 @@ def scenario_latents(out: Path, info: DistInfo, inputs: Path) -> None:
     _json(out / f"cli-{info.rank}.json", {"code": code, "stdout": printed.getvalue()})
 
 
+def scenario_pilot_stage(out: Path, info: DistInfo, inputs: Path) -> None:
+    """Rank 1 reaches the pilot's Stage late: rank 0 must not record a stage before rank 1 has read the file,
+    or rank 1 skips that stage's barrier and the ranks' collectives pair up wrongly from then on."""
+    import time
+
+    from maetok.pilot import Stage
+
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    if info.rank == 1:
+        time.sleep(1.0)
+    stage = Stage(out / "results.json", info)
+    stage("rank0_only", lambda: {"x": 1})
+    stage("every_rank", lambda: {"world": float(dist.get_world_size())}, every_rank=True)
+    checked = torch.tensor([float(info.rank)])
+    dist.all_reduce(checked)  # a collective after the stages: it pairs up only if both ranks took every barrier
+    _json(out / f"seen-{info.rank}.json", {"keys": sorted(stage.results), "sum": float(checked)})
+
+
 # Control-flow scenarios last: if one deadlocks, the collective timeout breaks the group for what follows.
 SCENARIOS = {"tok_ae": scenario_tok_ae, "tok_gan": scenario_tok_gan, "tok_masks": scenario_tok_masks,
              "sit": scenario_sit, "diffusion_run": scenario_diffusion_run, "sample": scenario_sample,
-             "eval": scenario_eval, "latents": scenario_latents, "nan": scenario_nan, "sigterm": scenario_sigterm}
+             "eval": scenario_eval, "latents": scenario_latents, "pilot_stage": scenario_pilot_stage,
+             "nan": scenario_nan, "sigterm": scenario_sigterm}
 
 
 def main() -> None:

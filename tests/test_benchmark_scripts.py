@@ -44,6 +44,32 @@ def test_lr_sweep_scores_every_rate_and_continues_where_it_stopped(benchmarks, t
         lr_sweep.main(["--budget", "smoke", "--lrs", "1e-3", "--out", str(out), "tokenizer_steps=5"])
 
 
+def test_lr_sweep_records_a_diverging_rate_and_goes_on(benchmarks, tmp_path, monkeypatch):
+    import lr_sweep
+    import maetok.pilot
+
+    real = maetok.pilot._train_run
+
+    def diverge_at_high_rates(run_fn, cfg, out, dist, device):
+        if cfg.train.optim.lr > 1e-2:
+            raise FloatingPointError("10 consecutive non-finite steps")  # what the Trainer raises
+        return real(run_fn, cfg, out, dist, device)
+
+    monkeypatch.setattr(maetok.pilot, "_train_run", diverge_at_high_rates)
+    out = tmp_path / "sweep"
+    toy = ["n_train=64", "n_eval=32", "tokenizer_steps=3", "classifier_steps=5"]
+    assert lr_sweep.main(["--budget", "smoke", "--variants", "ae", "--lrs", "1", "1e-3", "--out", str(out),
+                          *toy]) == 0
+    runs = json.loads((out / "lr_sweep.json").read_text())["runs"]
+    assert runs["ae@1"] == {"variant": "ae", "lr": 1.0, "diverged": True} and runs["ae@0.001"]["rfid"] >= 0
+    md = (out / "lr_sweep.md").read_text()
+    assert "| ae | 1 | diverged |" in md and "| ae | 0.001 (best rFID) |" in md
+    # A rerun does not retrain the diverged rate.
+    monkeypatch.setattr(maetok.pilot, "_train_run", lambda *a: pytest.fail("retrained a finished sweep"))
+    assert lr_sweep.main(["--budget", "smoke", "--variants", "ae", "--lrs", "1", "1e-3", "--out", str(out),
+                          *toy]) == 0
+
+
 def _fake_pilot(root, name: str, gfid: dict, pca_dim: int = 20, net: str = "cnn"):
     folder = root / name
     folder.mkdir()

@@ -80,6 +80,13 @@ def _make_inputs(root: Path) -> None:
     sit.save_pretrained(root / "sit")
     rng = np.random.default_rng(0)
     np.savez(root / "samples.npz", arr_0=rng.integers(0, 256, (13, 16, 16, 3), dtype=np.uint8))
+    # A latent cache one process left unfinished: shards 0 and 3 of 7 on disk, no meta.json yet.
+    partial = root / "partial-cache"
+    cache_latents(tok, open_dataset("shapes", "train", 16, limit=32), partial, batch_size=4, shard_size=5,
+                  progress=False)
+    for p in partial.iterdir():
+        if p.name not in ("shard-00000.safetensors", "shard-00003.safetensors"):
+            p.unlink()
 
 
 @pytest.fixture(scope="module")
@@ -239,31 +246,38 @@ def test_sharded_sampling_equals_single_process(ddp: DDPRun, tmp_path: Path, sam
 # ==============================================================================================================
 def test_sharded_evaluation_equals_single_process(ddp: DDPRun, tmp_path: Path):
     """`maetok eval` under torchrun: the ranks split the feature extraction and the reconstructions, every rank
-    returns the same result, equal to one process's, and rank 0 alone writes the reference cache."""
+    returns the same result, equal to one process's, and rank 0 alone writes the reference caches."""
     from maetok.eval.fid import FeatureStats
 
     folder = ddp.check("eval")
     results = [json.loads((folder / f"result-{r}.json").read_text()) for r in (0, 1)]
     single = W.evaluate_both(ddp.inputs, tmp_path, None)
-    # 13 references, 13 samples, 13 originals and their reconstructions: 7 + 6 of each per rank.
-    assert single["embedded"] == 52 and [r.pop("embedded") for r in results] == [28, 24]
+    # 13 references, 13 samples, then twice 13 reconstructions (+ 13 originals the first time, before the cache
+    # holds them): 7 + 6 of each per rank. Two caches, written by rank 0 alone.
+    assert single["embedded"] == 65 and [r.pop("embedded") for r in results] == [35, 30]
+    assert single["saved"] == 2 and [r.pop("saved") for r in results] == [2, 0]
     assert results[0] == results[1]
-    for kind in ("gen", "recon"):
+    for kind in ("gen", "recon", "recon_cached"):
         got, want = results[0][kind], single[kind]
         assert got["skipped"] == want["skipped"] and got["metrics"].keys() == want["metrics"].keys(), kind
         for key, value in want["metrics"].items():
             assert got["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (kind, key)
+    assert results[0]["recon_cached"]["metrics"] == results[0]["recon"]["metrics"]  # the cache gives the same rFID
+    assert "reference_cached_to" in results[0]["recon"] and "reference_cached_to" not in results[0]["recon_cached"]
     assert results[0]["gen"]["num_samples"] == 13 and results[0]["recon"]["num_images"] == 13
-    assert not [p.name for p in folder.iterdir() if ".tmp" in p.name]  # one writer: no stray temporary files
     a, b = FeatureStats.load(folder / "ref-stats.npz"), FeatureStats.load(tmp_path / "ref-stats.npz")
     assert a.n == b.n == 13 and np.allclose(a.mu, b.mu, rtol=1e-6, atol=1e-9)
-    # `maetok eval gen` under torchrun: one printed result (rank 0's), written once beside the samples.
-    cli = [json.loads((folder / f"cli-{r}.json").read_text()) for r in (0, 1)]
-    assert [c["code"] for c in cli] == [0, 0] and cli[1]["stdout"] == ""
-    printed = json.loads(cli[0]["stdout"])
-    [written] = [json.loads(p.read_text()) for p in folder.glob("samples.eval-*.json")]
-    assert printed["metrics"] == written["metrics"] and printed["num_samples"] == 13
-    assert printed["metrics"] == pytest.approx(results[0]["gen"]["metrics"])  # the API's numbers (same net, data)
+    # `maetok eval gen|recon` under torchrun: one printed result (rank 0's), written once beside the input.
+    for what, written_glob, api_result in (("gen", "samples.eval-*.json", results[0]["gen"]),
+                                           ("recon", "tok.recon-*.json", results[0]["recon"])):
+        cli = [json.loads((folder / f"cli-{what}-{r}.json").read_text()) for r in (0, 1)]
+        assert [c["code"] for c in cli] == [0, 0] and cli[1]["stdout"] == "", what
+        printed = json.loads(cli[0]["stdout"])
+        [written] = [json.loads(p.read_text()) for p in folder.glob(written_glob)]
+        assert printed["metrics"] == written["metrics"], what
+        # The API's numbers (same net and data; LPIPS is skipped by the CLI here, left out by the API).
+        shared = {k: v for k, v in printed["metrics"].items() if k in api_result["metrics"]}
+        assert shared and shared == pytest.approx({k: api_result["metrics"][k] for k in shared}), what
 
 
 def test_sharded_latent_cache_equals_single_process(ddp: DDPRun, tmp_path: Path):
@@ -281,10 +295,22 @@ def test_sharded_latent_cache_equals_single_process(ddp: DDPRun, tmp_path: Path)
     torch.testing.assert_close(a.latents, b.latents, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a.latents_flip, b.latents_flip, rtol=1e-5, atol=1e-6)
     assert torch.equal(a.labels, b.labels)
+    # An unfinished cache completed by two ranks: the shards on disk are kept, the result is the same cache.
+    resumed = LatentDataset(folder / "resumed")
+    torch.testing.assert_close(resumed.latents, b.latents, rtol=1e-5, atol=1e-6)
+    kept = json.loads((folder / "kept-0.json").read_text())
+    assert sorted(kept) == ["shard-00000.safetensors", "shard-00003.safetensors"]
+    assert all(before == after for before, after in kept.values())
     # The command line under torchrun: one cache, one message.
     cli = [json.loads((folder / f"cli-{r}.json").read_text()) for r in (0, 1)]
     assert [c["code"] for c in cli] == [0, 0] and cli[1]["stdout"] == "" and "cached 8 latents" in cli[0]["stdout"]
     assert len(LatentDataset(folder / "cli-cache")) == 8
+
+
+def test_pilot_stages_agree_when_a_rank_arrives_late(ddp: DDPRun):
+    folder = ddp.check("pilot_stage")
+    seen = [json.loads((folder / f"seen-{r}.json").read_text()) for r in (0, 1)]
+    assert seen[0] == seen[1] == {"keys": ["every_rank", "rank0_only"], "sum": 1.0}
 
 
 @pytest.mark.parametrize("n,world", [(13, 2), (2, 4), (0, 3), (16, 4)])

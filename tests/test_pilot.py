@@ -133,6 +133,10 @@ def test_smoke_pilot_under_torchrun(tmp_path: Path):
         assert results[stage]["world_size"] == 2 and results[stage]["finished"], (stage, results[stage])
     with np.load(out / "maetok" / "samples-cfg" / "samples.npz") as z:
         assert len(z["arr_0"]) == plan["settings"]["n_eval"]  # both ranks' shares, each sample once
+    for split, count in (("train", plan["settings"]["n_train"]), ("test", plan["settings"]["n_eval"])):
+        meta = json.loads((out / "maetok" / f"latents-{split}" / "meta.json").read_text())  # cached by every rank
+        assert meta["count"] == count and all((out / "maetok" / f"latents-{split}" / s).is_file()
+                                              for s in meta["shards"])
 
     before = (out / "maetok" / "results.json").read_text()
     proc = torchrun("--resume")

@@ -94,7 +94,11 @@ def test_baseline_variants_train(variant: str, tmp_path: Path):
 
 
 TEACHERS = ("model.aux_targets=[{name: hog, weight: 1.0}, {name: siglip, weight: 1.0, options: {pretrained: false, "
-            "model_kwargs: {depth: 2, embed_dim: 64, num_heads: 2}}}]")
+            "model_kwargs: {depth: 2, embed_dim: 64, num_heads: 2}}}, {name: dinov2, weight: 1.0, options: "
+            "{pretrained: false, model: vit_small_patch14_dinov2, layer: 0, norm: true, model_kwargs: {depth: 2, "
+            "embed_dim: 64, num_heads: 2}}}, {name: resnet-cifar, weight: 1.0, options: {pretrained: false, "
+            "arch: resnet20, layer: layer2}}]")
+NETWORK_TEACHERS = ("siglip", "dinov2", "resnet-cifar")  # dinov2 through an intermediate layer (layer=0)
 
 
 def _task(*overrides: str):
@@ -109,18 +113,21 @@ def test_bf16_training_holds_network_teachers_in_bf16_and_hog_in_float32():
     images = torch.rand(4, 3, 16, 16) * 2 - 1
     full = _task("train.precision=bf16", "teacher_precision=fp32")
     half = _task("train.precision=bf16")
-    assert full.targets["siglip"].compute_dtype == torch.float32
-    assert half.targets["siglip"].compute_dtype == torch.bfloat16
+    for name in NETWORK_TEACHERS:
+        assert full.targets[name].compute_dtype == torch.float32
+        assert half.targets[name].compute_dtype == torch.bfloat16, name
     assert half.targets["hog"].compute_dtype == torch.float32
+    assert half.targets["siglip"].mean.dtype == torch.float32  # normalisation constants are not rounded
     # Features as the step computes them, under the step's autocast.
     with torch.autocast("cpu", dtype=torch.bfloat16):
         f_full, f_half = full.teacher_features(images), half.teacher_features(images)
     assert all(f.dtype == torch.float32 for f in (*f_full.values(), *f_half.values()))
     # HOG runs outside autocast: exactly the float32 target, not a bf16 approximation of it.
     assert torch.equal(f_half["hog"], half.targets["hog"](images, 4))
-    # bf16 weights: the same features up to bf16 rounding (same seed, so the same random teacher).
-    cos = torch.nn.functional.cosine_similarity(f_half["siglip"], f_full["siglip"], dim=-1)
-    assert cos.min() > 0.99 and not torch.equal(f_half["siglip"], f_full["siglip"])
+    # bf16 weights: the same features up to bf16 rounding (same seed, so the same random teachers).
+    for name in NETWORK_TEACHERS:
+        cos = torch.nn.functional.cosine_similarity(f_half[name], f_full[name], dim=-1)
+        assert cos.min() > 0.99 and not torch.equal(f_half[name], f_full[name]), name
     # float32 training never casts a teacher.
     assert _task().targets["siglip"].compute_dtype == torch.float32
 
@@ -147,3 +154,22 @@ def test_a_teacher_that_fails_to_compile_runs_eagerly(monkeypatch, caplog):
     # An error of the teacher itself is not mistaken for a compiler failure.
     with pytest.raises(ValueError, match="expected images"):
         task.teacher_features(images[:, :2])
+
+
+def test_bf16_training_with_bf16_teachers_runs_end_to_end(tmp_path: Path):
+    cfg = load_config(TokenizerRunConfig, "cpu-32", TINY + [TEACHERS, "train.steps=2", "train.precision=bf16"])
+    summary = run_tokenizer(cfg, tmp_path / "run", device="cpu")
+    assert summary["finished"] and summary["skipped_steps"] == 0
+    record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert all(f"loss_aux_{name}" in record for name in ("hog", *NETWORK_TEACHERS))
+    assert all(record[k] == record[k] and abs(record[k]) < 1e3 for k in record if k.startswith("loss"))
+
+
+@pytest.mark.slow
+def test_compiled_teachers_give_the_eager_features():
+    task = _task("train.compile=true")
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    feats = task.teacher_features(images)
+    assert all(task.target_fns[n] is not task.targets[n] for n in task.targets), "a teacher fell back to eager"
+    for name, target in task.targets.items():
+        torch.testing.assert_close(feats[name], target(images, 4), rtol=1e-4, atol=1e-5)

@@ -163,6 +163,13 @@ def cmd_pilot(a: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def _device(name: str) -> str:
     import torch
 
@@ -268,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue a pilot in --out")
     p.add_argument("--force", action="store_true", help="delete --out and start over")
     p.add_argument("--device", default="auto")
-    p.add_argument("--collective-timeout", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--collective-timeout", type=_positive_seconds, default=None, metavar="SECONDS",
                    help="under torchrun: how long a rank may wait for the others (rank 0 evaluates alone while "
                         "they wait); default 12 hours")
     p.add_argument("--tokenizer-set", action="append", default=[], metavar="KEY=VALUE",

@@ -124,14 +124,18 @@ def _jsonable(x: Any):
 class Stage:
     """Run `fn` once: its result (a dict) is stored under `key` in results.json; later runs reuse it.
 
-    Under torchrun, rank 0 runs a stage alone unless `every_rank` (training, sharded sampling), rank 0 alone
-    writes the file, and no rank leaves a stage before all have finished it. Every rank reads the file when the
+    Under torchrun, rank 0 runs a stage alone unless `every_rank` (training, latent caching, sampling), rank 0
+    alone writes the file, and no rank leaves a stage before all have finished it. Every rank reads the file when the
     Stage is made, at the same point of the pilot, so all ranks agree on which stages are still to run.
     """
 
     def __init__(self, results_path: Path, dist: DistInfo):
         self.path, self.dist = results_path, dist
         self.results = _load_json(results_path)
+        # No rank may write the file before every rank has read it: a rank that read it after rank 0 recorded
+        # a stage would skip that stage's barrier, and from then on the ranks' collectives would pair up wrongly
+        # (seen as a hang at the next training run, under CPU contention).
+        barrier(dist)
 
     def __call__(self, key: str, fn, every_rank: bool = False) -> dict:
         if key not in self.results:

@@ -25,7 +25,9 @@ def cache_latents(tokenizer, dataset, out_dir: str | Path, batch_size: int = 64,
     """Encode every item of `dataset` ((image, label) pairs, images in [-1, 1]); resumable by shard.
 
     `dist` (torchrun): rank r encodes shards r, r + world, ...; meta.json, which makes the folder a cache, is
-    written by rank 0 once every shard is on disk."""
+    written by rank 0 once every shard is on disk. Every rank must see the same `out_dir` (a shared filesystem
+    across nodes). Shard names depend only on (len(dataset), shard_size), so an interrupted cache can be
+    finished with any number of ranks."""
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
@@ -64,12 +66,14 @@ def cache_latents(tokenizer, dataset, out_dir: str | Path, batch_size: int = 64,
     bar.close()
     if world > 1:
         barrier(dist)
+        # Every rank checks, so all raise together (a rank left waiting for rank 0 would hang until the timeout).
+        missing = [name for name in shards if not (out / name).is_file()]
+        if missing:
+            raise RuntimeError(f"{out}: shards {missing[:5]} written by other ranks are not visible here; the "
+                               f"ranks need a shared filesystem")
         if rank != 0:
             barrier(dist)  # returns once rank 0 has written meta.json
             return out
-        missing = [name for name in shards if not (out / name).is_file()]
-        if missing:
-            raise RuntimeError(f"{out}: shards {missing[:5]} were not written by their ranks")
     from ..config import to_dict
 
     meta = {"kind": "maetok-latent-cache", "count": n, "shards": shards, "flip": flip,

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..config import ConfigError
-from ..train.distributed import DistInfo, all_gather_list, shard_range
+from ..train.distributed import DistInfo, all_gather_list, barrier, shard_range
 from .features import (FeatureNet, FeatureSet, available_feature_nets, build_feature_net, concat_features,
                        extract_features, features_of)
 from .fid import (FeatureStats, fid, inception_score, kid, load_adm_images, metric_name, precision_recall)
@@ -157,6 +157,21 @@ def _save_cache(path: Path, feats: FeatureSet, key: dict | None) -> FeatureStats
     return stats
 
 
+def _cache_exists(cache: Path | None, dist: DistInfo | None) -> bool:
+    """Whether to read the cache: rank 0's answer on every rank. Ranks that decided alone could disagree (a file
+    rank 0 is writing, a stale network-filesystem view) and then pair up different collectives."""
+    exists = cache is not None and cache.is_file()
+    return all_gather_list([exists], dist)[0] if dist is not None and dist.enabled else exists
+
+
+def _save_cache_once(cache: Path, feats: FeatureSet, key: dict | None, dist: DistInfo | None) -> None:
+    """Rank 0 writes; no rank goes on before the file is complete (a later read must find it whole)."""
+    if dist is None or dist.is_main:
+        _save_cache(cache, feats, key)
+    if dist is not None:
+        barrier(dist)
+
+
 def reference_features(ref, net: FeatureNet, *, split: str = "test", num: int = 0, image_size: int | None = None,
                        stats_cache: str | Path | None = None, batch_size: int = 64, progress: bool = True,
                        dist: DistInfo | None = None) -> tuple[FeatureSet | FeatureStats, dict[str, Any]]:
@@ -179,7 +194,7 @@ def reference_features(ref, net: FeatureNet, *, split: str = "test", num: int = 
     info: dict[str, Any] = {"source": str(ref) if named else "given images",
                             "split": split if named and not is_npz else None}
     cache = Path(stats_cache) if stats_cache else None
-    if cache is not None and cache.is_file():
+    if _cache_exists(cache, dist):
         got = _load_cache(cache, net.name, key)
         log.info("reference statistics read from %s", cache)
         return got, {**info, "n": got.n, "from": f"cache:{cache}"}
@@ -218,8 +233,7 @@ def reference_features(ref, net: FeatureNet, *, split: str = "test", num: int = 
         feats = features_of(net, ref, batch_size, progress, dist)
     info["n"], info["from"] = feats.n, "images"
     if cache is not None:
-        if dist is None or dist.is_main:
-            _save_cache(cache, feats, key)
+        _save_cache_once(cache, feats, key, dist)
         info["cached_to"] = str(cache)
     return feats, info
 
@@ -311,8 +325,7 @@ def evaluate_reconstruction(tokenizer, dataset: Dataset, feature_net: FeatureNet
     tokenizer = tokenizer.to(device).eval()
     net = resolve_feature_net(feature_net, device) if feature_net is not None else None
     cache = Path(stats_cache) if stats_cache else None
-    ref = _load_cache(cache, net.name, cache_key) if net is not None and cache is not None and cache.is_file() \
-        else None
+    ref = _load_cache(cache, net.name, cache_key) if net is not None and _cache_exists(cache, dist) else None
     meter = ReconstructionMetrics(lpips=lpips, device=device)
     rec_feats, ref_feats = [], []
     sharded = dist is not None and dist.enabled
@@ -339,8 +352,7 @@ def evaluate_reconstruction(tokenizer, dataset: Dataset, feature_net: FeatureNet
         if ref is None:
             ref = concat_features(ref_feats)
             if cache is not None:
-                if main:
-                    _save_cache(cache, ref, cache_key)
+                _save_cache_once(cache, ref, cache_key, dist)
                 out["reference_cached_to"] = str(cache)
         value = next(iter(fid(evaluated, ref).values()))
         metrics[metric_name("rfid", net.name, evaluated.n)] = value

@@ -37,6 +37,11 @@ class Target(nn.Module):
     # bf16); hand-computed targets such as HOG keep False and are always computed in float32.
     half_precision_ok: bool = False
 
+    def to_half_precision(self) -> "Target":
+        """Hold the weights in bf16 (called only when `half_precision_ok`). Targets with constants that must
+        stay exact (normalisation statistics) override this to cast their network alone."""
+        return self.to(torch.bfloat16)
+
     @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype of the weights, which the input is cast to; float32 for targets without weights."""
@@ -331,6 +336,10 @@ class TimmTarget(Target):
         mean, std = cfg.get("mean", (0.5, 0.5, 0.5)), cfg.get("std", (0.5, 0.5, 0.5))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def to_half_precision(self) -> "TimmTarget":
+        self.model.to(torch.bfloat16)  # the mean/std buffers stay float32: bf16 would round 0.229 to 0.2295
+        return self
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -78,8 +78,8 @@ def shard_range(n: int, info: DistInfo) -> range:
 
 
 def all_gather_list(items: list, info: DistInfo) -> list:
-    """Every rank's `items`, concatenated in rank order, on every rank (small Python objects or arrays: pickled
-    between the job's own processes)."""
+    """Every rank's `items`, concatenated in rank order, on every rank (picklable objects, arrays included: pickled
+    between the job's own processes; everything is held in memory on every rank)."""
     if not info.enabled:
         return list(items)
     parts: list = [None] * info.world

@@ -207,7 +207,7 @@ class Trainer:
             self.ddp_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[dist_info.local_rank] if dist_info.device.type == "cuda" else None)
         self.forward_model = self.ddp_model
-        if train_cfg.compile and _can_compile():
+        if train_cfg.compile and can_compile():
             self.forward_model = torch.compile(self.ddp_model)
         self._compiled = self.forward_model is not self.ddp_model
 
@@ -382,7 +382,7 @@ def rank_step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed % 2**64, step, rank]).generate_state(1, np.uint64)[0])
 
 
-def _can_compile() -> bool:
+def can_compile() -> bool:
     try:
         import torch._dynamo  # noqa: F401
         return True

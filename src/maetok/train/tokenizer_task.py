@@ -18,7 +18,7 @@ from ..tokenizer.losses import (LeCAM, adaptive_gan_weight, build_discriminator,
                                 hinge_d_loss, hinge_g_loss, kl_loss, ramp)
 from ..tokenizer.model import MAETok
 from ..tokenizer.targets import build_target, target_loss
-from .loop import Task, is_compile_error, uses_bf16
+from .loop import Task, can_compile, is_compile_error, uses_bf16
 
 log = logging.getLogger("maetok.train")
 
@@ -70,8 +70,9 @@ class TokenizerTask(Task):
         if cfg.teacher_precision == "auto" and uses_bf16(self.device, cfg.train.precision):
             for target in self.targets.values():
                 if target.half_precision_ok:
-                    target.to(torch.bfloat16)
-        return {name: torch.compile(t) if cfg.train.compile else t for name, t in self.targets.items()}
+                    target.to_half_precision()
+        compile = cfg.train.compile and bool(self.targets) and can_compile()
+        return {name: torch.compile(t) if compile else t for name, t in self.targets.items()}
 
     @torch.no_grad()
     def teacher_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
