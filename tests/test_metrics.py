@@ -418,3 +418,20 @@ def test_reconstruction_metrics_skip_lpips_with_a_reason(monkeypatch, tmp_path):
     out = metrics.compute()
     assert "lpips[vgg]@3" not in out and "LPIPS" in out["lpips_skipped"]
     assert out["psnr@3"] > 20 and 0 < out["ssim@3"] < 1
+
+
+def test_uncompressed_sample_batches_are_read_lazily(tmp_path):
+    """np.savez batches are memory-mapped (a torchrun rank then reads only its share); compressed ones are read
+    whole; both give the same images and features."""
+    from maetok.eval.features import uint8_to_images
+    from maetok.eval.fid import load_adm_images
+
+    images = np.random.default_rng(0).integers(0, 256, (9, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "plain.npz", arr_0=images, arr_1=np.arange(9))
+    np.savez_compressed(tmp_path / "packed.npz", arr_0=images)
+    lazy = load_adm_images(tmp_path / "plain.npz", lazy=True)
+    assert isinstance(lazy, np.memmap) and np.array_equal(lazy[3:7], images[3:7])
+    packed = load_adm_images(tmp_path / "packed.npz", lazy=True)
+    assert not isinstance(packed, np.memmap) and np.array_equal(packed, images)
+    assert not isinstance(load_adm_images(tmp_path / "plain.npz"), np.memmap)
+    torch.testing.assert_close(uint8_to_images(lazy[2:5]), uint8_to_images(images[2:5]))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -73,8 +74,8 @@ def load_samples(path: str | Path) -> np.ndarray:
     path = Path(path)
     if path.is_file():
         try:
-            return load_adm_images(path)
-        except (ValueError, OSError) as e:
+            return load_adm_images(path, lazy=True)
+        except (ValueError, OSError, zipfile.BadZipFile) as e:
             raise EvalInputError(f"samples {path}: {e}") from None
     if not path.is_dir():
         raise FileNotFoundError(f"samples {path}: no such .npz file or image folder")
@@ -211,7 +212,7 @@ def reference_features(ref, net: FeatureNet, *, split: str = "test", num: int = 
         if "arr_0" not in keys:
             raise EvalInputError(f"reference {path}: neither images (arr_0) nor statistics (mu/sigma) "
                                  f"(keys {sorted(keys)})")
-        images = load_adm_images(path)
+        images = load_adm_images(path, lazy=True)
         images = images[:num] if num else images
         feats = features_of(net, images, batch_size, progress, dist)
         if {"mu", "sigma"} <= keys and net.name == "inception":

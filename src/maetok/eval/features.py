@@ -149,7 +149,11 @@ register_feature_net("resnet20-cifar10", _resnet_cifar("resnet20"))
 
 def uint8_to_images(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 NHWC (the file format, e.g. ADM's arr_0) -> float NCHW in [-1, 1]."""
-    t = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
+    if not isinstance(x, torch.Tensor):
+        x = np.asarray(x)
+        # A read-only memory map (samples read lazily): torch wants its own, writable copy of this batch.
+        x = torch.from_numpy(x if x.flags.writeable else np.array(x))
+    t = x
     if t.dtype != torch.uint8 or t.dim() != 4 or t.shape[-1] not in (1, 3):
         raise ValueError(f"expected uint8 NHWC images, got {t.dtype} {tuple(t.shape)}")
     return t.permute(0, 3, 1, 2).float() / 127.5 - 1

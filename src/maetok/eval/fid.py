@@ -79,17 +79,50 @@ class FeatureStats:
 def _npz_array_shape(path: str | Path, key: str) -> tuple[int, ...]:
     """Shape of one array in an .npz without reading it (ADM's arr_0 is gigabytes)."""
     with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
-        version = np.lib.format.read_magic(f)
-        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        return reader(f)[0]
+        return _npy_header(f)[0]
 
 
-def load_adm_images(path: str | Path) -> np.ndarray:
-    """The uint8 NHWC images (`arr_0`) of an ADM reference or sample batch."""
-    with np.load(path, allow_pickle=False) as z:
-        if "arr_0" not in z.files:
-            raise ValueError(f"{path}: no arr_0 image array (keys {z.files})")
-        images = z["arr_0"]
+def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the .npy stream `f`, left positioned at the first data byte."""
+    version = np.lib.format.read_magic(f)
+    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return reader(f)
+
+
+def _mapped_npz_array(path: str | Path, key: str) -> np.ndarray | None:
+    """`key` of an uncompressed .npz (what np.savez writes) as a read-only memory map, or None when it is
+    compressed or not a plain C-order array: slicing the map reads only the slice from disk."""
+    with zipfile.ZipFile(path) as zf:
+        try:
+            info = zf.getinfo(f"{key}.npy")
+        except KeyError:
+            return None
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+        with zf.open(info) as f:
+            shape, fortran, dtype = _npy_header(f)
+            header_len = f.tell()  # the member's bytes are stored as they are: its offset is the file's
+    if fortran or dtype.hasobject:
+        return None
+    with open(path, "rb") as raw:  # the local file header (its extra field may differ from the central one)
+        raw.seek(info.header_offset)
+        local = raw.read(30)
+        if local[:4] != b"PK\x03\x04":
+            return None
+        name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+    offset = info.header_offset + 30 + name_len + extra_len + header_len
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+def load_adm_images(path: str | Path, lazy: bool = False) -> np.ndarray:
+    """The uint8 NHWC images (`arr_0`) of an ADM reference or sample batch. `lazy`: a read-only memory map when
+    the file is uncompressed, so that evaluation shards (torchrun) read only their own images."""
+    images = _mapped_npz_array(path, "arr_0") if lazy else None
+    if images is None:
+        with np.load(path, allow_pickle=False) as z:
+            if "arr_0" not in z.files:
+                raise ValueError(f"{path}: no arr_0 image array (keys {z.files})")
+            images = z["arr_0"]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"{path}: arr_0 should be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
     return images
