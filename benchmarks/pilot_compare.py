@@ -61,7 +61,8 @@ def compare(pilots: list[Path], labels: list[str], prefixes: list[str]) -> tuple
                 continue
             row = [k, v, *map(_fmt, vals)]
             if len(vals) > 1:
-                row.append(f"{_fmt(statistics.mean(vals))} ± {_fmt(statistics.stdev(vals))}")
+                mean = statistics.mean(vals)
+                row.append(f"{_fmt(mean)} ± {_fmt(statistics.stdev(vals), like=mean)}")
             rows.append(row)
     data = reports[0].get("data", "?")
     lines = [f"Pilots on `{data}` side by side ({', '.join(str(p) for p in pilots)}).", ""]
@@ -73,8 +74,9 @@ def compare(pilots: list[Path], labels: list[str], prefixes: list[str]) -> tuple
     return md, {"pilots": [str(p) for p in pilots], "labels": labels, "metrics": table}
 
 
-def _fmt(x: float) -> str:
-    return f"{x:.3f}" if abs(x) < 10 else f"{x:.2f}"
+def _fmt(x: float, like: float | None = None) -> str:
+    """3 decimals below 10, else 2; `like`: as many decimals as that value gets (a spread next to its mean)."""
+    return f"{x:.3f}" if abs(x if like is None else like) < 10 else f"{x:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -89,8 +89,8 @@ def test_pilot_compare_puts_runs_side_by_side_with_their_spread(benchmarks, tmp_
     out = tmp_path / "cmp.md"
     assert pilot_compare.main([str(a), str(b), "--labels", "seed 0", "seed 1", "--out", str(out)]) == 0
     md = out.read_text()
-    assert "| gfid[cnn]@100 (nocfg) | ae | 30.00 | 32.00 | 31.00 ± 1.414 |" in md
-    assert "| gfid[cnn]@100 (nocfg) | maetok | 25.00 | 26.00 | 25.50 ± 0.707 |" in md
+    assert "| gfid[cnn]@100 (nocfg) | ae | 30.00 | 32.00 | 31.00 ± 1.41 |" in md
+    assert "| gfid[cnn]@100 (nocfg) | maetok | 25.00 | 26.00 | 25.50 ± 0.71 |" in md
     assert "vae" not in md and "kid_std" not in md and "wall" not in md  # only shared variants, chosen metrics
     assert "different PCA dimensions" in md
     assert json.loads(out.with_suffix(".json").read_text())["metrics"]["ae"]["psnr@100"] == [20.0, 20.0]
