@@ -71,8 +71,8 @@ class TokenizerTask(Task):
             for target in self.targets.values():
                 if target.half_precision_ok:
                     target.to_half_precision()
-        compile = cfg.train.compile and bool(self.targets) and can_compile()
-        return {name: torch.compile(t) if compile else t for name, t in self.targets.items()}
+        compiled = cfg.train.compile and bool(self.targets) and can_compile()
+        return {name: torch.compile(t) if compiled else t for name, t in self.targets.items()}
 
     @torch.no_grad()
     def teacher_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
