@@ -67,7 +67,9 @@ def tokenizer_case(label: str, targets: list[dict], compile: bool, reps: int, ba
     r = measure(step, batch, reps, warmup=2, device=SETUP["device"], memory=True, flops=not info["compiled"],
                 prime=None if compile else one)
     what = (f"{SETUP['preset']} train step, batch {batch}, bf16 autocast, aux {'+'.join(info['aux_targets'])}"
-            + "".join(f", {o}" for o in overrides) + (", torch.compile" if info["compiled"] else ""))
+            + "".join(f", {o}" for o in overrides)
+            + (f", torch.compile (teachers too: {', '.join(info.get('teachers_compiled', [])) or 'none'})"
+               if info["compiled"] else ""))
     return {"case": label, "what": what, "setup_s": built, **info, **r}
 
 
