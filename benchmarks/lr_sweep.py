@@ -27,9 +27,9 @@ METRICS = ("rfid", "psnr", "ssim")
 def main(argv: list[str] | None = None) -> int:
     import json
 
-    from maetok.pilot import Pilot, Stage, _summary, _train_run, pilot_settings
+    from maetok.pilot import Pilot, Stage, pilot_settings
     from maetok.tokenizer import MAETok
-    from maetok.train.run import run_tokenizer, setup_logging
+    from maetok.train.run import setup_logging
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="shapes", help="data spec, as for `maetok pilot` (default: built-in shapes)")
@@ -70,16 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             vdir = run_dir / variant
             vdir.mkdir(parents=True, exist_ok=True)
             stage = Stage(vdir / "results.json", pilot.dist)
-
-            def train(cfg, out: Path) -> dict:
-                return _summary(_train_run(run_tokenizer, cfg, out, pilot.dist, pilot.device))
-
             try:
-                stage("tokenizer_train", lambda: train(pilot.tokenizer_config(variant, 1), vdir / "tokenizer"))
-                tok_dir = pilot.tokenizer_dir(variant)
-                if tok_dir.name == "tokenizer-ft":
-                    stage("decoder_finetune", lambda: train(
-                        pilot.tokenizer_config(variant, 2, str(vdir / "tokenizer")), tok_dir))
+                tok_dir = pilot.train_tokenizer(variant, stage)
             except FloatingPointError as e:  # too high a rate: the finding, not a failure of the sweep
                 print(f"{key}: diverged ({e})", file=sys.stderr)
                 result["runs"][key] = {"variant": variant, "lr": lr, "diverged": True}

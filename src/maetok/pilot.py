@@ -311,7 +311,7 @@ class Pilot:
     def run_variant(self, variant: str) -> dict:
         from .data.latents import cache_latents
         from .tokenizer import MAETok
-        from .train.run import run_diffusion, run_tokenizer
+        from .train.run import run_diffusion
 
         vdir = self.out / variant
         vdir.mkdir(parents=True, exist_ok=True)
@@ -322,12 +322,7 @@ class Pilot:
         def train(run_fn, cfg, run_dir: Path) -> dict:
             return _summary(_train_run(run_fn, cfg, run_dir, self.dist, self.device))
 
-        cfg1 = self.tokenizer_config(variant, 1)
-        stage("tokenizer_train", lambda: train(run_tokenizer, cfg1, vdir / "tokenizer"), every_rank=True)
-        tok_dir = self.tokenizer_dir(variant)
-        if tok_dir.name == "tokenizer-ft":  # MAETok's stage 2: decoder fine-tuning on the frozen encoder
-            cfg2 = self.tokenizer_config(variant, 2, str(vdir / "tokenizer"))
-            stage("decoder_finetune", lambda: train(run_tokenizer, cfg2, tok_dir), every_rank=True)
+        tok_dir = self.train_tokenizer(variant, stage)
         tok = MAETok.from_pretrained(tok_dir / "model").to(self.device)
 
         stage("reconstruction", lambda: self.eval_reconstruction(tok, vdir))
@@ -344,6 +339,23 @@ class Pilot:
                 vdir, tok, dcfg, scale, vdir / f"samples-{name}"), every_rank=True)
         stage("cost", lambda: self.measure_cost(tok, vdir, dcfg))
         return stage.results
+
+    def train_tokenizer(self, variant: str, stage: Stage) -> Path:
+        """The variant's tokenizer stages (MAETok: stage 1, then decoder fine-tuning on the frozen encoder),
+        recorded in `stage`; returns the folder of the run whose weights the variant uses."""
+        from .train.run import run_tokenizer
+
+        vdir = self.out / variant
+
+        def train(cfg, run_dir: Path) -> dict:
+            return _summary(_train_run(run_tokenizer, cfg, run_dir, self.dist, self.device))
+
+        stage("tokenizer_train", lambda: train(self.tokenizer_config(variant, 1), vdir / "tokenizer"), every_rank=True)
+        tok_dir = self.tokenizer_dir(variant)
+        if tok_dir.name == "tokenizer-ft":
+            stage("decoder_finetune", lambda: train(self.tokenizer_config(variant, 2, str(vdir / "tokenizer")),
+                                                    tok_dir), every_rank=True)
+        return tok_dir
 
     def diffusion_config(self, vdir: Path, tok, tok_dir: Path, extra: list[str] | None = None) -> DiffusionRunConfig:
         """The same diffusion model for every variant, sized to this tokenizer's latents."""
