@@ -13,7 +13,7 @@ from conftest import REPO
 def benchmarks(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # the scripts import their `common` module
     yield
-    for name in ("lr_sweep", "pilot_compare", "common"):
+    for name in ("lr_sweep", "pilot_compare", "roofline", "gpu", "tokenizer", "common"):
         sys.modules.pop(name, None)
 
 
@@ -98,3 +98,27 @@ def test_pilot_compare_puts_runs_side_by_side_with_their_spread(benchmarks, tmp_
     c = _fake_pilot(tmp_path, "c", {"ae": 30.0, "maetok": 25.0}, net="inception-like")
     with pytest.raises(SystemExit, match="not in every pilot"):
         pilot_compare.main([str(a), str(c)])
+
+
+def test_roofline_extrapolation_matches_a_real_trace_and_models_every_operator(benchmarks, tmp_path):
+    import roofline
+
+    out = tmp_path / "roofline"
+    result = roofline.main(["--preset", "cpu-32", "--targets", "hog", "--batch", "4", "--out", str(out)])
+    # Linear extrapolation from the batch-1 and batch-2 traces gives what a real batch-4 step does.
+    traced = roofline.trace_step("cpu-32", 4, "hog", [])
+    s = result["summary"]
+    assert s["flops"] == sum(f for _, _, f, _ in traced) > 0
+    assert s["bytes"] == pytest.approx(sum(b for _, _, _, b in traced), rel=1e-3)
+    # Every operator lands in a phase and a category; the attention kernel's FLOPs are counted (the CPU
+    # kernel is missing from torch's own formulas).
+    rows = result["rows"]
+    assert {r["phase"] for r in rows} == {"forward+backward", "optimizer + EMA"}
+    assert any(r["op"] == "aten.addcdiv_" and r["phase"] == "optimizer + EMA" for r in rows)
+    attention = [r for r in rows if "attention" in r["op"]]
+    assert attention and all(r["flops"] > 0 for r in attention)
+    assert sum(r["seconds"] for r in rows) == pytest.approx(s["seconds"])
+    assert s["seconds"] > s["flop_floor_seconds"] > 0 and 0 < s["mfu"] < 1
+    md = out.with_suffix(".md").read_text()
+    assert "Modelled eager step" in md and "| matmul / conv / attention |" in md
+    assert json.loads(out.with_suffix(".json").read_text())["command"].startswith("python benchmarks/roofline.py")
