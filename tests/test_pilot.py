@@ -97,6 +97,64 @@ def test_pilot_settings_take_overrides_on_the_budget_and_on_its_runs():
         pilot_settings("huge")
 
 
+def _image_folder(root: Path, splits: dict[str, int], size: int = 32) -> Path:
+    """An ImageNet-layout folder: two colour classes, `n` PNGs per class in each split."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in splits.items():
+        for c, colour in enumerate([(200, 40, 40), (40, 40, 200)]):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                img = np.clip(np.array(colour) + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(folder / f"{i}.png")
+    return root
+
+
+def test_pilot_refuses_typos_before_any_work_and_before_force_deletes(tmp_path: Path):
+    out = tmp_path / "pilot"
+    base = ["pilot", "--budget", "smoke", "--variants", "ae,maetok", "--out", str(out)]
+    # A typo in a run override, a budget field the sampler does not know, a count that makes no sense: each
+    # fails at once (exit 2), before the pilot folder is made.
+    assert main([*base, "--diffusion-set", "model.foo=1"]) == 2
+    assert main([*base, "--tokenizer-set", "train.optim.lrr=1e-3"]) == 2
+    assert main([*base, "sampler=foo"]) == 2
+    assert main([*base, "n_eval=-5"]) == 2
+    assert main([*base[:3], "ae,foo", *base[4:]]) == 2
+    assert not out.exists()
+    # With --force an existing pilot is deleted only once the new settings are known to be good.
+    out.mkdir()
+    (out / "pilot_results.json").write_text("{}")
+    assert main([*base, "--force", "--diffusion-set", "model.foo=1"]) == 2
+    assert (out / "pilot_results.json").is_file()
+
+
+def test_pilot_names_the_real_count_when_the_held_out_split_is_small(tmp_path: Path, caplog):
+    from maetok.data import DatasetError
+    from maetok.pilot import run_pilot
+
+    # 40 training images (fewer than the feature classifier's batch of 64) and 10 held-out ones (fewer than
+    # the budget's n_eval=64): every metric is computed on, and labelled with, the 10 the split has.
+    data = _image_folder(tmp_path / "imgs", {"train": 20, "val": 5})
+    out = tmp_path / "pilot"
+    args = ["pilot", "--data", str(data), "--budget", "smoke", "--variants", "ae", "--out", str(out),
+            "tokenizer_steps=4", "diffusion_steps=4", "classifier_steps=3", "sample_steps=2"]
+    # The smoke budget's diffusion batch (64) does not fit in 40 images: refused before any training.
+    assert main(args) == 2 and not out.exists()
+    assert main([*args, "--diffusion-set", "train.batch_size=32"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    net = report["feature_net"]["feature_net"]
+    assert f"rfid[{net}]@10" in report["ae"] and f"gfid[{net}]@10 (nocfg)" in report["ae"]
+    assert any(k.startswith("fid_train_vs_test") and k.endswith("@10") for k in report["real_floor"])
+    assert "fewer than n_eval=64" in caplog.text
+    # A folder with no held-out split at all is refused with the folder named.
+    train_only = _image_folder(tmp_path / "train-only", {"train": 4})
+    with pytest.raises(DatasetError, match="held-out split"):
+        run_pilot(str(train_only), ["ae"], "smoke", tmp_path / "p2")
+    assert not (tmp_path / "p2").exists()
+
+
 @pytest.mark.distributed
 def test_smoke_pilot_under_torchrun(tmp_path: Path):
     """`torchrun --nproc_per_node 2 -m maetok.cli pilot ...` (CPU, gloo): the training stages run as one DDP job

@@ -1,7 +1,7 @@
 """`maetok pilot`: does MAETok beat plain AE / VAE tokenizers on *your* data, and what does it cost?
 
-For each variant, with the same backbone, budget and seed: train the tokenizer (MAETok: stage 1, then decoder
-fine-tuning), cache its latents, train the same diffusion model, sample with and without CFG, and measure
+For each variant, with the same backbone, budget and seed: train the tokenizer (MAETok: stage 1, then its extra
+decoder fine-tuning stage, as in the paper; the report says so), cache its latents, train the same diffusion model, sample with and without CFG, and measure
 rFID / gFID / IS / precision-recall / PSNR / SSIM, GMM NLL per K (one PCA dimension for all), linear-probe
 accuracy, parameters, GFLOPs and throughput. Writes `report.md` + `report.json` + PNG grids and plots.
 Every stage writes its result to disk before the next starts, so re-running with --resume continues.
@@ -54,6 +54,19 @@ class PilotBudget:
     classifier_steps: int = 300
     cache_flip: bool = True
     vae_kl_weight: float = 1e-4
+
+    def validate(self, key: str) -> None:
+        for name in ("image_size", "n_eval", "tokenizer_steps", "diffusion_steps", "sample_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
+        for name in ("n_train", "decoder_ft_steps", "classifier_steps", "analysis_max_train"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
+        if not self.gmm_ks or min(self.gmm_ks) < 1:
+            raise ConfigError(f"gmm_ks={list(self.gmm_ks)} must be positive mixture sizes")
+        if self.vae_kl_weight < 0:
+            raise ConfigError(f"vae_kl_weight={self.vae_kl_weight} must be >= 0")
+        # sampler, cfg_scale and cfg_interval are checked by SampleConfig (Pilot.check_configs)
 
 
 _TINY_TOK = ["model.enc_width=64", "model.enc_depth=2", "model.enc_heads=2", "model.dec_width=64",
@@ -196,10 +209,12 @@ class Pilot:
     def __init__(self, data_spec: str, variants: list[str], budget: str, out: Path, device: str = "cpu",
                  inception: bool = False, dist: DistInfo | None = None, settings: PilotBudget | None = None):
         if budget not in BUDGETS:
-            raise ValueError(f"unknown budget {budget!r}; choose one of {sorted(BUDGETS)}")
+            raise ConfigError(f"unknown budget {budget!r}; choose one of {sorted(BUDGETS)}")
         bad = [v for v in variants if v not in ("ae", "vae", "maetok", "mae")]
         if bad or not variants:
-            raise ValueError(f"unknown variants {bad}; choose from ae, vae, maetok, mae")
+            raise ConfigError(f"unknown variants {bad or variants}; choose from ae, vae, maetok, mae")
+        if len(set(variants)) != len(variants):
+            raise ConfigError(f"variants {variants} name one twice")
         self.spec, self.variants, self.budget_name, self.out = data_spec, variants, budget, out
         self.dist = dist or DistInfo(device=torch.device(device))
         # Under torchrun each rank works on its own GPU (cuda:LOCAL_RANK); on CPU the device is as given.
@@ -209,21 +224,65 @@ class Pilot:
 
     # ----- data and the feature network ------------------------------------------------------------------------
     def open_data(self) -> None:
-        from .data import open_dataset
+        from .data import DatasetError, open_dataset
 
+        if self.train_set is not None:
+            return
         b = self.b
         self.train_set = open_dataset(self.spec, split="train", image_size=b.image_size, limit=b.n_train)
+        errors = []
         for split in ("test", "val"):
             try:
                 self.test_set = open_dataset(self.spec, split=split, image_size=b.image_size, limit=b.n_eval)
                 break
-            except Exception as e:  # noqa: BLE001 - try the next split name, report if none works
-                err = e
+            except DatasetError as e:  # try the next split name, report both if neither works
+                errors.append(str(e))
         else:
-            raise ValueError(f"{self.spec}: no held-out split (tried test, val): {err}")
+            raise DatasetError(f"{self.spec}: the pilot needs a held-out split (a test/ or val/ folder beside "
+                               f"train/) and found none: " + "; ".join(errors))
         self.num_classes = int(getattr(self.train_set, "num_classes", 0) or 0)
+        if len(self.test_set) < self.b.n_eval:
+            # Every metric is labelled with the count it was computed on: the held-out set's size, not n_eval.
+            log.warning("held-out split has %d images, fewer than n_eval=%d: reference statistics, gFID samples "
+                        "and rFID all use %d", len(self.test_set), self.b.n_eval, len(self.test_set))
         log.info("pilot data: %s, %d train / %d held-out images, %d classes", self.spec, len(self.train_set),
                  len(self.test_set), self.num_classes)
+
+    def check_data_fits(self) -> None:
+        """Refuse, before any training, a training split smaller than one global batch of either model."""
+        n, world = len(self.train_set), self.dist.world
+        for model, batch in getattr(self, "batch_sizes", {}).items():
+            if n < batch * world:
+                raise ConfigError(f"{self.spec}: {n} training images, fewer than one {model} batch of {batch}"
+                                  + (f" x {world} ranks" if world > 1 else "") + f"; lower the {model}'s "
+                                  f"train.batch_size (--{model}-set train.batch_size=N) or add images")
+
+    @property
+    def n_eval(self) -> int:
+        """Images per evaluation: n_eval, or the whole held-out split when it is smaller (reference, samples
+        and reconstructions then have the same count, as FID needs)."""
+        return min(self.b.n_eval, len(self.test_set))
+
+    def check_configs(self) -> None:
+        """Build every run config the pilot will use (each variant's tokenizer stages, the diffusion model, the
+        sampler) before any work or any deletion, so that a typo in an override fails at once instead of after
+        hours of tokenizer training."""
+        from .config import SampleConfig, from_dict
+
+        self.batch_sizes = {}
+        for variant in self.variants:
+            tcfg = self.tokenizer_config(variant, 1)
+            if variant == "maetok" and self.b.decoder_ft_steps > 0:
+                self.tokenizer_config(variant, 2, str(self.out / variant / "tokenizer"))
+            dcfg = load_config(DiffusionRunConfig, self.b.diffusion_preset, [
+                f"latents={self.out / variant / 'latents-train'}", f"model.num_tokens={tcfg.model.latent_tokens}",
+                f"model.in_channels={tcfg.model.latent_dim}", "model.num_classes=10",
+                f"train.steps={self.b.diffusion_steps}", f"sample.sampler={self.b.sampler}",
+                f"sample.steps={self.b.sample_steps}", *self.b.diffusion])
+            self.batch_sizes |= {"tokenizer": tcfg.train.batch_size, "diffusion": dcfg.train.batch_size}
+        for scale in (1.0, self.b.cfg_scale):
+            from_dict(SampleConfig, {"sampler": self.b.sampler, "steps": self.b.sample_steps, "cfg_scale": scale,
+                                     "cfg_interval": list(self.b.cfg_interval)}, key="pilot")
 
     def is_cifar10(self) -> bool:
         names = [str(n).lower() for n in (getattr(self.train_set, "class_names", None) or [])]
@@ -280,7 +339,7 @@ class Pilot:
         if self._inception_ref is None:
             from torch.utils.data import Subset
 
-            held_out = Subset(self.test_set, range(min(self.b.n_eval, len(self.test_set))))
+            held_out = Subset(self.test_set, range(self.n_eval))
             self._inception_ref, _ = reference_features(held_out, self.inception_net(), batch_size=64,
                                                         stats_cache=self.out / "reference-inception.npz",
                                                         progress=True)
@@ -380,7 +439,7 @@ class Pilot:
         from .eval.recon import psnr, ssim
 
         feats, inception_feats, psnrs, ssims, grid = [], [], [], [], []
-        for x, _ in self.real_batches(self.test_set, self.b.n_eval):
+        for x, _ in self.real_batches(self.test_set, self.n_eval):
             x = x.to(self.device)
             recon = tok.decode(tok.encode(x)).clamp(-1, 1)
             feats.append(self.features(recon))
@@ -411,7 +470,7 @@ class Pilot:
         scfg = from_dict(SampleConfig, {"sampler": b.sampler, "steps": b.sample_steps, "cfg_scale": scale,
                                         "cfg_interval": list(b.cfg_interval), "seed": 0})
         t0 = time.perf_counter()
-        path = generate_to_dir(model, tok, b.n_eval, scfg, out_dir, balanced=True, batch_size=250,
+        path = generate_to_dir(model, tok, self.n_eval, scfg, out_dir, balanced=True, batch_size=250,
                                device=self.device, progress=True)  # sharded across ranks under torchrun
         gen_s = time.perf_counter() - t0
         if not self.dist.is_main:
@@ -479,7 +538,7 @@ class Pilot:
         """FID of real training images against the held-out set at the same count: the best any model can do."""
         from .eval.fid import fid
 
-        real_train = self.features(self.real_batches(self.train_set, self.b.n_eval))
+        real_train = self.features(self.real_batches(self.train_set, self.n_eval))
         return {("fid_train_vs_test" + k[3:]): v for k, v in fid(real_train, self.ref_feats).items()}
 
     def check_same_settings(self, plan: dict | None) -> None:
@@ -509,7 +568,7 @@ class Pilot:
         if self.dist.is_main:
             if self.feature_net is None:
                 self.build_feature_net()
-            self.ref_feats = self.features(self.real_batches(self.test_set, self.b.n_eval))
+            self.ref_feats = self.features(self.real_batches(self.test_set, self.n_eval))
         top("real_floor", self.real_floor)
         per_variant = {v: self.run_variant(v) for v in self.variants}
         analysis = top("latent_analysis", self.latent_analysis)
@@ -595,6 +654,12 @@ def run_pilot(data_spec: str, variants: list[str], budget: str, out: Path, resum
     try:
         setup_logging(None, dist.is_main)
         out = Path(out)
+        pilot = Pilot(data_spec, variants, budget, out, device, inception, dist, settings)
+        # Everything that can fail on a typo (configs, data) fails here: before hours of work, and before
+        # --force deletes the old pilot.
+        pilot.check_configs()
+        pilot.open_data()
+        pilot.check_data_fits()
         existing = out.exists() and any(out.iterdir())
         barrier(dist)  # every rank looks before rank 0 deletes or creates anything
         if existing and not resume:
@@ -606,6 +671,6 @@ def run_pilot(data_spec: str, variants: list[str], budget: str, out: Path, resum
         if dist.is_main:
             out.mkdir(parents=True, exist_ok=True)
         barrier(dist)
-        return Pilot(data_spec, variants, budget, out, device, inception, dist, settings).run()
+        return pilot.run()
     finally:
         cleanup(dist)

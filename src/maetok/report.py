@@ -81,7 +81,12 @@ def write_report(out: Path, top: dict[str, Any], per_variant: dict[str, dict], a
     net = top["feature_net"]["feature_net"]
     keys = list(dict.fromkeys(k for v in variants for k in flat[v]))
     lines = [f"# maetok pilot: {', '.join(variants)} on `{top['plan']['data']}` ({top['plan']['budget']} budget)", ""]
-    lines += ["Same backbone, budget and seed for every tokenizer; the same diffusion model trained on each.",
+    settings = top["plan"]["settings"]
+    ft = settings.get("decoder_ft_steps", 0) if "maetok" in variants else 0
+    same = ("Same backbone, training steps, learning rate and seed for every tokenizer"
+            + (f"; MAETok alone then gets its decoder fine-tuning ({ft} steps on the frozen encoder, as in the "
+               f"paper), which can also help its rFID/PSNR" if ft else "") + ".")
+    lines += [same + " The same diffusion model is trained on each.",
               f"Feature network for FID/KID/IS/PR: **{net}** ({top['feature_net'].get('why', '')}). "
               "Every metric name carries its feature network and sample count.", ""]
     floor = report["real_floor"]

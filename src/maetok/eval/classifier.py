@@ -57,6 +57,10 @@ def train_classifier(train_set, test_set, num_classes: int, steps: int = 600, ba
     model = SmallCNN(num_classes)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
+    if len(train_set) == 0:
+        raise ValueError("train_classifier: the training set is empty")
+    # drop_last keeps batch statistics steady, but a set smaller than one batch would then yield nothing.
+    batch_size = min(batch_size, len(train_set))
     loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=g, drop_last=True)
     it = iter(loader)
     model.train()
