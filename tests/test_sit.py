@@ -98,10 +98,13 @@ def test_save_and_load_round_trip(variant, tmp_path):
     model.save_pretrained(tmp_path)
     meta = json.loads((tmp_path / "config.json").read_text())
     assert meta["kind"] == "sit" and "maetok_version" in meta and meta["variant"] == variant
-    loaded = SiT.from_pretrained(tmp_path).eval()
+    loaded = SiT.from_pretrained(tmp_path)
+    # Loaded for inference, as MAETok.from_pretrained: no random label dropout in the forward.
+    assert not loaded.training
     x, t, y = _inputs()
     with torch.no_grad():
         assert torch.equal(model(x, t, y), loaded(x, t, y))
+        assert torch.equal(loaded(x, t, y), loaded(x, t, y))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
 
 

@@ -254,7 +254,9 @@ class SiT(nn.Module):
             raise ConfigError(f"{cfg_path}: {e}") from e
         model = cls(cfg)
         load_safetensors_strict(model, weights_path)
-        return model.to(device)
+        # Eval mode, as MAETok.from_pretrained: in train mode the forward drops class labels at random (CFG
+        # training), so two calls on the same input would differ. Training code calls .train() itself.
+        return model.to(device).eval()
 
 
 def SiT_S(**overrides) -> SiT:
