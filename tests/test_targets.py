@@ -171,6 +171,25 @@ def test_missing_timm_weights_say_what_to_download(tmp_path, monkeypatch):
     message = str(info.value)
     assert "vit_so400m_patch14_siglip_gap_224" in message
     assert "model.safetensors" in message and "options.weights" in message and "pretrained=false" in message
+    # The command-line form the message suggests is one the config system accepts.
+    import re
+
+    from maetok.config import TokenizerRunConfig, load_config
+
+    suggested = re.search(r"'(model\.aux_targets=.*?)'", message).group(1)
+    cfg = load_config(TokenizerRunConfig, "cpu-32", [suggested])
+    assert cfg.model.aux_targets[1].name == "siglip"
+    assert cfg.model.aux_targets[1].options == {"weights": "/path/to/model.safetensors"}
+
+
+def test_shared_folder_variable_serves_the_library_too(tmp_path, monkeypatch):
+    # $MAETOK_SHARED (the folder the tests read) also locates pretrained files, in its data/ folder.
+    from maetok.nets.hub import shared_data_dir
+
+    (tmp_path / "data").mkdir()
+    monkeypatch.delenv("MAETOK_SHARED_DATA", raising=False)
+    monkeypatch.setenv("MAETOK_SHARED", str(tmp_path))
+    assert shared_data_dir() == (tmp_path / "data").resolve()
 
 
 def test_target_loss_counts_masked_patches_only():

@@ -16,9 +16,13 @@ class MissingWeightsError(FileNotFoundError):
 
 
 def shared_data_dir() -> Path | None:
-    """The read-only data folder beside the checkout, or $MAETOK_SHARED_DATA. None when absent."""
-    env = os.environ.get("MAETOK_SHARED_DATA")
-    candidates = [Path(env)] if env else []
+    """The read-only data folder: $MAETOK_SHARED_DATA, else data/ in $MAETOK_SHARED (the folder the tests read
+    too), else ../shared/data beside the checkout. None when absent."""
+    candidates = []
+    if os.environ.get("MAETOK_SHARED_DATA"):
+        candidates.append(Path(os.environ["MAETOK_SHARED_DATA"]))
+    if os.environ.get("MAETOK_SHARED"):
+        candidates.append(Path(os.environ["MAETOK_SHARED"]) / "data")
     candidates.append(Path(__file__).resolve().parents[3] / ".." / "shared" / "data")
     for c in candidates:
         if c.is_dir():
@@ -39,8 +43,8 @@ def find_weights(what: str, local: str | Path | None, filename: str | None = Non
         if d is not None and (d / filename).is_file():
             return d / filename
     raise MissingWeightsError(
-        f"{what}: no weights found (looked for {filename or 'an explicit path'} in $MAETOK_SHARED_DATA and "
-        f"../shared/data). {hint}".strip())
+        f"{what}: no weights found (looked for {filename or 'an explicit path'} in $MAETOK_SHARED_DATA, "
+        f"$MAETOK_SHARED/data and ../shared/data). {hint}".strip())
 
 
 def hub_download(repo_id: str, filename: str, what: str) -> Path:

@@ -304,9 +304,10 @@ def _build_resnet_cifar(options: dict, image_size: int, patch_size: int) -> Targ
     if opts["pretrained"]:
         weights = find_weights(f"resnet-cifar target ({opts['arch']})", opts["weights"] or None,
                                f"cifar10-{opts['arch']}.safetensors",
-                               hint=f"Put cifar10-{opts['arch']}.safetensors in $MAETOK_SHARED_DATA, pass "
-                                    f"options.weights=/path/to/file.safetensors, or options.pretrained=false "
-                                    f"for random weights (tests only).")
+                               hint=f"Put cifar10-{opts['arch']}.safetensors in $MAETOK_SHARED_DATA, or give "
+                                    f"the target options.weights=/path/to/file.safetensors "
+                                    f"({_options_how_to('resnet-cifar')}), or options.pretrained=false for "
+                                    f"random weights (tests only).")
     network = build_resnet_cifar(opts["arch"], weights)
     return ResNetCifarTarget(network, opts["layer"], opts["resample"], int(opts["input_size"]))
 
@@ -356,6 +357,12 @@ class TimmTarget(Target):
         return tokens.float()
 
 
+def _options_how_to(target: str) -> str:
+    """How a user sets a target's options: aux_targets is a list, so a dotted override replaces all of it."""
+    return (f"in the run's YAML under model.aux_targets, or on the command line as the whole list, e.g. "
+            f"'model.aux_targets=[{{name: hog}}, {{name: {target}, options: {{weights: /path/to/model.safetensors}}}}]'")
+
+
 def build_timm_target(target: str, options: dict, image_size: int, patch_size: int,
                       default_model: str | None) -> TimmTarget:
     opts = take_options(target, options, {"model": default_model, "layer": None, "norm": False, "weights": "",
@@ -371,8 +378,9 @@ def build_timm_target(target: str, options: dict, image_size: int, patch_size: i
     what = f"auxiliary target {target!r} ({name})"
     arch = name.split(".")[0]
     where = (f"Download the weights on a machine with internet access (for example model.safetensors from the "
-             f"Hugging Face repository timm/{name}), copy the file here and pass options.weights=/path/to/"
-             f"model.safetensors; or set options.pretrained=false for random weights (tests only).")
+             f"Hugging Face repository timm/{name}), copy the file here and give the target options.weights=/path/"
+             f"to/model.safetensors ({_options_how_to(target)}); or set options.pretrained=false for random "
+             f"weights (tests only). Set HF_HUB_OFFLINE=1 to skip the download attempts on an offline machine.")
     if not opts["pretrained"]:
         model = timm.create_model(name, pretrained=False, **kwargs)
     elif opts["weights"]:
