@@ -314,8 +314,8 @@ def scenario_eval(out: Path, info: DistInfo, inputs: Path) -> None:
     for what, source in (("gen", ["--samples", str(out / "samples.npz")]), ("recon", ["--tokenizer", str(out / "tok")])):
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
-            code = cli(["eval", what, *source, "--ref", "shapes", "--num", "13", "--features", "toy-resnet20",
-                        "--device", "cpu"])
+            code = cli(["eval", what, *source, "--ref", "shapes", "--num-samples", "13", "--features",
+                        "toy-resnet20", "--device", "cpu", "--out", str(out)])
         _json(out / f"cli-{what}-{info.rank}.json", {"code": code, "stdout": printed.getvalue()})
 
 

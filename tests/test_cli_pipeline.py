@@ -66,8 +66,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                         f"latents={p['cache']}", f"tokenizer={p['tok'] / 'model'}", *SIT)
         assert code == 0, out
         p["sit_summary"] = json.loads(out)
-        code, out = cli("sample", "--model", p["sit"] / "model", "--tokenizer", p["tok"] / "model", "--num",
-                        NUM_SAMPLES, "--balanced", "--steps", 2, "--sampler", "heun", "--cfg", 1.5, "--batch-size",
+        code, out = cli("sample", "--model", p["sit"] / "model", "--tokenizer", p["tok"] / "model",
+                        "--num-samples", NUM_SAMPLES, "--balanced", "--steps", 2, "--sampler", "heun", "--cfg", 1.5, "--batch-size",
                         8, "--out", p["samples"], "--device", "cpu")
         assert code == 0, out
         yield p
@@ -77,6 +77,12 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         for h in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
             logger.removeHandler(h)
             h.close()
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_dir(tmp_path, monkeypatch):
+    """Run every command from a scratch folder: defaults such as `eval`'s runs/eval/ land there, not in the repo."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture
@@ -142,6 +148,12 @@ def test_sample_writes_adm_npz_and_png(runs):
     assert len({im.tobytes() for im in images}) == NUM_SAMPLES  # each sample its own noise (and label)
     with Image.open(runs["samples"] / "samples.png") as im:
         assert im.mode == "RGB" and im.width > 16 * 7 and im.height > 16  # an 8-wide grid
+    # The settings that drew them, beside them.
+    settings = json.loads((runs["samples"] / "sampling.json").read_text())
+    assert settings == {"num_samples": NUM_SAMPLES, "sampler": "heun", "steps": 2, "cfg_scale": 1.5,
+                        "cfg_interval": [0.0, 1.0], "sde_t_min": settings["sde_t_min"], "seed": 0, "balanced": True,
+                        "num_classes": 10, "model": str((runs["sit"] / "model").resolve()),
+                        "tokenizer": str((runs["tok"] / "model").resolve()), "batch_size": 8, "processes": 1}
 
     # Same seed -> the same samples; another seed -> other samples.
     again = runs["samples"].parent / "samples_again"
@@ -174,8 +186,11 @@ def test_eval_gen_with_real_features_and_stats_cache(runs, real_features, tmp_pa
     assert first["metrics"][f"fid[{net}]@{n}"] > 0 and 1 <= first["metrics"][f"is[{net}]@{n}"] <= 10
     assert first["feature_net"] == net and first["num_samples"] == n
     assert first["reference"]["n"] == 40 and first["reference"]["from"] == "images" and cache.is_file()
-    written = runs["samples"] / f"samples.eval-{net}.json"
+    # Written under ./runs/eval (this test's folder), named after the samples' folder and file; never beside the
+    # samples, whose folder may be read-only.
+    written = Path("runs") / "eval" / f"samples-samples.eval-{net}.json"
     assert first["json"] == str(written) and json.loads(written.read_text())["metrics"] == first["metrics"]
+    assert {p.name for p in runs["samples"].glob("*.json")} == {"sampling.json"}
 
     # The cache holds features too: every metric again, without recomputing the reference.
     second = _gen(runs, net, "--ref", "shapes", "--split", "test", "--num", 40, "--stats-cache", cache)
@@ -201,8 +216,10 @@ def test_eval_gen_reference_forms_agree(runs, tmp_path):
 
     net, n = "resnet20-cifar10-random", NUM_SAMPLES
     key = f"fid[{net}]@{n}"
-    by_spec = _gen(runs, net, "--ref", "shapes", "--split", "test", "--num", 40)
-    assert by_spec["feature_net"] == net and key in by_spec["metrics"]
+    by_spec = _gen(runs, net, "--ref", "shapes", "--split", "test", "--num", 40)  # --num: the old spelling
+    assert by_spec["feature_net"] == net and key in by_spec["metrics"] and by_spec["reference"]["n"] == 40
+    default_split = _gen(runs, net, "--ref", "shapes", "--num-samples", 40)  # no --split: shapes has test
+    assert default_split["metrics"] == by_spec["metrics"]
 
     ds = open_dataset("shapes", "test", 16, limit=40)
     ref_images = float_to_uint8(torch.stack([ds[i][0] for i in range(40)])).numpy()  # exact: shapes are uint8
@@ -227,10 +244,15 @@ def test_eval_gen_reference_forms_agree(runs, tmp_path):
     with np.load(runs["samples"] / "samples.npz") as z:
         for i, im in enumerate(z["arr_0"]):
             Image.fromarray(im).save(folder / f"{i:03d}.png")
-    by_folder = cli_json("eval", "gen", "--samples", folder, "--features", net, "--ref", "shapes", "--num", 40,
-                         "--device", "cpu")
+    by_folder = cli_json("eval", "gen", "--samples", folder, "--features", net, "--ref", "shapes", "--num-samples",
+                         40, "--device", "cpu", "--out", tmp_path / "results" / "gen.json")
     assert by_folder["metrics"] == pytest.approx(by_spec["metrics"], rel=1e-9, abs=1e-12)
-    assert Path(by_folder["json"]) == tmp_path / f"pngs.eval-{net}.json"
+    assert by_folder["json"] == str(tmp_path / "results" / "gen.json")  # --out FILE.json: exactly there
+    assert json.loads((tmp_path / "results" / "gen.json").read_text())["metrics"] == by_folder["metrics"]
+    into = cli_json("eval", "gen", "--samples", folder, "--features", net, "--ref", "shapes", "--num-samples", 40,
+                    "--device", "cpu", "--out", tmp_path / "results")  # --out FOLDER: the default name in it
+    assert into["json"] == str(tmp_path / "results" / f"{tmp_path.name}-pngs.eval-{net}.json")
+    assert not list(folder.glob("*.json")) and not list(tmp_path.glob("*.json"))  # nothing beside the inputs
 
 
 def test_eval_usage_errors_exit_2(runs, tmp_path):
@@ -250,8 +272,8 @@ def test_eval_usage_errors_exit_2(runs, tmp_path):
 # ==============================================================================================================
 def test_eval_recon(runs, real_features, tmp_path):
     net = real_features
-    args = ("eval", "recon", "--tokenizer", runs["tok"] / "model", "--ref", "shapes", "--split", "test", "--num", 24,
-            "--features", net, "--stats-cache", tmp_path / "ref.npz", "--device", "cpu")
+    args = ("eval", "recon", "--tokenizer", runs["tok"] / "model", "--ref", "shapes", "--split", "test",
+            "--num-samples", 24, "--features", net, "--stats-cache", tmp_path / "ref.npz", "--device", "cpu")
     result = cli_json(*args)
     assert result["reference_cached_to"] == str(tmp_path / "ref.npz")
     again = cli_json(*args)  # the originals' features from the cache: the same rFID
@@ -259,8 +281,9 @@ def test_eval_recon(runs, real_features, tmp_path):
     m = result["metrics"]
     assert set(m) == {f"rfid[{net}]@24", "psnr@24", "ssim@24"} and all(math.isfinite(v) for v in m.values())
     assert "LPIPS" in result["skipped"]["lpips"]  # no LPIPS weights on these machines: a reason, not a number
-    written = runs["tok"] / f"model.recon-{net}.json"
+    written = Path("runs") / "eval" / f"tok-model.recon-{net}.json"  # ./runs/eval: not in the tokenizer's run
     assert result["json"] == str(written) and json.loads(written.read_text())["metrics"] == m
+    assert not list(runs["tok"].glob("*.recon-*.json"))
 
     # PSNR recomputed independently: reconstructions as saved images (uint8 levels) against the originals.
     from maetok.data import open_dataset
@@ -276,11 +299,12 @@ def test_eval_recon(runs, real_features, tmp_path):
 
 
 def test_tokenizer_reconstruct_writes_grid_and_metrics(runs, tmp_path):
-    code, out = cli("tokenizer", "reconstruct", "--model", runs["tok"] / "model", "--images", "shapes", "--num", 16,
-                    "--out", tmp_path)
+    code, out = cli("tokenizer", "reconstruct", "--model", runs["tok"] / "model", "--images", "shapes",
+                    "--num-samples", 16, "--out", tmp_path)
     assert code == 0, out
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["num_images"] == 16 and math.isfinite(metrics["psnr"]) and -1 <= metrics["ssim"] <= 1
+    assert metrics["split"] == "test"  # no --split: the held-out split
     with Image.open(tmp_path / "reconstructions.png") as im:
         # 8 per row, 2 pixels of padding: originals, reconstructions, originals, reconstructions.
         assert im.size == (8 * 16 + 9 * 2, 4 * 16 + 5 * 2)

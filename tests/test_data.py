@@ -104,6 +104,49 @@ def test_folder_without_split_and_without_classes(tmp_path):
         open_dataset(str(tmp_path / "empty"))
 
 
+def test_held_out_split_is_test_else_val(tmp_path):
+    """ImageNet ships train/ + val/ and no test/: a held-out default must find val/, cheaply and without
+    mistaking a class folder for a split."""
+    imagenet = write_tree(tmp_path / "imagenet", {**class_files("train"), **class_files("val", 1)})
+    assert D.held_out_split(str(imagenet)) == "val"
+    both = write_tree(tmp_path / "both", {**class_files("val", 1), **class_files("test", 1)})
+    assert D.held_out_split(str(both)) == "test"
+    wrapped = write_tree(tmp_path / "wrapped", class_files("val", 1, prefix="imagenet/"))
+    assert D.held_out_split(str(wrapped)) == "val"
+    tiny = write_zip(tmp_path / "tiny.zip", {**class_files("train", prefix="tiny/"),
+                                             **class_files("val", 1, prefix="tiny/")})
+    assert D.held_out_split(f"zip:{tiny}") == "val"
+    plain = write_tree(tmp_path / "plain", {"val/0.png": png_bytes(solid((1, 2, 3))), "cat/1.png": b""})
+    assert D.held_out_split(str(plain)) == "val"  # a top-level val/ is a split, as open_dataset reads it
+    assert D.held_out_split(str(tmp_path / "nowhere")) == "test"  # open_dataset then names the missing path
+    assert D.held_out_split("shapes") == "test" and D.held_out_split(f"npz:{tmp_path / 'x.npz'}") == "test"
+    assert len(open_dataset(str(imagenet), D.held_out_split(str(imagenet)), 8)) == 3
+
+
+def test_missing_split_names_the_folder_and_the_splits_there(tmp_path):
+    imagenet = write_tree(tmp_path / "imagenet", {**class_files("train"), **class_files("val", 1)})
+    with pytest.raises(D.SplitNotFoundError) as e:
+        open_dataset(str(imagenet), "test", 8)
+    message = str(e.value)
+    assert message.startswith(f"{imagenet.resolve()}: no 'test/' folder")
+    assert "['train', 'val']" in message and "--split val" in message and e.value.available == ["train", "val"]
+    zipped = write_zip(tmp_path / "d.zip", {**class_files("train", prefix="d/"), **class_files("val", 1, prefix="d/")})
+    with pytest.raises(D.SplitNotFoundError, match=r"zip:.*d\.zip: no 'test/' folder; its split folders are "
+                                                   r"\['train', 'val'\]\. Choose one with --split val"):
+        open_dataset(f"zip:{zipped}", "test", 8)
+    plain = write_tree(tmp_path / "pets", {f"{c}/0.png": png_bytes(solid(col)) for c, col in COLOURS.items()})
+    with pytest.raises(D.SplitNotFoundError, match="no split folders at all.*--split train") as e:
+        open_dataset(str(plain), "test", 8)
+    assert e.value.available == []
+    only_val = write_tree(tmp_path / "only-val", class_files("val", 1))
+    with pytest.raises(D.SplitNotFoundError, match="no 'train/' folder; its split folders are \\['val'\\]"):
+        open_dataset(str(only_val), "train", 8)
+    (tmp_path / "empty" / "val").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=f"^{tmp_path.resolve() / 'empty'}: no image files") as e:
+        open_dataset(str(tmp_path / "empty"), "test", 8)
+    assert "'/'" not in str(e.value)
+
+
 def test_zip_read_in_place_with_wnids_label_order(tmp_path):
     files = {**class_files("train", 2), **class_files("val", 1), "wnids.txt": b"emu\ncat\ndog\n",
              "__MACOSX/train/cat/._0.png": b"resource fork junk"}

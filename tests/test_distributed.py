@@ -267,9 +267,9 @@ def test_sharded_evaluation_equals_single_process(ddp: DDPRun, tmp_path: Path):
     assert results[0]["gen"]["num_samples"] == 13 and results[0]["recon"]["num_images"] == 13
     a, b = FeatureStats.load(folder / "ref-stats.npz"), FeatureStats.load(tmp_path / "ref-stats.npz")
     assert a.n == b.n == 13 and np.allclose(a.mu, b.mu, rtol=1e-6, atol=1e-9)
-    # `maetok eval gen|recon` under torchrun: one printed result (rank 0's), written once beside the input.
-    for what, written_glob, api_result in (("gen", "samples.eval-*.json", results[0]["gen"]),
-                                           ("recon", "tok.recon-*.json", results[0]["recon"])):
+    # `maetok eval gen|recon` under torchrun: one printed result (rank 0's), written once into --out.
+    for what, written_glob, api_result in (("gen", "*samples.eval-*.json", results[0]["gen"]),
+                                           ("recon", "*tok.recon-*.json", results[0]["recon"])):
         cli = [json.loads((folder / f"cli-{what}-{r}.json").read_text()) for r in (0, 1)]
         assert [c["code"] for c in cli] == [0, 0] and cli[1]["stdout"] == "", what
         printed = json.loads(cli[0]["stdout"])

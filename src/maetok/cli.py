@@ -1,13 +1,14 @@
 """`maetok` command line: thin wrappers over the Python API.
 
     maetok tokenizer train --config cpu-32 --out runs/tok model.latent_tokens=64 train.steps=2000
-    maetok tokenizer reconstruct --model runs/tok/model --images shapes --out runs/recon
+    maetok tokenizer reconstruct --model runs/tok/model --images shapes --num-samples 32 --out runs/recon
     maetok convert official-tokenizer --src DIR --out DIR [--weights FILE --config FILE]
     maetok convert official-sit --src DIR --out DIR [--weights FILE --config FILE]
     maetok pilot --data zip:../shared/data/cifar10-jpeg.zip --budget standard --out runs/pilot-cifar
     maetok demo                      # the quick pilot on built-in shapes (the README's main command)
 
-Every training command takes dotted `key=value` overrides after its options.
+Every training command takes dotted `key=value` overrides after its options. Counts are `--num-samples`
+(`--num` still works alone, but not under torchrun, whose parser reads it as an abbreviation of --numa-binding).
 """
 from __future__ import annotations
 
@@ -18,12 +19,118 @@ import sys
 from pathlib import Path
 
 
+class CLIError(Exception):
+    """A command-line request that cannot be carried out as given (reported as one line, exit code 2)."""
+
+
+# ==============================================================================================================
+# Argument types: bad values are refused while parsing, before any model is loaded or sample drawn
+# ==============================================================================================================
+def _count(minimum: int):
+    """An argparse type: an integer >= minimum (1 for counts of things to make, 0 where 0 means all)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+    parse.__name__ = "count"  # argparse names the type in some messages
+    return parse
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def _interval(text: str) -> tuple[float, float]:
+    """'LOW,HIGH' with 0 <= LOW < HIGH <= 1 (a guidance interval in t)."""
+    parts = text.split(",")
+    try:
+        low, high = (float(v) for v in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be two numbers LOW,HIGH in [0, 1], e.g. 0,0.75; "
+                                         f"got {text!r}") from None
+    if not 0.0 <= low < high <= 1.0:
+        raise argparse.ArgumentTypeError(f"must satisfy 0 <= LOW < HIGH <= 1; got {text!r}")
+    return low, high
+
+
+def _device_type(indexed: bool):
+    """An argparse type for --device: auto, cpu, cuda (and, where the command uses the device as given, cuda:N
+    and mps). A device this machine lacks is refused here: the training code would silently run on the CPU."""
+    forms = "auto, cpu, cuda" + (", cuda:N, mps" if indexed else "")
+
+    def parse(text: str) -> str:
+        name = text.strip().lower()
+        family, _, index = name.partition(":")
+        if name in ("auto", "cpu"):
+            return name
+        if not ((family == "cuda" and (not index or (indexed and index.isdigit()))) or (indexed and name == "mps")):
+            raise argparse.ArgumentTypeError(f"unknown device {text!r}; choose {forms}")
+        import torch
+
+        if family == "cuda":
+            if not torch.cuda.is_available():
+                raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine (torch "
+                                                 f"{torch.__version__}, CUDA build {torch.version.cuda}); use "
+                                                 f"--device cpu or auto")
+            if index and int(index) >= torch.cuda.device_count():
+                raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA "
+                                                 f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        elif not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: MPS (Apple GPU) is not available on this machine")
+        return name
+    parse.__name__ = "device"
+    return parse
+
+
+def _looks_local(text: str) -> str | None:
+    """Why `text` is read as a local path rather than a hub id (org/name), or None for a hub id."""
+    first = text.split("/")[0]
+    if text.startswith((".", "/", "~")):
+        return "it starts with '.', '/' or '~'"
+    if any(sep in text for sep in (os.sep, os.altsep) if sep and sep != "/"):
+        return "it contains a path separator"
+    if text.count("/") != 1:
+        return "a hub id has the form org/name"
+    if first and Path(first).exists():
+        return f"{first!r} exists here"
+    return None
+
+
+def _checkpoint(hub: bool):
+    """An argparse type for --model/--tokenizer: an existing folder, or (when `hub`) a hub id org/name. A path
+    that does not exist is refused here, instead of being downloaded as a hub id and failing confusingly."""
+    def parse(text: str) -> str:
+        if Path(text).expanduser().exists():
+            return str(Path(text).expanduser())
+        why = _looks_local(text) if hub else "this option reads a local folder only"
+        if why is not None:
+            raise argparse.ArgumentTypeError(f"{text}: no such folder (read as a local path: {why})")
+        return text
+    parse.__name__ = "checkpoint"
+    return parse
+
+
+def _is_main_process() -> bool:
+    """Rank 0, or a run outside torchrun: the one process that prints summaries."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _add_run_args(p: argparse.ArgumentParser, default_config: str) -> None:
     p.add_argument("--config", default=default_config, help="YAML file or preset name under configs/")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--force", action="store_true", help="delete an existing --out and start over")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", type=_device_type(indexed=False), help="auto, cpu or cuda")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.latent_tokens=64")
 
 
@@ -32,7 +139,8 @@ def _train(a: argparse.Namespace, config_cls, run_fn) -> int:
 
     cfg = load_config(config_cls, a.config, a.overrides)
     summary = run_fn(cfg, a.out, resume=a.resume, force=a.force, device=a.device)
-    print(json.dumps(summary, indent=2))
+    if _is_main_process():  # under torchrun every rank returns the summary; one copy is printed
+        print(json.dumps(summary, indent=2))
     return 0 if summary.get("finished") or summary.get("stopped_by") else 1
 
 
@@ -47,14 +155,16 @@ def cmd_tokenizer_reconstruct(a: argparse.Namespace) -> int:
     import torch
 
     from .data import open_dataset
+    from .data.datasets import held_out_split
     from .data.images import save_image_grid
     from .eval.recon import psnr, ssim
     from .tokenizer import MAETok
 
     model = MAETok.from_pretrained(a.model)
     size = model.config.image_size
-    ds = open_dataset(a.images, split=a.split, image_size=size, limit=a.num)
-    x = torch.stack([ds[i][0] for i in range(min(a.num, len(ds)))])
+    split = a.split or held_out_split(a.images)  # no --split: test/, else val/
+    ds = open_dataset(a.images, split=split, image_size=size, limit=a.num_samples)
+    x = torch.stack([ds[i][0] for i in range(min(a.num_samples, len(ds)))])
     with torch.no_grad():
         recon = torch.cat([model.decode(model.encode(b)) for b in x.split(16)]).clamp(-1, 1)
     out = Path(a.out)
@@ -66,13 +176,20 @@ def cmd_tokenizer_reconstruct(a: argparse.Namespace) -> int:
     x_p, r_p = (torch.cat([t, torch.ones(pad, *t.shape[1:])]) for t in (x, recon))
     rows = [t for i in range(0, x_p.shape[0], nrow) for t in (x_p[i:i + nrow], r_p[i:i + nrow])]
     save_image_grid(torch.cat(rows), out / "reconstructions.png", nrow=nrow)
-    metrics = {"psnr": psnr(recon, x).mean().item(), "ssim": ssim(recon, x).mean().item(), "num_images": int(x.shape[0])}
+    metrics = {"psnr": psnr(recon, x).mean().item(), "ssim": ssim(recon, x).mean().item(),
+               "num_images": int(x.shape[0]), "images": a.images, "split": split}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps({**metrics, "grid": str(out / "reconstructions.png")}, indent=2))
     return 0
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
+    out = Path(a.out)
+    if out.is_file():
+        raise CLIError(f"--out {out} is a file; converted weights go into a folder")
+    if out.is_dir() and any(out.iterdir()) and not a.force:
+        raise CLIError(f"--out {out} already exists and is not empty; pass --force to overwrite its files or "
+                       f"choose another --out")
     if a.what == "official-tokenizer":
         from .tokenizer.convert import convert_official_tokenizer
 
@@ -96,7 +213,8 @@ def cmd_latents_cache(a: argparse.Namespace) -> int:
 
     tok = MAETok.from_pretrained(a.tokenizer)
     ds = open_dataset(a.data, split=a.split, image_size=tok.config.image_size, limit=a.limit)
-    info = init_distributed(a.device)  # under torchrun the ranks encode alternate shards
+    # Under torchrun the ranks encode alternate shards; init_distributed knows device families, not cuda:N.
+    info = init_distributed("cuda" if a.device.startswith("cuda") else a.device)
     try:
         out = cache_latents(tok, ds, a.out, batch_size=a.batch_size, flip=not a.no_flip,
                             device=info.device if info.enabled else _device(a.device), dist=info)
@@ -116,19 +234,28 @@ def cmd_diffusion_train(a: argparse.Namespace) -> int:
 
 def cmd_sample(a: argparse.Namespace) -> int:
     from .config import SampleConfig, from_dict
-    from .diffusion.generate import generate_to_dir
+    from .diffusion.generate import SETTINGS_FILE, check_compatible, generate_to_dir
     from .diffusion.sit import SiT
     from .tokenizer import MAETok
 
-    low, high = (float(v) for v in a.interval.split(","))
+    low, high = a.interval
     cfg = from_dict(SampleConfig, {"sampler": a.sampler, "steps": a.steps, "cfg_scale": a.cfg,
                                    "cfg_interval": [low, high], "seed": a.seed})
     model, tok = SiT.from_pretrained(a.model), MAETok.from_pretrained(a.tokenizer)
-    path = generate_to_dir(model, tok, a.num, cfg, Path(a.out), balanced=a.balanced, batch_size=a.batch_size,
-                           device=_device(a.device))
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes the files
-        print(f"wrote {path} and {path.with_suffix('.png')}")
+    check_compatible(model, tok, f"--model {a.model}", f"--tokenizer {a.tokenizer}")  # before any sampling
+    where = {"model": _recorded_path(a.model), "tokenizer": _recorded_path(a.tokenizer),
+             "batch_size": a.batch_size}  # batch size and process count fix the SDE sampler's noise
+    path = generate_to_dir(model, tok, a.num_samples, cfg, Path(a.out), balanced=a.balanced,
+                           batch_size=a.batch_size, device=_device(a.device), settings=where)
+    if _is_main_process():  # under torchrun only rank 0 writes the files
+        print(f"wrote {path}, {path.with_suffix('.png')} and {path.with_name(SETTINGS_FILE)}")
     return 0
+
+
+def _recorded_path(text: str) -> str:
+    """A local path made absolute (the record stays meaningful from another folder); a hub id as given."""
+    p = Path(text).expanduser()
+    return str(p.resolve()) if p.exists() else text
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
@@ -137,6 +264,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     result = evaluate_command(a)
     if result is not None:  # None on ranks other than 0 under torchrun
         print(json.dumps(result, indent=2))
+        if result.get("json"):
+            print(f"maetok: wrote {result['json']}", file=sys.stderr)  # stdout stays one JSON document
     return 0
 
 
@@ -188,6 +317,11 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+SPLIT_HELP = "held-out split folder to read (default: test/, or val/ when there is no test/)"
+NUM_ALIAS_HELP = "; --num is the old spelling (it clashes with torchrun's --numa-binding under torchrun)"
+DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maetok", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,10 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p, "cpu-32")
     p.set_defaults(fn=cmd_tokenizer_train)
     p = tok.add_parser("reconstruct", help="encode+decode images; writes a side-by-side PNG grid and PSNR/SSIM")
-    p.add_argument("--model", required=True, help="weights folder (save_pretrained) or official checkpoint")
+    p.add_argument("--model", required=True, type=_checkpoint(hub=True),
+                   help="weights folder (save_pretrained), official checkpoint folder, or hub id org/name")
     p.add_argument("--images", required=True, help="data spec: folder, zip:FILE, cifar:DIR, npz:FILE or shapes")
-    p.add_argument("--split", default="test")
-    p.add_argument("--num", type=int, default=32)
+    p.add_argument("--split", default=None, help=SPLIT_HELP)
+    p.add_argument("--num-samples", "--num", dest="num_samples", type=_count(1), default=32, metavar="N",
+                   help="images to reconstruct" + NUM_ALIAS_HELP)
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_tokenizer_reconstruct)
 
@@ -211,19 +347,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--weights", default=None, help="weights file, if not in --src")
     p.add_argument("--config", default=None, help="config file, if not --src/config.json")
+    p.add_argument("--force", action="store_true", help="overwrite the files of an existing, non-empty --out")
     p.set_defaults(fn=cmd_convert)
 
     lat = sub.add_parser("latents", help="latent caches").add_subparsers(dest="action", required=True)
     p = lat.add_parser("cache", help="encode a dataset once into sharded safetensors (with flipped copies); "
                                      "under torchrun the ranks share the shards")
-    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--tokenizer", required=True, type=_checkpoint(hub=True), help="tokenizer folder or hub id")
     p.add_argument("--data", required=True, help="data spec: folder, zip:FILE, cifar:DIR, npz:FILE or shapes")
     p.add_argument("--split", default="train")
-    p.add_argument("--limit", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--limit", type=_count(0), default=0, help="images to encode (0 = all)")
+    p.add_argument("--batch-size", type=_count(1), default=64)
     p.add_argument("--no-flip", action="store_true", help="do not also cache horizontally flipped images")
     p.add_argument("--out", required=True)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", type=_device_type(indexed=True), help=DEVICE_HELP)
     p.set_defaults(fn=cmd_latents_cache)
 
     dif = sub.add_parser("diffusion", help="train SiT / LightningDiT").add_subparsers(dest="action", required=True)
@@ -232,31 +369,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_diffusion_train)
 
     p = sub.add_parser("sample", help="sample images: PNG grid + ADM-compatible .npz (sharded under torchrun)")
-    p.add_argument("--model", required=True, help="SiT weights folder")
-    p.add_argument("--tokenizer", required=True, help="tokenizer weights folder")
-    p.add_argument("--num", type=int, default=64)
-    p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (1 = none)")
-    p.add_argument("--interval", default="0,1", help="guidance interval low,high in t (t=0 data, t=1 noise)")
+    p.add_argument("--model", required=True, type=_checkpoint(hub=False), help="SiT weights folder")
+    p.add_argument("--tokenizer", required=True, type=_checkpoint(hub=True), help="tokenizer folder or hub id")
+    p.add_argument("--num-samples", "--num", dest="num_samples", type=_count(1), default=64, metavar="N",
+                   help="images to generate" + NUM_ALIAS_HELP)
+    p.add_argument("--cfg", type=_non_negative_float, default=1.0, help="guidance scale (1 = none)")
+    p.add_argument("--interval", type=_interval, default=(0.0, 1.0), metavar="LOW,HIGH",
+                   help="guidance interval in t, 0 <= LOW < HIGH <= 1 (t=0 data, t=1 noise); default 0,1")
     p.add_argument("--sampler", default="heun", choices=["euler", "heun", "sde"])
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=_count(1), default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--balanced", action="store_true", help="num/num_classes samples per class")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--out", required=True)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--balanced", action="store_true", help="N/num_classes samples per class")
+    p.add_argument("--batch-size", type=_count(1), default=64)
+    p.add_argument("--out", required=True, help="folder for samples.npz, samples.png and sampling.json")
+    p.add_argument("--device", default="auto", type=_device_type(indexed=True), help=DEVICE_HELP)
     p.set_defaults(fn=cmd_sample)
 
     p = sub.add_parser("eval", help="FID/KID/IS/PR of samples, or rFID/PSNR/SSIM of a tokenizer (runs as it is "
                                     "under torchrun: the ranks share the feature extraction)")
     p.add_argument("what", choices=["gen", "recon"])
     p.add_argument("--samples", help="gen: .npz with arr_0 (uint8 NHWC), or an image folder")
-    p.add_argument("--tokenizer", help="recon: tokenizer weights folder")
+    p.add_argument("--tokenizer", type=_checkpoint(hub=True), help="recon: tokenizer weights folder or hub id")
     p.add_argument("--ref", required=True, help="reference: data spec, ADM .npz batch or cached stats .npz")
-    p.add_argument("--split", default="test")
-    p.add_argument("--num", type=int, default=0, help="images from --ref (0 = all)")
+    p.add_argument("--split", default=None, help=SPLIT_HELP)
+    p.add_argument("--num-samples", "--num", dest="num_samples", type=_count(0), default=0, metavar="N",
+                   help="images from --ref (0 = all)" + NUM_ALIAS_HELP)
     p.add_argument("--features", default="inception", help="feature network: inception, resnet56-cifar10, ...")
     p.add_argument("--stats-cache", default=None, help="where to cache the reference statistics")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, metavar="PATH",
+                   help="result JSON: a .json file, or a folder for an automatically named one (default "
+                        "runs/eval/, named after the input, e.g. runs/eval/tok-model.recon-inception.json)")
+    p.add_argument("--device", default="auto", type=_device_type(indexed=True), help=DEVICE_HELP)
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("analyze", help="latent-space analysis: GMM NLL per K, linear probe, token statistics")
@@ -274,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception", action="store_true", help="also compute Inception FIDs (slow on CPU)")
     p.add_argument("--resume", action="store_true", help="continue a pilot in --out")
     p.add_argument("--force", action="store_true", help="delete --out and start over")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", type=_device_type(indexed=False), help="auto, cpu or cuda")
     p.add_argument("--collective-timeout", type=_positive_seconds, default=None, metavar="SECONDS",
                    help="under torchrun: how long a rank may wait for the others (rank 0 evaluates alone while "
                         "they wait); default 12 hours")
@@ -297,13 +440,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
+    from .data.datasets import DatasetError
+    from .diffusion.convert import ConversionError
     from .nets.hub import MissingWeightsError
     from .train.loop import RunDirExists
 
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, MissingWeightsError, RunDirExists, FileNotFoundError) as e:
+    except (CLIError, ConfigError, DatasetError, ConversionError, MissingWeightsError, RunDirExists,
+            FileNotFoundError) as e:
         print(f"maetok: error: {e}", file=sys.stderr)
         return 2
 

@@ -51,6 +51,18 @@ class DatasetError(ValueError):
     """A dataset spec or layout that cannot be read; the message says what was expected."""
 
 
+class SplitNotFoundError(DatasetError):
+    """The asked split folder is absent; `available` lists the split folders that are there."""
+
+    def __init__(self, message: str, available: list[str]):
+        super().__init__(message)
+        self.available = available
+
+
+SPLIT_NAMES = ("train", "test", "val", "valid", "validation")  # folder names read as splits, not classes
+HELD_OUT_SPLITS = ("test", "val")  # what a held-out default looks for, in order (ImageNet ships only val/)
+
+
 # ==============================================================================================================
 # Datasets
 # ==============================================================================================================
@@ -205,22 +217,32 @@ def _index_members(paths: list[str], split: str, where: str, read_text) -> tuple
         parts = p.split("/")[:-1]
         if split in parts:
             bases.add("/".join(parts[: parts.index(split) + 1]) + "/")
+    if not images:  # before any split advice: there is nothing to split
+        raise DatasetError(f"{where}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
     if bases:
         base = min(bases, key=lambda b: (b.count("/"), b))
     elif split == "train":
         tops = {p.split("/")[0] for p in images if "/" in p}
-        if tops & {"test", "val", "valid", "validation"}:
-            raise DatasetError(f"{where}: has {sorted(tops & {'test', 'val', 'valid', 'validation'})} folders but "
-                               f"no 'train/' folder; pass the split that exists")
+        present = [name for name in SPLIT_NAMES if name in tops]
+        if present:
+            raise SplitNotFoundError(f"{where}: no 'train/' folder; its split folders are {present}. Choose one "
+                                     f"with --split {present[0]} (split={present[0]!r} in Python)", present)
         base = ""  # the spec points at the split folder itself
         while images and all(p.startswith(images[0].split("/")[0] + "/") and p.count("/") >= 2 for p in images):
             base += images[0].split("/")[0] + "/"  # unwrap a single top-level folder
             images = [p[p.index("/") + 1:] for p in images]
         images = [base + p for p in images]
     else:
+        present = _split_folders(images)
+        if present:
+            # Suggest a held-out split before train: the caller asked for a non-training split.
+            pick = next((s for s in (*HELD_OUT_SPLITS, "valid", "validation") if s in present), present[0])
+            raise SplitNotFoundError(f"{where}: no '{split}/' folder; its split folders are {present}. Choose one "
+                                     f"with --split {pick} (split={pick!r} in Python)", present)
         tops = sorted({p.split("/")[0] for p in images if "/" in p})[:10]
-        raise DatasetError(f"{where}: no '{split}/' folder found (top-level folders: {tops}); "
-                           f"use split='train' to read the folder itself")
+        raise SplitNotFoundError(f"{where}: no '{split}/' folder and no split folders at all (top-level folders: "
+                                 f"{tops}); to read the whole folder as one set use --split train "
+                                 f"(split='train' in Python)", [])
     members = [p for p in images if p.startswith(base)]
     prefix = base[: -len(split) - 1] if base.endswith(f"{split}/") else base
 
@@ -254,12 +276,59 @@ def _index_members(paths: list[str], split: str, where: str, read_text) -> tuple
     elif loose:
         class_names, labelled = [PurePosixPath(base).name or "images"], {PurePosixPath(base).name or "images": loose}
     else:
-        raise DatasetError(f"{where}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under '{base or '/'}'")
+        inside = f" in its '{base.rstrip('/')}/' folder" if base else ""
+        raise DatasetError(f"{where}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}){inside}")
 
     label_of = {name: i for i, name in enumerate(class_names)}
     per_class = [[(p, label_of[name]) for p in sorted(labelled[name])] for name in class_names if name in labelled]
     items = [group[i] for i in range(max(map(len, per_class))) for group in per_class if i < len(group)]
     return items, class_names
+
+
+def _split_folders(paths: list[str]) -> list[str]:
+    """The split folders (SPLIT_NAMES) among the folders holding `paths`, at the shallowest depth they occur."""
+    found: dict[str, int] = {}
+    for p in paths:
+        for depth, part in enumerate(p.split("/")[:-1]):
+            if part in SPLIT_NAMES:
+                found[part] = min(depth, found.get(part, depth))
+    if not found:
+        return []
+    top = min(found.values())
+    return [name for name in SPLIT_NAMES if found.get(name) == top]
+
+
+def held_out_split(spec: str) -> str:
+    """The held-out split to read from `spec` when none is named: 'test', or 'val' for a folder or zip with a
+    val/ folder and no test/ one (ImageNet's layout). 'test' whenever that cannot be decided cheaply (other
+    spec kinds, a missing path); opening it then fails with a message listing the splits that exist."""
+    kind, location = parse_spec(spec)
+    if kind not in ("folder", "zip"):
+        return HELD_OUT_SPLITS[0]
+    try:
+        path = _resolve(location, spec)
+    except DatasetError:
+        return HELD_OUT_SPLITS[0]  # open_dataset reports the missing path
+    if kind == "zip":
+        if not zipfile.is_zipfile(path):
+            return HELD_OUT_SPLITS[0]
+        with zipfile.ZipFile(path) as zf:
+            present = _split_folders([n for n in zf.namelist() if _visible(PurePosixPath(n).parts)])
+    else:
+        present = _top_split_dirs(path)
+    return next((s for s in HELD_OUT_SPLITS if s in present), HELD_OUT_SPLITS[0])
+
+
+def _top_split_dirs(root: Path) -> list[str]:
+    """Split folders at the top of `root`, or below a chain of single wrapping folders. Listing directories only
+    (never a whole ImageNet tree) keeps choosing the default split cheap."""
+    while root.is_dir():
+        subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        present = [name for name in SPLIT_NAMES if name in subdirs]
+        if present or len(subdirs) != 1:
+            return present
+        root = root / subdirs[0]
+    return []
 
 
 def _list_folder(root: Path) -> list[str]:

@@ -11,8 +11,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import SampleConfig
+from ..config import ConfigError, SampleConfig, to_dict
 from .samplers import sample
+
+SETTINGS_FILE = "sampling.json"  # beside samples.npz: how the samples were drawn
+
+
+class IncompatibleModelsError(ConfigError):
+    """A diffusion model and a tokenizer that cannot work together (their latent shapes differ)."""
+
+
+def check_compatible(model, tokenizer, model_name: str = "the diffusion model",
+                     tokenizer_name: str = "the tokenizer") -> None:
+    """Refuse a SiT whose latents the tokenizer cannot decode, before any sampling (which would fail only at
+    the first decode, after the whole first batch was drawn)."""
+    sit, tok = model.config, tokenizer.config
+    made = (int(sit.num_tokens), int(sit.in_channels))
+    decodes = (int(tok.latent_tokens), int(tok.latent_dim))
+    if made != decodes:
+        raise IncompatibleModelsError(
+            f"{model_name} generates latents of {made[0]} tokens x {made[1]} channels (num_tokens x in_channels), "
+            f"but {tokenizer_name} decodes {decodes[0]} x {decodes[1]} (latent_tokens x latent_dim); pass the "
+            f"tokenizer the diffusion model was trained on")
 
 
 def sample_labels(num: int, num_classes: int, balanced: bool, seed: int) -> torch.Tensor | None:
@@ -36,6 +56,7 @@ def generate(model, tokenizer, num: int, cfg: SampleConfig, labels: torch.Tensor
     """This rank's share: (indices, uint8 images NHWC). Sample i belongs to rank i % world."""
     from tqdm.auto import tqdm
 
+    check_compatible(model, tokenizer)
     model = model.to(device).eval()
     tokenizer = tokenizer.to(device).eval()
     mine = torch.arange(rank, num, world)
@@ -75,20 +96,46 @@ def write_samples(out_dir: Path, images: np.ndarray, labels: torch.Tensor | None
     return path
 
 
+def write_settings(out_dir: Path, num: int, cfg: SampleConfig, balanced: bool, num_classes: int,
+                   extra: dict | None = None) -> Path:
+    """sampling.json: what it takes to draw the same samples again (and to tell two sample folders apart)."""
+    import json
+
+    from ..train.checkpoint import atomic_write_bytes
+
+    settings = {"num_samples": int(num), **to_dict(cfg), "balanced": bool(balanced),
+                "num_classes": int(num_classes), **(extra or {})}
+    path = Path(out_dir) / SETTINGS_FILE
+    atomic_write_bytes(path, lambda f: f.write((json.dumps(settings, indent=2) + "\n").encode()))
+    return path
+
+
 def generate_to_dir(model, tokenizer, num: int, cfg: SampleConfig, out_dir: Path, balanced: bool = True,
-                    batch_size: int = 64, device: str | torch.device = "cpu", progress: bool = True) -> Path:
-    """Full generation under torchrun or alone: every rank samples its share, rank 0 assembles the npz."""
+                    batch_size: int = 64, device: str | torch.device = "cpu", progress: bool = True,
+                    settings: dict | None = None) -> Path:
+    """Full generation under torchrun or alone: every rank samples its share, rank 0 assembles the npz and writes
+    sampling.json (the sampler settings, the count, and `settings`, e.g. the model and tokenizer paths)."""
     import torch.distributed as dist
 
     from ..train.distributed import init_distributed
 
-    info = init_distributed(str(device) if str(device) in ("cpu", "cuda") else "auto")
+    if num < 1:
+        raise ConfigError(f"number of samples {num} must be >= 1")
+    check_compatible(model, tokenizer)  # before joining the process group: every rank fails alike, at once
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if str(device) == "auto" else device)
+    info = init_distributed(device.type if device.type in ("cpu", "cuda") else "auto")
+    # Alone, the device as given (cuda:1, mps); under torchrun each rank uses its own (cuda:LOCAL_RANK or cpu).
+    run_device = info.device if info.enabled else device
     labels = sample_labels(num, model.config.num_classes, balanced, cfg.seed)
-    idx, imgs = generate(model, tokenizer, num, cfg, labels, batch_size, info.rank, info.world, info.device,
+    idx, imgs = generate(model, tokenizer, num, cfg, labels, batch_size, info.rank, info.world, run_device,
                          progress and info.is_main)
     out_dir = Path(out_dir)
+    record = (lambda: write_settings(out_dir, num, cfg, balanced, model.config.num_classes,
+                                     {**(settings or {}), "processes": info.world}))
     if not info.enabled:
-        return write_samples(out_dir, imgs, labels)
+        path = write_samples(out_dir, imgs, labels)
+        record()
+        return path
     parts = [None] * info.world
     dist.all_gather_object(parts, (idx, imgs))  # images are small uint8; fine for evaluation-sized runs
     path = out_dir / "samples.npz"
@@ -101,5 +148,6 @@ def generate_to_dir(model, tokenizer, num: int, cfg: SampleConfig, out_dir: Path
         if not bool((seen == 1).all()):
             raise RuntimeError("sharded sampling did not produce every sample exactly once")
         path = write_samples(out_dir, full, labels)
+        record()
     dist.barrier()  # no rank returns before the file exists
     return path

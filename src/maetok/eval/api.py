@@ -478,9 +478,13 @@ def _device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
+DEFAULT_EVAL_DIR = Path("runs") / "eval"  # like `pilot`'s runs/pilot: never beside the inputs (maybe read-only)
+
+
 def _write_json(result: dict[str, Any], path: Path) -> dict[str, Any]:
-    """Write next to the inputs when possible; a read-only location only loses the file (the CLI prints it)."""
+    """Write the result; a location that cannot be written only loses the file (the CLI prints the result)."""
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2))
         return {**result, "json": str(path)}
     except OSError as e:
@@ -488,12 +492,29 @@ def _write_json(result: dict[str, Any], path: Path) -> dict[str, Any]:
         return {**result, "json": None}
 
 
+def result_path(out: str | Path | None, source: str | Path, kind: str, net: str) -> Path:
+    """Where `maetok eval` writes its JSON: `out` when it names a .json file, else a file in the folder `out`
+    (default runs/eval/) named after the input's last two path components (run folders are often all called
+    `model` or `samples`), e.g. runs/eval/tok-ae-model.recon-inception.json."""
+    out = Path(out) if out else DEFAULT_EVAL_DIR
+    if out.suffix.lower() == ".json":
+        return out
+    src = Path(source).expanduser()
+    full = src.resolve() if src.exists() else Path(str(source))  # not there: a hub id, org/name
+    parts = [p for p in full.parts if p != full.anchor][-2:]
+    if src.is_file():
+        parts[-1] = Path(parts[-1]).stem
+    label = "-".join(parts) or "eval"
+    return out / f"{label}.{kind}-{net}.json"
+
+
 def evaluate_command(args: argparse.Namespace) -> dict[str, Any] | None:
-    """`maetok eval gen|recon`; returns the result and writes it as JSON beside the samples / tokenizer.
+    """`maetok eval gen|recon`; returns the result and writes it as JSON to `result_path(args.out, ...)`.
     Under torchrun the ranks share the work; rank 0 returns and writes the result, the others return None."""
     from ..train.distributed import cleanup, init_distributed
 
-    info = init_distributed(args.device)
+    # init_distributed knows device families only; a cuda:N given to one process is used as is below.
+    info = init_distributed("cuda" if args.device.startswith("cuda") else args.device)
     try:
         result = _evaluate(args, info, info.device if info.enabled else _device(args.device))
     finally:
@@ -502,16 +523,19 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def _evaluate(args: argparse.Namespace, info: DistInfo, device) -> dict[str, Any]:
+    from ..data.datasets import held_out_split
+
     write = _write_json if info.is_main else (lambda result, path: result)
+    # No --split: the data's test/ folder, else its val/ folder (ImageNet has only train/ and val/).
+    split = args.split or held_out_split(args.ref)
+    out = getattr(args, "out", None)
     if args.what == "gen":
         if not args.samples:
             raise EvalInputError("maetok eval gen needs --samples (.npz with arr_0, or an image folder)")
-        result = evaluate_generation(args.samples, args.ref, args.features, split=args.split, num_ref=args.num,
-                                     stats_cache=args.stats_cache, device=device, progress=info.is_main,
-                                     dist=info)
-        src = Path(args.samples)
-        name = f"{src.stem if src.is_file() else src.name}.eval-{result['feature_net']}.json"
-        return write(result, src.parent / name)
+        result = evaluate_generation(args.samples, args.ref, args.features, split=split,
+                                     num_ref=args.num_samples, stats_cache=args.stats_cache, device=device,
+                                     progress=info.is_main, dist=info)
+        return write(result, result_path(out, args.samples, "eval", result["feature_net"]))
 
     if not args.tokenizer:
         raise EvalInputError("maetok eval recon needs --tokenizer (a tokenizer weights folder)")
@@ -521,19 +545,16 @@ def _evaluate(args: argparse.Namespace, info: DistInfo, device) -> dict[str, Any
     tokenizer = MAETok.from_pretrained(args.tokenizer)
     size = tokenizer.config.image_size
     try:
-        dataset = open_dataset(args.ref, split=args.split, image_size=size, limit=args.num)
+        dataset = open_dataset(args.ref, split=split, image_size=size, limit=args.num_samples)
     except DatasetError as e:
         raise EvalInputError(f"--ref {args.ref!r}: {e}") from None
     net = resolve_feature_net(args.features, device)
     # The same key as `eval gen` uses: one cache of these reference images serves rFID and gFID alike.
-    key = _reference_key(args.ref, args.split, args.num, size, net.name)
+    key = _reference_key(args.ref, split, args.num_samples, size, net.name)
     result = evaluate_reconstruction(tokenizer, dataset, net, device=device, stats_cache=args.stats_cache,
                                      cache_key=key, progress=info.is_main, dist=info)
-    result = {"tokenizer": str(args.tokenizer), "reference": {"source": args.ref, "split": args.split}, **result}
-    tok = Path(args.tokenizer)
-    if not tok.is_dir():  # a hub id: nowhere beside it to write
-        return {**result, "json": None}
-    return write(result, tok.parent / f"{tok.name}.recon-{net.name}.json")
+    result = {"tokenizer": str(args.tokenizer), "reference": {"source": args.ref, "split": split}, **result}
+    return write(result, result_path(out, args.tokenizer, "recon", net.name))
 
 
 def _pairs(items: Sequence[str], option: str) -> dict[str, str]:
