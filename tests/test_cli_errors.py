@@ -306,3 +306,16 @@ def test_training_summary_printed_by_rank_0_only(monkeypatch, capsys, rank, prin
     assert _train(args, TokenizerRunConfig, fake_run) == 0
     out = capsys.readouterr().out
     assert (json.loads(out) == {"finished": True, "step": 3}) if printed else out == ""
+
+
+def test_from_pretrained_of_a_missing_local_folder_says_so(tmp_path, monkeypatch):
+    # The Python API follows the CLI's rule: "runs/nonexist" is a mistyped local folder when runs/ exists here,
+    # not a hub id to download.
+    from maetok.nets import hub
+    from maetok.tokenizer import MAETok
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    monkeypatch.setattr(hub, "hub_download", lambda *a, **k: pytest.fail("sent a local path to the hub"))
+    with pytest.raises(FileNotFoundError, match="no such folder.*'runs' exists here"):
+        MAETok.from_pretrained("runs/nonexist")

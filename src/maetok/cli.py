@@ -92,27 +92,15 @@ def _device_type(indexed: bool):
     return parse
 
 
-def _looks_local(text: str) -> str | None:
-    """Why `text` is read as a local path rather than a hub id (org/name), or None for a hub id."""
-    first = text.split("/")[0]
-    if text.startswith((".", "/", "~")):
-        return "it starts with '.', '/' or '~'"
-    if any(sep in text for sep in (os.sep, os.altsep) if sep and sep != "/"):
-        return "it contains a path separator"
-    if text.count("/") != 1:
-        return "a hub id has the form org/name"
-    if first and Path(first).exists():
-        return f"{first!r} exists here"
-    return None
-
-
 def _checkpoint(hub: bool):
     """An argparse type for --model/--tokenizer: an existing folder, or (when `hub`) a hub id org/name. A path
     that does not exist is refused here, instead of being downloaded as a hub id and failing confusingly."""
     def parse(text: str) -> str:
         if Path(text).expanduser().exists():
             return str(Path(text).expanduser())
-        why = _looks_local(text) if hub else "this option reads a local folder only"
+        from .nets.hub import local_path_reason
+
+        why = local_path_reason(text) if hub else "this option reads a local folder only"
         if why is not None:
             raise argparse.ArgumentTypeError(f"{text}: no such folder (read as a local path: {why})")
         return text

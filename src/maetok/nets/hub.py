@@ -30,6 +30,21 @@ def shared_data_dir() -> Path | None:
     return None
 
 
+def local_path_reason(text: str) -> str | None:
+    """Why `text` must be a local path rather than a hub id `org/name`, or None when it may be a hub id. Used
+    so that a mistyped local folder gets "no such folder", not a confusing download failure."""
+    first = text.split("/")[0]
+    if text.startswith((".", "/", "~")):
+        return "it starts with '.', '/' or '~'"
+    if any(sep in text for sep in (os.sep, os.altsep) if sep and sep != "/"):
+        return "it contains a path separator"
+    if text.count("/") != 1:
+        return "a hub id has the form org/name"
+    if first and Path(first).exists():
+        return f"{first!r} exists here"
+    return None
+
+
 def find_weights(what: str, local: str | Path | None, filename: str | None = None,
                  hint: str = "") -> Path:
     """Resolve a weights file: an explicit path, else `filename` in $MAETOK_SHARED_DATA / ../shared/data."""

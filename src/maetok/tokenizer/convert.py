@@ -194,9 +194,14 @@ def resolve_checkpoint_dir(path_or_hub_id: str | Path) -> Path:
             raise FileNotFoundError(f"{p} has no config.json (expected a save_pretrained folder or an official "
                                     f"MAETok checkpoint folder)")
         return p
-    if p.exists() or str(path_or_hub_id).startswith((".", "/", "~")) or str(path_or_hub_id).count("/") != 1:
-        raise FileNotFoundError(f"{path_or_hub_id}: not a checkpoint folder (and not a hub id like MAETok/maetok-b-128)")
-    from ..nets.hub import hub_download
+    from ..nets.hub import hub_download, local_path_reason
+
+    if p.exists():
+        raise FileNotFoundError(f"{path_or_hub_id}: not a checkpoint folder")
+    why = local_path_reason(str(path_or_hub_id))
+    if why is not None:
+        raise FileNotFoundError(f"{path_or_hub_id}: no such folder (read as a local path: {why}; a hub id looks "
+                                f"like MAETok/maetok-b-128)")
 
     cfg = hub_download(str(path_or_hub_id), "config.json", f"tokenizer {path_or_hub_id}")
     for name in ("model.safetensors", "pytorch_model.bin"):
