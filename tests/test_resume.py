@@ -75,16 +75,26 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path):
 
 
 def test_existing_run_dir_needs_resume_or_force(tmp_path: Path):
-    from maetok.train.loop import RunDirExists, prepare_run_dir
+    from maetok.train.loop import RUN_MARKER, RunDirExists, prepare_run_dir
 
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "config.yaml").write_text("x: 1")
+    prepare_run_dir(out, resume=False, force=False)
+    assert (out / RUN_MARKER).is_file()
+    (out / "checkpoints").mkdir()
+    save_checkpoint(out / "checkpoints", 1, {"step": 1})
     with pytest.raises(RunDirExists, match="--resume"):
         prepare_run_dir(out, resume=False, force=False)
-    assert prepare_run_dir(out, resume=True, force=False) == out and (out / "config.yaml").exists()
+    assert prepare_run_dir(out, resume=True, force=False) == out and latest_checkpoint(out / "checkpoints")
     prepare_run_dir(out, resume=False, force=True)
-    assert out.exists() and not any(out.iterdir())
+    assert out.exists() and [p.name for p in out.iterdir()] == [RUN_MARKER]
+    # Not a run (no marker, and files a run does not write): never resumed in, reused or deleted.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.yaml").write_text("x: 1")
+    for resume, force in ((False, False), (True, False), (False, True)):
+        with pytest.raises(RunDirExists, match="not a maetok run"):
+            prepare_run_dir(other, resume=resume, force=force)
+    assert (other / "config.yaml").read_text() == "x: 1"
 
 
 def test_checkpoint_is_atomic_and_keeps_last_k(tmp_path: Path):
@@ -155,7 +165,7 @@ def test_nonfinite_steps_are_skipped_then_stop_with_emergency_checkpoint(tmp_pat
     assert state["counters"]["skipped_steps"] == 3
 
 
-def test_sigterm_writes_a_final_checkpoint(tmp_path: Path):
+def test_sigterm_writes_a_final_checkpoint_and_exits_143(tmp_path: Path):
     proc = _train(tmp_path / "run", 10_000, "train.ckpt_every=100000")
     deadline = time.time() + 120
     log = tmp_path / "run" / "log.jsonl"
@@ -163,7 +173,8 @@ def test_sigterm_writes_a_final_checkpoint(tmp_path: Path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
+    # Non-zero, as a process killed by it would exit: a job scheduler must not take a pre-empted run as finished.
+    assert proc.returncode == 128 + signal.SIGTERM, out
     ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert ckpt is not None and load_checkpoint(ckpt)["step"] >= 2
     assert "SIGTERM" in out

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from maetok.config import TokenizerRunConfig, load_config
+from maetok.config import ConfigError, TokenizerRunConfig, load_config
 from maetok.tokenizer import MAETok
 from maetok.train.checkpoint import latest_checkpoint, load_checkpoint
 from maetok.train.run import run_tokenizer
@@ -60,6 +60,27 @@ def test_stage2_freezes_encoder_drops_aux_and_anneals_mask(stage1: Path, tmp_pat
     assert ratios[0] > ratios[2] and ratios[-1] == 0.0  # annealed 0.6 -> 0 over 4 steps
     state = load_checkpoint(latest_checkpoint(out / "checkpoints"))
     assert not any(k.startswith("aux_decoders.") for k in state["model"])
+
+
+def test_stage2_takes_the_model_config_from_init_from(stage1: Path, tmp_path: Path):
+    """Stage 1 used 4 latent tokens on 16x16 images (the preset says 32 and 32x32): stage 2 needs no model
+    overrides, and refuses ones that contradict stage 1 before making its run directory."""
+    over = ["stage=2", f"decoder_ft.init_from={stage1}", "train.steps=1", "data.limit=16", "train.batch_size=8",
+            "stats_batches=1"]
+    out = tmp_path / "ft"
+    assert run_tokenizer(load_config(TokenizerRunConfig, "cpu-32", over), out, device="cpu")["finished"]
+    model = MAETok.from_pretrained(out / "model")
+    assert (model.config.latent_tokens, model.config.image_size, model.config.enc_width) == (4, 16, 32)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["model"]["latent_tokens"] == 4 and saved["data"]["image_size"] == 16
+    bad = load_config(TokenizerRunConfig, "cpu-32", over + ["model.latent_tokens=8", "model.enc_depth=1"])
+    with pytest.raises(ConfigError, match=r"model.latent_tokens: stage 1 has 4, requested 8") as e:
+        run_tokenizer(bad, tmp_path / "ft-bad", device="cpu")
+    assert "enc_depth" not in str(e.value)  # agrees with stage 1
+    assert not (tmp_path / "ft-bad").exists()
+    with pytest.raises(ConfigError, match="no stage-1 weights"):
+        run_tokenizer(load_config(TokenizerRunConfig, "cpu-32", over[:1] + [f"decoder_ft.init_from={tmp_path}"]),
+                      tmp_path / "ft-none", device="cpu")
 
 
 def test_optional_teacher_without_weights_trains_without_it(tmp_path: Path, caplog):

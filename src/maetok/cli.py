@@ -114,22 +114,28 @@ def _is_main_process() -> bool:
 
 
 def _add_run_args(p: argparse.ArgumentParser, default_config: str) -> None:
-    p.add_argument("--config", default=default_config, help="YAML file or preset name under configs/")
+    p.add_argument("--config", default=None,
+                   help=f"YAML file or preset name under configs/ (default {default_config}; --resume keeps the "
+                        f"run's own)")
+    p.set_defaults(default_config=default_config)
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--force", action="store_true", help="delete an existing --out and start over")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with "
+                   "its saved config (overrides may change only train.steps, intervals, workers, compile, precision)")
+    p.add_argument("--force", action="store_true", help="delete the maetok run in --out and start over")
     p.add_argument("--device", default="auto", type=_device_type(indexed=False), help="auto, cpu or cuda")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.latent_tokens=64")
 
 
 def _train(a: argparse.Namespace, config_cls, run_fn) -> int:
     from .config import load_config
+    from .train.run import exit_status
 
-    cfg = load_config(config_cls, a.config, a.overrides)
+    # `default`: a preset the user did not name, so that --resume may keep the run's own
+    cfg = load_config(config_cls, a.config, a.overrides, default=getattr(a, "default_config", None))
     summary = run_fn(cfg, a.out, resume=a.resume, force=a.force, device=a.device)
     if _is_main_process():  # under torchrun every rank returns the summary; one copy is printed
         print(json.dumps(summary, indent=2))
-    return 0 if summary.get("finished") or summary.get("stopped_by") else 1
+    return exit_status(summary)  # 128 + N after signal N: a scheduler must not take a pre-empted run as done
 
 
 def cmd_tokenizer_train(a: argparse.Namespace) -> int:

@@ -487,15 +487,53 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(cls: type, config: str | Path | dict | None = None, overrides: list[str] | None = None):
-    """Defaults <- YAML preset (or dict) <- dotted overrides, then typed and validated."""
+@dataclass(frozen=True)
+class ConfigSource:
+    """What `load_config` built a config from. A resumed run needs it to tell the values the user asked for
+    (the overrides) from the preset's defaults, which the run's saved config replaces."""
+    preset: str | None                  # the preset name or YAML path; None: defaults only
+    preset_path: str | None             # the file it resolved to
+    overrides: tuple[str, ...] = ()
+    preset_given: bool = True           # False: the preset is a command's default, not the user's choice
+
+    def override_keys(self) -> list[str]:
+        """The dotted keys the overrides set, e.g. ["model.latent_tokens", "train.steps"]."""
+        return [".".join(parse_override(o)[0]) for o in self.overrides]
+
+
+_SOURCE_ATTR = "_maetok_source"
+
+
+def config_source(cfg: Any) -> ConfigSource | None:
+    """The `ConfigSource` of a config made by `load_config` from a preset and overrides; None otherwise."""
+    return getattr(cfg, _SOURCE_ATTR, None)
+
+
+def set_config_source(cfg: Any, source: ConfigSource | None) -> Any:
+    if source is not None:
+        object.__setattr__(cfg, _SOURCE_ATTR, source)
+    return cfg
+
+
+def load_config(cls: type, config: str | Path | dict | None = None, overrides: list[str] | None = None,
+                default: str | None = None):
+    """Defaults <- YAML preset (or dict) <- dotted overrides, then typed and validated. `default`: the preset
+    used when `config` is None -- recorded as not chosen, so a resumed run keeps its own preset's values."""
+    given = config is not None or default is None
+    config = default if config is None else config
     data = to_dict(cls())
+    path = None
     if isinstance(config, dict):
         data = _deep_merge(data, config)
     elif config:
-        data = _deep_merge(data, load_yaml(resolve_config_path(config)))
+        path = resolve_config_path(config)
+        data = _deep_merge(data, load_yaml(path))
     data = apply_overrides(data, list(overrides or []))
-    return from_dict(cls, data)
+    cfg = from_dict(cls, data)
+    if not isinstance(config, dict):  # a dict's keys are all "requested": no source, compared as a whole
+        set_config_source(cfg, ConfigSource(str(config) if config else None, str(path.resolve()) if path else None,
+                                            tuple(overrides or ()), given))
+    return cfg
 
 
 def dump_yaml(cfg: Any) -> str:

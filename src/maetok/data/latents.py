@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
-from ..train.checkpoint import atomic_write_bytes
+from ..train.checkpoint import atomic_write_bytes, save_safetensors
 from ..train.distributed import DistInfo, barrier
 
 
@@ -60,9 +60,7 @@ def cache_latents(tokenizer, dataset, out_dir: str | Path, batch_size: int = 64,
         tensors = {"latents": torch.cat(zs), "labels": torch.cat(ys)}
         if flip:
             tensors["latents_flip"] = torch.cat(zfs)
-        tmp = out / f".{name}.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(out / name)
+        save_safetensors(tensors, out / name)  # atomic: a killed run never leaves half a shard
     bar.close()
     if world > 1:
         barrier(dist)

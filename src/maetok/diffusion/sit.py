@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
 from maetok import __version__
@@ -228,7 +227,9 @@ class SiT(nn.Module):
         meta = {"kind": "sit", "maetok_version": __version__, **to_dict(self.config)}
         (out_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt", "kind": "sit"})
+        from ..train.checkpoint import save_safetensors
+
+        save_safetensors(state, out_dir / WEIGHTS_FILE, metadata={"format": "pt", "kind": "sit"})
         return out_dir
 
     @classmethod

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 
 class SmallCNN(nn.Module):
@@ -35,7 +35,9 @@ class SmallCNN(nn.Module):
 
     def save(self, out_dir: Path, meta: dict) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(out_dir / "model.safetensors"))
+        from ..train.checkpoint import save_safetensors
+
+        save_safetensors({k: v.contiguous() for k, v in self.state_dict().items()}, out_dir / "model.safetensors")
         (out_dir / "config.json").write_text(json.dumps({"num_classes": self.num_classes, "width": self.width,
                                                          "feature_dim": self.feature_dim, **meta}, indent=2))
 

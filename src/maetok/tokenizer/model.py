@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 
 from .. import __version__
 from ..config import ConfigError, TokenizerConfig, from_dict, to_dict
@@ -313,9 +312,9 @@ class MAETok(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.inference_state_dict().items()}
         meta = {"kind": CONFIG_KIND, "maetok_version": __version__, "config": to_dict(self.config)}
         _atomic_write_text(out / "config.json", json.dumps(meta, indent=2))
-        tmp = out / "model.safetensors.tmp"
-        save_file(state, str(tmp), metadata={"kind": CONFIG_KIND})
-        tmp.replace(out / "model.safetensors")
+        from ..train.checkpoint import save_safetensors
+
+        save_safetensors(state, out / "model.safetensors", metadata={"kind": CONFIG_KIND})  # atomic, umask modes
         return out
 
     @classmethod

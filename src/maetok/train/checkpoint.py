@@ -79,6 +79,27 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
                          f"Only weights-only files are accepted; nothing is unpickled.") from e
 
 
+def checkpoint_config(path: Path) -> str:
+    """The run config (YAML) stored in a checkpoint, read without loading its tensors into memory (mmap)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip-format file (mmap needs one): load_checkpoint says what is wrong with it
+        state = load_checkpoint(path)
+    config = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(config, str):
+        raise ValueError(f"{path}: the checkpoint holds no run config")
+    return config
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file`, but atomic (temporary file, fsync, rename) and with the permissions the
+    umask gives (save_file creates its files 0600, unreadable to the rest of a group sharing the results)."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    atomic_write_bytes(Path(path), lambda f: f.write(data))
+
+
 def code_version() -> str:
     """git describe of the source tree when available (recorded in every checkpoint), else the package version."""
     from .. import __version__

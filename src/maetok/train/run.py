@@ -2,21 +2,28 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
+import signal
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from ..config import ConfigError, TokenizerRunConfig
+from .. import __version__
+from ..config import (ConfigError, TokenizerRunConfig, apply_overrides, config_source, from_dict, set_config_source,
+                      to_dict)
+from .checkpoint import checkpoint_config, latest_checkpoint
 from .distributed import cleanup, init_distributed
-from .loop import Trainer, prepare_run_dir
+from .loop import RunDir, Trainer, check_run_flags, read_run_marker
 
 log = logging.getLogger("maetok.train")
 
 
-def setup_logging(out_dir: Path | None = None, is_main: bool = True) -> None:
+def setup_logging(out_dir: Path | None = None, is_main: bool = True, earlier: list[logging.LogRecord] = ()) -> None:
+    """Log to stderr, and (main process, `out_dir` given) to `<out_dir>/train.log`, starting with `earlier`."""
     root = logging.getLogger("maetok")
     root.setLevel(logging.INFO if is_main else logging.WARNING)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
@@ -32,7 +39,20 @@ def setup_logging(out_dir: Path | None = None, is_main: bool = True) -> None:
                 h.close()
         fh = logging.FileHandler(Path(out_dir) / "train.log")
         fh.setFormatter(fmt)
+        for record in earlier:
+            fh.handle(record)
         root.addHandler(fh)
+
+
+class _Held(logging.Handler):
+    """Keeps the records logged before the run directory exists (it is made only once the setup succeeded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 def _open_training_data(data_cfg, image_size: int):
@@ -43,17 +63,141 @@ def _open_training_data(data_cfg, image_size: int):
                         strict=data_cfg.strict, limit=data_cfg.limit, cache_dir=data_cfg.cache_dir or None)
 
 
-@contextlib.contextmanager
-def _run_context(out_dir: str | Path, resume: bool, force: bool, device: str, seed: int):
-    """Process group, run directory (never silently overwritten), log file and seed; torn down on the way out."""
-    info = init_distributed(device)
+class _Session:
+    """Process group, run directory and log file of one training.
+
+    Everything that can fail on bad input (config, data, model) is built between `start` and `open_run`: only
+    then is the run directory created, reused or (--force) emptied, so a typo neither leaves a directory that
+    blocks the retry nor costs the old run.
+    """
+
+    def __init__(self, out_dir: str | Path, resume: bool, force: bool, kind: str, info, held: _Held):
+        self.info, self.kind, self._held = info, kind, held
+        self.run_dir = RunDir(Path(out_dir), resume, force, info.is_main)
+        self.out = self.run_dir.out
+
+    def config(self, requested):
+        """The config to train with: on resume from a checkpoint, the run's saved one (checked against the
+        request); otherwise the request."""
+        if not self.run_dir.resuming:
+            return requested
+        marker = read_run_marker(self.out)
+        if marker and marker.get("run") not in (None, self.kind):
+            raise ConfigError(f"{self.out} is a {marker['run']} run; it cannot be resumed as a {self.kind} run")
+        return resolve_resume_config(requested, self.out, marker)
+
+    def open_run(self, cfg) -> Path:
+        source = config_source(cfg)
+        marker = {"run": self.kind, "maetok_version": __version__,
+                  "preset": source.preset if source else None,
+                  "preset_path": source.preset_path if source else None,
+                  "overrides": list(source.overrides) if source else None}
+        out = self.run_dir.open(marker)
+        logging.getLogger("maetok").removeHandler(self._held)
+        setup_logging(out, self.info.is_main, self._held.records)
+        return out
+
+    @classmethod
+    @contextlib.contextmanager
+    def start(cls, out_dir, resume: bool, force: bool, device: str, kind: str):
+        check_run_flags(resume, force)
+        info = init_distributed(device)
+        held = _Held()
+        session = None
+        try:
+            setup_logging(None, info.is_main)
+            logging.getLogger("maetok").addHandler(held)
+            session = cls(out_dir, resume, force, kind, info, held)
+            yield session
+        finally:
+            logging.getLogger("maetok").removeHandler(held)
+            if session is not None:
+                session.run_dir.close()
+            cleanup(info)
+
+
+# Settings a resumed run may change: how long it runs, how often it reports and saves, and how it computes
+# (workers, compile, precision, activation checkpointing) -- not what it computes. Entries ending in "." are
+# prefixes. Anything else differing from the saved config is refused.
+RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.image_every", "train.ckpt_every", "train.keep_last",
+                     "train.max_bad_steps", "train.compile", "train.precision", "data.num_workers",
+                     "data.cache_dir", "model.grad_checkpointing", "teacher_precision", "stats_batches", "sample.")
+
+
+def _may_change_on_resume(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_MAY_CHANGE)
+
+
+def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out = {}
+        for k, v in data.items():
+            out.update(_leaves(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def config_differences(saved: Any, requested: Any) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, requested value) for every leaf of two configs that differs."""
+    a, b = _leaves(to_dict(saved)), _leaves(to_dict(requested))
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _same_targets_used(saved: list, requested: list) -> bool:
+    """A run records the auxiliary targets it actually used: optional ones whose weights were missing at the
+    start are left out, and stay out when it is resumed."""
+    names = {t["name"] for t in saved}
+    return saved == [t for t in requested if not (t.get("optional") and t["name"] not in names)]
+
+
+def resolve_resume_config(requested, out: Path, marker: dict[str, Any] | None = None):
+    """The config a run resumed from its latest checkpoint continues with: the config saved in the checkpoint,
+    with the changes the request makes. From `load_config`, the request is the overrides, applied to the saved
+    config (so a resume without overrides continues as it was) -- unless it explicitly names another preset
+    than the run was started from, which is compared in full, as is a config built in code. Changes to RESUME_MAY_CHANGE
+    are applied and logged; any other is refused with a ConfigError listing each."""
+    cls = type(requested)
+    ckpt = latest_checkpoint(out / "checkpoints")
     try:
-        out = prepare_run_dir(Path(out_dir), resume, force, info.is_main)
-        setup_logging(out, info.is_main)
-        torch.manual_seed(seed)
-        yield info, out
-    finally:
-        cleanup(info)
+        text = checkpoint_config(ckpt)
+        saved = from_dict(cls, yaml.safe_load(text))
+    except (ValueError, yaml.YAMLError) as e:  # ConfigError is a ValueError
+        raise ConfigError(f"{ckpt}: cannot read the run's saved config ({e})") from e
+    source = config_source(requested)
+    started_from = (marker or {}).get("preset_path", "unknown")
+    if source is None or (source.preset_given and started_from not in ("unknown", source.preset_path)):
+        wanted, how = requested, ("built in code" if source is None else
+                                  f"--config {source.preset}; the run was started from {(marker or {}).get('preset')}")
+    else:
+        wanted, how = from_dict(cls, apply_overrides(to_dict(saved), list(source.overrides))), "its overrides"
+    model = getattr(saved, "model", None)
+    if hasattr(model, "aux_targets") and _same_targets_used(to_dict(model.aux_targets),
+                                                            to_dict(wanted.model.aux_targets)):
+        wanted.model.aux_targets = copy.deepcopy(model.aux_targets)
+    diffs = config_differences(saved, wanted)
+    refused = [d for d in diffs if not _may_change_on_resume(d[0])]
+    if refused:
+        lines = "\n".join(f"  {k}: saved {a!r}, requested {b!r}" for k, a, b in refused)
+        allowed = ", ".join(k + "*" if k.endswith(".") else k for k in RESUME_MAY_CHANGE)
+        raise ConfigError(
+            f"cannot resume {out}: the requested config ({how}) differs from the one the run was trained with in\n"
+            f"{lines}\nA resumed run may change only {allowed}. Resume without those changes, or start a new run "
+            f"(another --out, or --force to delete this one).")
+    for key, a, b in diffs:
+        log.info("resume: %s changes from %r to %r", key, a, b)
+    log.info("resuming %s from %s with the run's saved config%s", out, ckpt.name,
+             f" ({len(diffs)} allowed changes)" if diffs else "")
+    return set_config_source(wanted, source)
+
+
+def exit_status(summary: dict[str, Any]) -> int:
+    """The exit code for a training's summary: 0 finished; 128 + N when signal N stopped it (its checkpoint is
+    written; schedulers must not take a pre-empted run for a finished one); 1 otherwise."""
+    if summary.get("finished"):
+        return 0
+    if summary.get("stopped_by"):
+        return 128 + int(signal.Signals[summary["stopped_by"]])
+    return 1
 
 
 def _fit(task, cfg, dataset, out: Path, info, resume: bool) -> tuple[Trainer, dict[str, Any]]:
@@ -66,20 +210,35 @@ def _fit(task, cfg, dataset, out: Path, info, resume: bool) -> tuple[Trainer, di
 def run_tokenizer(cfg: TokenizerRunConfig, out_dir: str | Path, resume: bool = False, force: bool = False,
                   device: str = "auto") -> dict[str, Any]:
     """Train a tokenizer; writes checkpoints, logs, PNG grids and the final EMA weights (`<out>/model`)."""
-    with _run_context(out_dir, resume, force, device, cfg.train.seed) as (info, out):
+    with _Session.start(out_dir, resume, force, device, "tokenizer") as session:
+        info = session.info
+        from .tokenizer_task import TokenizerTask, stage2_config
+
+        if cfg.stage == 2:  # before the resume check, so that compares the request as it was made the first time
+            cfg = stage2_config(cfg)
+        cfg = session.config(cfg)
+        torch.manual_seed(cfg.train.seed)
         dataset = _open_training_data(cfg.data, cfg.model.image_size)
         log.info("data: %s (%d images)", cfg.data.spec, len(dataset))
+        _check_batch(len(dataset), cfg.train.batch_size, info.world)
         preview = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))])
-        from .tokenizer_task import TokenizerTask
-
         task = TokenizerTask(cfg, info.device, preview)
         n_params = sum(p.numel() for p in task.model.parameters())
         log.info("tokenizer %s: %.2fM parameters (%s stage %d)", cfg.model.variant, n_params / 1e6,
                  "training" if cfg.stage == 1 else "decoder fine-tuning", cfg.stage)
+        out = session.open_run(cfg)
         trainer, summary = _fit(task, cfg, dataset, out, info, resume)
         if summary["finished"] and info.is_main:
             summary.update(finalize_tokenizer(trainer.ema, dataset, cfg, out, info.device))
         return summary
+
+
+def _check_batch(num_items: int, batch: int, world: int) -> None:
+    """What StepBatchSampler would refuse at the first step, refused before the run directory is made."""
+    if num_items < batch:
+        raise ConfigError(f"the dataset has {num_items} items, fewer than train.batch_size={batch}")
+    if batch % world:
+        raise ConfigError(f"train.batch_size={batch} is not divisible by the {world} processes")
 
 
 @torch.no_grad()
@@ -121,7 +280,10 @@ def run_diffusion(cfg, out_dir: str | Path, resume: bool = False, force: bool = 
     from ..tokenizer import MAETok
     from .diffusion_task import DiffusionTask
 
-    with _run_context(out_dir, resume, force, device, cfg.train.seed) as (info, out):
+    with _Session.start(out_dir, resume, force, device, "diffusion") as session:
+        info = session.info
+        cfg = session.config(cfg)
+        torch.manual_seed(cfg.train.seed)
         tokenizer = MAETok.from_pretrained(cfg.tokenizer) if cfg.tokenizer else None
         if cfg.latents:
             dataset = LatentDataset(cfg.latents)
@@ -137,8 +299,10 @@ def run_diffusion(cfg, out_dir: str | Path, resume: bool = False, force: bool = 
                               f"the latents are {shape[0]} tokens of dim {shape[1]}")
         if cfg.model.num_classes and num_classes and cfg.model.num_classes != num_classes:
             raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the data has {num_classes} classes")
+        _check_batch(len(dataset), cfg.train.batch_size, info.world)
         task = DiffusionTask(cfg, info.device, mean, std, tokenizer, num_classes)
         log.info("diffusion %s: %.2fM parameters on %d latents (%d x %d), normalised with mean %.4f std %.4f",
                  cfg.model.variant, sum(p.numel() for p in task.model.parameters()) / 1e6, len(dataset), *shape,
                  mean, std)
+        out = session.open_run(cfg)
         return _fit(task, cfg, dataset, out, info, resume)[1]

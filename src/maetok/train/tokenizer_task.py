@@ -4,6 +4,7 @@ Loss = pixel MSE + perceptual (ramped in) + sum_k w_k * aux_k (masked patches) +
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -12,15 +13,73 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import TokenizerRunConfig
+from ..config import (ConfigError, TokenizerConfig, TokenizerRunConfig, config_source, from_dict, set_config_source,
+                      to_dict)
 from ..nets.hub import MissingWeightsError
 from ..tokenizer.losses import (LeCAM, adaptive_gan_weight, build_discriminator, build_perceptual, diff_augment,
                                 hinge_d_loss, hinge_g_loss, kl_loss, ramp)
-from ..tokenizer.model import MAETok
+from ..tokenizer.model import CONFIG_KIND, MAETok
 from ..tokenizer.targets import build_target, target_loss
 from .loop import Task, can_compile, is_compile_error, uses_bf16
 
 log = logging.getLogger("maetok.train")
+
+
+# Model fields stage 2 does not use: it builds no auxiliary decoders, takes its mask ratio from decoder_ft and
+# measures the latent statistics again. They are kept from stage 1 and not compared with the request.
+STAGE2_UNUSED = frozenset({"mask", "aux_targets", "aux_width", "aux_depth", "aux_heads", "aux_loss_on",
+                           "latent_mean", "latent_std"})
+# How to compute, not what: a stage-2 request may set it.
+STAGE2_FREE = frozenset({"grad_checkpointing"})
+
+
+def stage1_weights_dir(init_from: str) -> Path:
+    """The weights folder of decoder_ft.init_from: a stage-1 run directory (its model/) or a weights folder."""
+    src = Path(init_from)
+    if (src / "model" / "config.json").is_file():
+        return src / "model"
+    if (src / "config.json").is_file():
+        return src
+    hint = (" (the run has not finished: its model/ is written at the end of training)"
+            if (src / "checkpoints").is_dir() else "")
+    raise ConfigError(f"decoder_ft.init_from={init_from}: no stage-1 weights there (neither {src}/model/config.json "
+                      f"nor {src}/config.json){hint}")
+
+
+def stage2_config(cfg: TokenizerRunConfig) -> TokenizerRunConfig:
+    """Stage 2 fine-tunes the stage-1 model, so its model config is stage 1's (decoder_ft.init_from), not the
+    preset's. Model overrides that contradict it are refused: they could only fail to load or mislead."""
+    weights_dir = stage1_weights_dir(cfg.decoder_ft.init_from)
+    meta = json.loads((weights_dir / "config.json").read_text())
+    if meta.get("kind") == CONFIG_KIND:
+        stage1 = from_dict(TokenizerConfig, meta["config"], f"{weights_dir}/config.json:config")
+    else:  # an official checkpoint: its config comes with the conversion
+        stage1 = MAETok.from_pretrained(weights_dir).config
+    source = config_source(cfg)
+    asked, have = to_dict(cfg.model), to_dict(stage1)
+    if source is None:  # built in code: every field was asked for
+        explicit = set(asked)
+    else:
+        keys = source.override_keys()
+        explicit = set(asked) if "model" in keys else {k.split(".")[1] for k in keys if k.startswith("model.")}
+    conflicts = [f"model.{k}: stage 1 has {have[k]!r}, requested {asked[k]!r}" for k in sorted(explicit)
+                 if k not in STAGE2_UNUSED | STAGE2_FREE and asked[k] != have[k]]
+    data_size_asked = source is None or "data.image_size" in source.override_keys()
+    if data_size_asked and cfg.data.image_size != stage1.image_size:
+        conflicts.append(f"data.image_size: stage 1 has {stage1.image_size}, requested {cfg.data.image_size}")
+    if conflicts:
+        raise ConfigError(f"stage 2 fine-tunes the model of decoder_ft.init_from={cfg.decoder_ft.init_from} and "
+                          f"takes its model config from there; these settings contradict it:\n  " +
+                          "\n  ".join(conflicts) + "\nDrop them (stage 2 needs no model.* overrides).")
+    model = {**have, **{k: asked[k] for k in STAGE2_FREE & explicit}}
+    data = to_dict(cfg)
+    data["model"], data["data"]["image_size"] = model, stage1.image_size
+    out = from_dict(TokenizerRunConfig, data)
+    taken = {k: v for k, v in have.items() if k not in STAGE2_UNUSED and asked[k] != v}
+    if taken:
+        log.info("stage 2: model config from %s (differs from the preset in %s)", weights_dir,
+                 ", ".join(f"{k}={v!r}" for k, v in sorted(taken.items())))
+    return set_config_source(out, source)
 
 
 class TokenizerTask(Task):
@@ -97,13 +156,12 @@ class TokenizerTask(Task):
 
     def _init_stage2(self) -> None:
         """Load stage-1 encoder + decoder, freeze the encoder; aux decoders are gone (not built)."""
-        src = Path(self.cfg.decoder_ft.init_from)
-        weights_dir = src / "model" if (src / "model" / "config.json").is_file() else src
+        weights_dir = stage1_weights_dir(self.cfg.decoder_ft.init_from)
         stage1 = MAETok.from_pretrained(weights_dir)
         missing, unexpected = self.model.load_state_dict(stage1.state_dict(), strict=False)
         if unexpected or [k for k in missing if not k.startswith("aux_decoders.")]:
-            raise ValueError(f"{weights_dir}: stage-1 weights do not fit this model (missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}); use the same model config for both stages")
+            raise ConfigError(f"{weights_dir}: stage-1 weights do not fit this model (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}); use the same model config for both stages")
         self.model.encoder.requires_grad_(False)
         log.info("stage 2: decoder fine-tuning from %s; encoder frozen; mask ratio %.2f -> 0 over %d steps",
                  weights_dir, self.cfg.decoder_ft.mask_ratio_start, self.cfg.decoder_ft.anneal_steps)

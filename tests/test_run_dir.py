@@ -1,0 +1,228 @@
+"""Run directories and resume: a resumed run keeps its saved config (and refuses conflicting requests), bad input
+fails before the run directory is touched, --force deletes only a maetok run, a failed start does not block the
+retry, a stopped run's exit status says so, files are written with the umask's permissions."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from maetok.config import ConfigError, DiffusionRunConfig, TokenizerRunConfig, load_config
+from maetok.data.datasets import DatasetError
+from maetok.tokenizer import MAETok
+from maetok.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_safetensors
+from maetok.train.loop import RUN_MARKER, RunDir, RunDirExists
+from maetok.train.run import exit_status, resolve_resume_config, run_diffusion, run_tokenizer
+
+# A tiny tokenizer; model.latent_tokens is set apart (LATENTS) so that a resume can leave it out.
+TINY = ["model.image_size=16", "data.image_size=16", "model.patch_size=4", "model.latent_dim=4",
+        "model.enc_width=32", "model.enc_heads=2", "model.enc_depth=1", "model.dec_width=32", "model.dec_heads=2",
+        "model.dec_depth=1", "model.aux_width=16", "model.aux_heads=1", "model.aux_depth=1", "data.limit=16",
+        "train.batch_size=8", "train.log_every=1", "train.image_every=100", "train.ckpt_every=1", "stats_batches=1"]
+LATENTS = "model.latent_tokens=8"
+
+
+def _cfg(*overrides: str, preset: str = "cpu-32") -> TokenizerRunConfig:
+    return load_config(TokenizerRunConfig, preset, list(overrides))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "tok"
+    assert run_tokenizer(_cfg(*TINY, LATENTS, "train.steps=2"), out, device="cpu")["finished"]
+    return out
+
+
+@pytest.fixture
+def run(finished: Path, tmp_path: Path) -> Path:
+    """A private copy of a finished 2-step run (checkpoints, model, config.yaml, marker)."""
+    return Path(shutil.copytree(finished, tmp_path / "tok"))
+
+
+def _snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+# ----- 1: resume takes the saved config ------------------------------------------------------------------------
+def test_resume_without_overrides_continues_with_the_saved_config(run: Path):
+    saved = (run / "config.yaml").read_text()
+    # The preset alone says latent_tokens=32 and image_size=32; the run has 8 and 16.
+    summary = run_tokenizer(_cfg(), run, resume=True, device="cpu")
+    assert summary["finished"] and summary["step"] == 2
+    assert (run / "config.yaml").read_text() == saved
+    assert MAETok.from_pretrained(run / "model").config.latent_tokens == 8
+
+
+def test_resume_applies_allowed_changes_with_a_log_line(run: Path, caplog):
+    with caplog.at_level(logging.INFO, logger="maetok"):
+        summary = run_tokenizer(_cfg("train.steps=3", "train.log_every=2"), run, resume=True, device="cpu")
+    assert summary["finished"] and summary["step"] == 3
+    assert "resume: train.steps changes from 2 to 3" in caplog.text
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["steps"] == 3 and saved["train"]["log_every"] == 2
+    assert saved["model"]["latent_tokens"] == 8 and saved["train"]["batch_size"] == 8
+    assert load_checkpoint(latest_checkpoint(run / "checkpoints"))["step"] == 3
+    assert "resume: train.steps changes" in (run / "train.log").read_text()  # logged before the file was open
+
+
+def test_resume_refuses_conflicting_overrides_and_touches_nothing(run: Path):
+    before = _snapshot(run)
+    with pytest.raises(ConfigError) as e:
+        run_tokenizer(_cfg("train.batch_size=4", "train.optim.lr=1e-3", "train.seed=3", "train.steps=5"), run,
+                      resume=True, device="cpu")
+    msg = str(e.value)
+    for line in ("train.batch_size: saved 8, requested 4", "train.optim.lr: saved 0.0004, requested 0.001",
+                 "train.seed: saved 0, requested 3"):
+        assert line in msg
+    assert "train.steps: saved" not in msg and "--force" in msg and "new run" in msg
+    assert _snapshot(run) == before
+
+
+def test_resume_compares_another_preset_or_a_config_built_in_code_in_full(run: Path):
+    with pytest.raises(ConfigError, match=r"--config cpu-64; the run was started from cpu-32(.|\n)*"
+                                          r"model.image_size: saved 16, requested 64"):
+        run_tokenizer(_cfg(preset="cpu-64"), run, resume=True, device="cpu")
+    with pytest.raises(ConfigError, match=r"model.latent_tokens: saved 8, requested 32"):
+        run_tokenizer(TokenizerRunConfig(), run, resume=True, device="cpu")
+    # A preset that is only the command's default (no --config given) is not compared: the run keeps its own.
+    implicit = load_config(TokenizerRunConfig, None, ["train.steps=2"], default="cpu-64")
+    assert resolve_resume_config(implicit, run).model.image_size == 16
+
+
+def test_resume_keeps_an_optional_target_that_was_left_out(run: Path):
+    """The run was started without the optional teacher (its weights were missing): it stays out on resume
+    even when the request lists it, or the model would gain an auxiliary decoder the checkpoint lacks."""
+    aux = ("model.aux_targets=[{name: hog, weight: 1.0}, {name: resnet-cifar, weight: 1.0, optional: true, "
+           "options: {weights: /no/such/file}}]")
+    cfg = resolve_resume_config(_cfg(aux), run)
+    assert [t.name for t in cfg.model.aux_targets] == ["hog"] and cfg.model.latent_tokens == 8
+
+
+# ----- 2, 3: bad input fails before the run directory is touched; a failed start is reused -------------------
+def test_bad_data_leaves_no_run_directory(tmp_path: Path):
+    out = tmp_path / "new"
+    with pytest.raises(DatasetError, match="typo"):
+        run_tokenizer(_cfg(*TINY, "train.steps=1", f"data.spec={tmp_path / 'typo'}"), out, device="cpu")
+    assert not out.exists()
+
+
+def test_diffusion_shape_mismatch_leaves_no_run_directory(tmp_path: Path):
+    from maetok.config import TokenizerConfig
+    from maetok.data import open_dataset
+    from maetok.data.latents import cache_latents
+
+    tok = MAETok(TokenizerConfig(image_size=16, patch_size=4, latent_tokens=4, latent_dim=4, enc_width=32,
+                                 enc_depth=1, enc_heads=2, dec_width=32, dec_depth=1, dec_heads=2, aux_targets=[]))
+    tok.save_pretrained(tmp_path / "tok")
+    cache_latents(tok, open_dataset("shapes", image_size=16, limit=16), tmp_path / "lat", progress=False)
+    over = [f"latents={tmp_path / 'lat'}", f"tokenizer={tmp_path / 'tok'}", "model.in_channels=4", "model.hidden=32",
+            "model.depth=1", "model.heads=2", "train.batch_size=8", "train.steps=1", "sample.steps=2"]
+    out = tmp_path / "sit"
+    with pytest.raises(ConfigError, match="latents are 4 tokens"):
+        run_diffusion(load_config(DiffusionRunConfig, "sit-cpu", over + ["model.num_tokens=32"]), out, device="cpu")
+    assert not out.exists()
+    assert run_diffusion(load_config(DiffusionRunConfig, "sit-cpu", over + ["model.num_tokens=4"]), out,
+                         device="cpu")["finished"]
+
+
+def test_force_checks_the_new_run_before_deleting_the_old(run: Path, tmp_path: Path):
+    before = _snapshot(run)
+    with pytest.raises(DatasetError):
+        run_tokenizer(_cfg(*TINY, "model.variant=ae", f"data.spec={tmp_path / 'typo'}"), run, force=True,
+                      device="cpu")
+    assert _snapshot(run) == before
+
+
+def test_a_failed_start_is_reused_without_force(tmp_path: Path, caplog):
+    # What a start that failed after making its directory leaves (a run made by this version) ...
+    failed = tmp_path / "failed"
+    made = RunDir(failed, resume=False, force=False)
+    made.open({"run": "tokenizer"})
+    made.close()
+    (failed / "config.yaml").write_text("model: {}\ntrain: {}\n")
+    (failed / "train.log").write_text("12:00:00 INFO maetok.train: data: shapes (16 images)\n")
+    (failed / "log.jsonl").touch()
+    (failed / "checkpoints").mkdir()
+    # ... and what one made by an earlier version left: train.log alone.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "train.log").write_text("12:00:00 INFO maetok.train: data: shapes (16 images)\n")
+    for out in (failed, legacy):
+        with caplog.at_level(logging.INFO, logger="maetok"):
+            assert run_tokenizer(_cfg(*TINY, LATENTS, "train.steps=1"), out, device="cpu")["finished"]
+        assert f"reusing the failed start in {out}" in caplog.text
+        assert (out / "model" / "model.safetensors").is_file() and (out / RUN_MARKER).is_file()
+    # A run that trained is not a failed start.
+    with pytest.raises(RunDirExists, match="--resume"):
+        RunDir(failed, resume=False, force=False)
+
+
+# ----- 4: --force deletes only a maetok run ------------------------------------------------------------------------
+def test_force_refuses_a_directory_that_is_not_a_run(tmp_path: Path):
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    (d / "sub" / "thesis.tex").write_text("x")
+    for resume, force in ((False, True), (True, False), (False, False)):
+        with pytest.raises(RunDirExists, match="not a maetok run directory"):
+            run_tokenizer(_cfg(*TINY, "train.steps=1"), d, resume=resume, force=force, device="cpu")
+    assert (d / "sub" / "thesis.tex").read_text() == "x"
+
+
+def test_force_refuses_a_run_holding_other_files_and_replaces_a_clean_one(run: Path):
+    (run / "notes.txt").write_text("keep me")
+    with pytest.raises(RunDirExists, match="notes.txt"):
+        RunDir(run, resume=False, force=True)
+    assert (run / "notes.txt").read_text() == "keep me" and latest_checkpoint(run / "checkpoints")
+    (run / "notes.txt").unlink()
+    run_dir = RunDir(run, resume=False, force=True)
+    try:
+        assert run_dir.open() == run
+    finally:
+        run_dir.close()
+    assert sorted(p.name for p in run.iterdir()) == [RUN_MARKER]
+
+
+def test_a_run_directory_in_use_is_not_touched(run: Path):
+    first = RunDir(run, resume=True, force=False)
+    try:
+        for resume, force in ((True, False), (False, True)):
+            with pytest.raises(RunDirExists, match="in use"):
+                RunDir(run, resume=resume, force=force)
+    finally:
+        first.close()
+    RunDir(run, resume=True, force=False).close()  # free again
+
+
+# ----- 6, 7: exit status, flags, permissions ---------------------------------------------------------------------
+def test_exit_status_of_a_stopped_run_is_128_plus_the_signal():
+    assert exit_status({"finished": True, "stopped_by": None}) == 0
+    assert exit_status({"finished": False, "stopped_by": "SIGTERM"}) == 128 + signal.SIGTERM
+    assert exit_status({"finished": False, "stopped_by": "SIGINT"}) == 130
+    assert exit_status({"finished": False, "stopped_by": None}) == 1
+
+
+def test_resume_and_force_together_are_refused(run: Path):
+    before = _snapshot(run)
+    with pytest.raises(ConfigError, match="--resume and --force"):
+        run_tokenizer(_cfg(), run, resume=True, force=True, device="cpu")
+    assert _snapshot(run) == before
+
+
+def test_written_files_get_the_umasks_permissions(tmp_path: Path):
+    old = os.umask(0o022)
+    try:
+        save_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors", metadata={"kind": "test"})
+        save_checkpoint(tmp_path / "ckpt", 1, {"step": 1})
+    finally:
+        os.umask(old)
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(tmp_path / "w.safetensors")["w"], torch.zeros(2))
+    for path in (tmp_path / "w.safetensors", tmp_path / "ckpt" / "ckpt-00000001.pt"):
+        assert os.stat(path).st_mode & 0o777 == 0o644, path
