@@ -128,6 +128,20 @@ def test_pilot_refuses_typos_before_any_work_and_before_force_deletes(tmp_path: 
     (out / "pilot_results.json").write_text("{}")
     assert main([*base, "--force", "--diffusion-set", "model.foo=1"]) == 2
     assert (out / "pilot_results.json").is_file()
+    # --force deletes a pilot, not any folder named by --out.
+    other = tmp_path / "thesis"
+    other.mkdir()
+    (other / "chapter1.tex").write_text("x")
+    assert main([*base[:-1], str(other), "--force"]) == 2
+    assert (other / "chapter1.tex").is_file()
+
+
+def test_an_interrupted_pilot_exits_with_the_signal(tmp_path: Path, monkeypatch):
+    # What run_tokenizer returns when SIGTERM stopped it: checkpoint written, not finished.
+    monkeypatch.setattr("maetok.train.run.run_tokenizer",
+                        lambda cfg, out, **kw: {"finished": False, "stopped_by": "SIGTERM", "step": 3})
+    code = main(["pilot", "--budget", "smoke", "--variants", "ae", "--out", str(tmp_path / "p")])
+    assert code == 128 + signal.SIGTERM  # a scheduler sees a pre-empted job, not a finished one
 
 
 def test_pilot_names_the_real_count_when_the_held_out_split_is_small(tmp_path: Path, caplog):

@@ -226,3 +226,16 @@ def test_written_files_get_the_umasks_permissions(tmp_path: Path):
     assert torch.equal(load_file(tmp_path / "w.safetensors")["w"], torch.zeros(2))
     for path in (tmp_path / "w.safetensors", tmp_path / "ckpt" / "ckpt-00000001.pt"):
         assert os.stat(path).st_mode & 0o777 == 0o644, path
+
+
+def test_an_explicit_cuda_request_without_cuda_is_refused(monkeypatch):
+    # The Python API as the CLI: "cuda" asked for by name never turns into hours on the CPU without a word.
+    import torch
+
+    from maetok.config import ConfigError
+    from maetok.train.distributed import init_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        init_distributed("cuda")
+    assert init_distributed("auto").device.type == "cpu"

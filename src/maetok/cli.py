@@ -280,7 +280,7 @@ def cmd_pilot(a: argparse.Namespace) -> int:
                            collective_timeout=a.collective_timeout)
     except PilotInterrupted as e:
         print(f"maetok: pilot interrupted: {e}", file=sys.stderr)
-        return 130
+        return e.exit_code
     if report is not None:  # None on ranks other than 0 under torchrun
         print(f"report: {report}")
     return 0
@@ -307,7 +307,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
         run_demo(Path(a.out), budget=a.budget, force=a.force)
     except PilotInterrupted as e:
         print(f"maetok: demo interrupted: {e}", file=sys.stderr)
-        return 130
+        return e.exit_code
     return 0
 
 

@@ -168,7 +168,12 @@ class Stage:
 
 
 class PilotInterrupted(RuntimeError):
-    """A training stage stopped early (signal): nothing is recorded, and --resume continues from its checkpoint."""
+    """A training stage stopped early (signal): nothing is recorded, and --resume continues from its checkpoint.
+    `exit_code`: 128 + the signal's number (130 Ctrl-C, 143 SIGTERM), 1 for any other early stop."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _train_run(run_fn, cfg, out: Path, dist: DistInfo, device: torch.device) -> dict:
@@ -177,10 +182,13 @@ def _train_run(run_fn, cfg, out: Path, dist: DistInfo, device: torch.device) -> 
     barrier(dist)  # every rank looks before rank 0 creates anything, so all take the same branch
     if done:
         return {"skipped": "already trained"}
+    from .train.run import exit_status
+
     summary = run_fn(cfg, out, resume=started, force=False, device=device.type)
     if not summary.get("finished"):
         raise PilotInterrupted(f"training in {out} stopped at step {summary.get('step')} "
-                               f"({summary.get('stopped_by') or 'unfinished'}); rerun with --resume to continue")
+                               f"({summary.get('stopped_by') or 'unfinished'}); rerun with --resume to continue",
+                               exit_status(summary))
     return summary
 
 
@@ -666,6 +674,9 @@ def run_pilot(data_spec: str, variants: list[str], budget: str, out: Path, resum
             if not force:
                 raise RunDirExists(f"pilot directory {out} already exists; pass --resume to continue it or --force "
                                    f"to delete it and start over")
+            if not (out / "pilot_results.json").is_file():  # --force deletes a pilot, never someone's folder
+                raise RunDirExists(f"--force would delete {out}, which is not a maetok pilot (no "
+                                   f"pilot_results.json); choose another --out")
             if dist.is_main:
                 shutil.rmtree(out)
         if dist.is_main:

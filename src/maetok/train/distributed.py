@@ -33,6 +33,12 @@ def init_distributed(device: str = "auto", timeout: timedelta | None = None) -> 
     to destroy. `timeout` bounds every collective, barriers included: a job whose other ranks wait while rank 0
     evaluates needs it longer than the default.
     """
+    if device == "cuda" and not torch.cuda.is_available():
+        from ..config import ConfigError
+
+        # Asked for explicitly: running on the CPU instead would cost days without a word.
+        raise ConfigError(f"device 'cuda' requested but CUDA is not available (torch {torch.__version__}); use "
+                          f"device 'cpu' or 'auto'")
     use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return DistInfo(device=torch.device("cuda" if use_cuda else "cpu"))
