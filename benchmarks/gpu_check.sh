@@ -21,7 +21,7 @@ run() { echo "+ maetok $*"; "$PY" -m maetok.cli "$@"; }
   run diffusion train --config sit-cpu --out "$W/sit" --device cuda --resume latents="$W/lat" \
       tokenizer="$W/tok/model" model.num_tokens=32 model.in_channels=12 train.steps=120 train.precision=bf16 \
       train.log_every=10 train.image_every=100 train.ckpt_every=50
-  run sample --model "$W/sit/model" --tokenizer "$W/tok/model" --num 64 --balanced --cfg 1.5 --interval 0,0.75 \
+  run sample --model "$W/sit/model" --tokenizer "$W/tok/model" --num-samples 64 --balanced --cfg 1.5 --interval 0,0.75 \
       --steps 20 --out "$W/samples" --device cuda
   tail -n 2 "$W/tok/log.jsonl" "$W/sit/log.jsonl"
   echo "GPU CHECK OK"
