@@ -137,6 +137,18 @@ def test_diffusion_train_on_the_cache(runs):
     assert (runs["sit"] / "images" / "samples_00000003.png").is_file()  # preview decoded by the tokenizer
 
 
+def test_resume_needs_only_the_run_folder(runs, tmp_path):
+    # `--out DIR --resume` alone continues with the run's saved config (latents, tokenizer, model size), though
+    # the command's default preset would not validate by itself; an allowed change extends the run.
+    import shutil
+
+    run = tmp_path / "sit"
+    shutil.copytree(runs["sit"], run)
+    code, out = cli("diffusion", "train", "--out", run, "--resume", "--device", "cpu", "train.steps=4")
+    assert code == 0, out
+    assert json.loads(out)["step"] == 4
+
+
 # ==============================================================================================================
 # Sampling
 # ==============================================================================================================

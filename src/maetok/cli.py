@@ -130,8 +130,14 @@ def _train(a: argparse.Namespace, config_cls, run_fn) -> int:
     from .config import load_config
     from .train.run import exit_status
 
-    # `default`: a preset the user did not name, so that --resume may keep the run's own
-    cfg = load_config(config_cls, a.config, a.overrides, default=getattr(a, "default_config", None))
+    # `default`: a preset the user did not name, so that --resume may keep the run's own. Resuming without
+    # --config starts from the run's own config.yaml: the command's default preset may not even validate alone
+    # (a diffusion run needs its latents), and the run's saved config replaces it anyway.
+    default = getattr(a, "default_config", None)
+    saved = Path(a.out) / "config.yaml"
+    if a.resume and a.config is None and saved.is_file():
+        default = str(saved)
+    cfg = load_config(config_cls, a.config, a.overrides, default=default)
     summary = run_fn(cfg, a.out, resume=a.resume, force=a.force, device=a.device)
     if _is_main_process():  # under torchrun every rank returns the summary; one copy is printed
         print(json.dumps(summary, indent=2))
