@@ -1,9 +1,9 @@
 """`maetok pilot`: does MAETok beat plain AE / VAE tokenizers on *your* data, and what does it cost?
 
 For each variant, with the same backbone, budget and seed: train the tokenizer (MAETok: stage 1, then its extra
-decoder fine-tuning stage, as in the paper; the report says so), cache its latents, train the same diffusion model, sample with and without CFG, and measure
-rFID / gFID / IS / precision-recall / PSNR / SSIM, GMM NLL per K (one PCA dimension for all), linear-probe
-accuracy, parameters, GFLOPs and throughput. Writes `report.md` + `report.json` + PNG grids and plots.
+decoder fine-tuning stage, as in the paper; the report says so), cache its latents, train the same diffusion
+model, sample with and without CFG, and measure rFID / gFID / IS / precision-recall / PSNR / SSIM, GMM NLL per
+K (one PCA dimension for all), linear-probe accuracy, parameters, GFLOPs and throughput. Writes `report.md` + `report.json` + PNG grids and plots.
 Every stage writes its result to disk before the next starts, so re-running with --resume continues.
 
 Under torchrun every rank runs the training stages (DDP), latent caching and generation (sharded); rank 0
@@ -259,12 +259,12 @@ class Pilot:
 
     def check_data_fits(self) -> None:
         """Refuse, before any training, a training split smaller than one global batch of either model."""
-        n, world = len(self.train_set), self.dist.world
-        for model, batch in getattr(self, "batch_sizes", {}).items():
-            if n < batch * world:
-                raise ConfigError(f"{self.spec}: {n} training images, fewer than one {model} batch of {batch}"
-                                  + (f" x {world} ranks" if world > 1 else "") + f"; lower the {model}'s "
-                                  f"train.batch_size (--{model}-set train.batch_size=N) or add images")
+        n = len(self.train_set)
+        for model, batch in getattr(self, "batch_sizes", {}).items():  # train.batch_size is the global batch
+            if n < batch:
+                raise ConfigError(f"{self.spec}: {n} training images, fewer than one {model} batch of {batch}; "
+                                  f"lower the {model}'s train.batch_size (--{model}-set train.batch_size=N) or "
+                                  f"add images")
 
     @property
     def n_eval(self) -> int:
