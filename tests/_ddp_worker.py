@@ -369,10 +369,35 @@ def scenario_pilot_stage(out: Path, info: DistInfo, inputs: Path) -> None:
     _json(out / f"seen-{info.rank}.json", {"keys": sorted(stage.results), "sum": float(checked)})
 
 
+def scenario_refused_run_dir(out: Path, info: DistInfo, inputs: Path) -> None:
+    """The run directory exists and neither --resume nor --force is given: rank 0 alone decides, and every rank
+    must raise at once (not wait for rank 0 in a collective until the timeout)."""
+    import time
+
+    from maetok.train.loop import RunDirExists
+    from maetok.train.run import run_diffusion
+
+    if info.is_main:
+        (out / "run" / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (out / "run" / "checkpoints" / "ckpt-00000001.pt").write_bytes(b"")
+        (out / "run" / "train.log").write_text("")
+    dist.barrier()
+    overrides = [f"latents={inputs / 'cache'}", "model.in_channels=4", "model.num_tokens=4", "train.steps=1",
+                 "train.batch_size=8"]
+    start = time.perf_counter()
+    try:
+        run_diffusion(load_config(DiffusionRunConfig, "sit-cpu", overrides), out / "run", device="cpu")
+        raised = ""
+    except RunDirExists as e:
+        raised = str(e)
+    _json(out / f"refused-{info.rank}.json", {"error": raised, "seconds": time.perf_counter() - start})
+
+
 # Control-flow scenarios last: if one deadlocks, the collective timeout breaks the group for what follows.
 SCENARIOS = {"tok_ae": scenario_tok_ae, "tok_gan": scenario_tok_gan, "tok_masks": scenario_tok_masks,
              "sit": scenario_sit, "diffusion_run": scenario_diffusion_run, "sample": scenario_sample,
              "eval": scenario_eval, "latents": scenario_latents, "pilot_stage": scenario_pilot_stage,
+             "refused_run_dir": scenario_refused_run_dir,
              "nan": scenario_nan, "sigterm": scenario_sigterm}
 
 

@@ -320,3 +320,11 @@ def test_shards_cover_every_item_once_in_order(n: int, world: int):
     shares = [shard_range(n, DistInfo(rank=r, world=world)) for r in range(world)]
     assert [i for s in shares for i in s] == list(range(n))
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_a_refused_run_directory_stops_every_rank_at_once(ddp: DDPRun):
+    # Rank 0 alone decides on the run directory; rank 1 must get the same refusal, not wait in a collective.
+    folder = ddp.check("refused_run_dir")
+    seen = [json.loads((folder / f"refused-{r}.json").read_text()) for r in (0, 1)]
+    assert all("already exists" in s["error"] for s in seen), seen
+    assert seen[0]["error"] == seen[1]["error"] and seen[1]["seconds"] < 20  # the worker's timeout is 30 s

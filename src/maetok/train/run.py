@@ -17,7 +17,7 @@ from ..config import (ConfigError, TokenizerRunConfig, apply_overrides, config_s
                       to_dict)
 from .checkpoint import checkpoint_config, latest_checkpoint
 from .distributed import cleanup, init_distributed
-from .loop import RunDir, Trainer, check_run_flags, read_run_marker
+from .loop import RunDir, RunDirExists, Trainer, check_run_flags, read_run_marker
 
 log = logging.getLogger("maetok.train")
 
@@ -73,7 +73,20 @@ class _Session:
 
     def __init__(self, out_dir: str | Path, resume: bool, force: bool, kind: str, info, held: _Held):
         self.info, self.kind, self._held = info, kind, held
-        self.run_dir = RunDir(Path(out_dir), resume, force, info.is_main)
+        refused = None
+        try:
+            self.run_dir = RunDir(Path(out_dir), resume, force, info.is_main)
+        except (RunDirExists, ConfigError) as e:
+            refused = e
+        if info.enabled:
+            # Rank 0 alone decides on the directory. Share its verdict, so that a refusal stops every rank now
+            # instead of leaving the others in their next collective until the timeout.
+            verdict = [None if refused is None else (type(refused) is ConfigError, str(refused))]
+            torch.distributed.broadcast_object_list(verdict, src=0)
+            if refused is None and verdict[0] is not None:
+                refused = (ConfigError if verdict[0][0] else RunDirExists)(verdict[0][1])
+        if refused is not None:
+            raise refused
         self.out = self.run_dir.out
 
     def config(self, requested):
