@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             if str(seed) in per_seed:
                 continue
             run = out / f"{variant}-seed{seed}"
-            dcfg = pilot.diffusion_config(args.pilot / variant, tok, tok_dir, [f"train.seed={seed}"])
+            dcfg = pilot.diffusion_config(args.pilot / variant, tok.config, tok_dir, [f"train.seed={seed}"])
             _train_run(run_diffusion, dcfg, run / "diffusion", pilot.dist, pilot.device)
             per_seed[str(seed)] = {name: _gfid(pilot.eval_generation(run, tok, dcfg, scale, run / f"samples-{name}"))
                                    for name, scale in (("nocfg", 1.0), ("cfg", pilot.b.cfg_scale))}

@@ -257,15 +257,6 @@ class Pilot:
         log.info("pilot data: %s, %d train / %d held-out images, %d classes", self.spec, len(self.train_set),
                  len(self.test_set), self.num_classes)
 
-    def check_data_fits(self) -> None:
-        """Refuse, before any training, a training split smaller than one global batch of either model."""
-        n = len(self.train_set)
-        for model, batch in getattr(self, "batch_sizes", {}).items():  # train.batch_size is the global batch
-            if n < batch:
-                raise ConfigError(f"{self.spec}: {n} training images, fewer than one {model} batch of {batch}; "
-                                  f"lower the {model}'s train.batch_size (--{model}-set train.batch_size=N) or "
-                                  f"add images")
-
     @property
     def n_eval(self) -> int:
         """Images per evaluation: n_eval, or the whole held-out split when it is smaller (reference, samples
@@ -273,22 +264,24 @@ class Pilot:
         return min(self.b.n_eval, len(self.test_set))
 
     def check_configs(self) -> None:
-        """Build every run config the pilot will use (each variant's tokenizer stages, the diffusion model, the
-        sampler) before any work or any deletion, so that a typo in an override fails at once instead of after
-        hours of tokenizer training."""
+        """Open the data and build every run config the pilot will use (each variant's tokenizer stages, the
+        diffusion model, the sampler), each checked against the training split's size, before any work or any
+        deletion: a typo in an override fails at once instead of after hours of tokenizer training."""
         from .config import SampleConfig, from_dict
+        from .train.loop import check_global_batch
 
-        self.batch_sizes = {}
+        self.open_data()
         for variant in self.variants:
             tcfg = self.tokenizer_config(variant, 1)
             if variant == "maetok" and self.b.decoder_ft_steps > 0:
                 self.tokenizer_config(variant, 2, str(self.out / variant / "tokenizer"))
-            dcfg = load_config(DiffusionRunConfig, self.b.diffusion_preset, [
-                f"latents={self.out / variant / 'latents-train'}", f"model.num_tokens={tcfg.model.latent_tokens}",
-                f"model.in_channels={tcfg.model.latent_dim}", "model.num_classes=10",
-                f"train.steps={self.b.diffusion_steps}", f"sample.sampler={self.b.sampler}",
-                f"sample.steps={self.b.sample_steps}", *self.b.diffusion])
-            self.batch_sizes |= {"tokenizer": tcfg.train.batch_size, "diffusion": dcfg.train.batch_size}
+            dcfg = self.diffusion_config(self.out / variant, tcfg.model, self.tokenizer_dir(variant))
+            for model, cfg in (("tokenizer", tcfg), ("diffusion", dcfg)):
+                try:
+                    check_global_batch(len(self.train_set), cfg.train.batch_size, self.dist.world)
+                except ConfigError as e:
+                    raise ConfigError(f"{self.spec}, {model} runs: {e}; change it with --{model}-set "
+                                      f"train.batch_size=N, or add images") from None
         for scale in (1.0, self.b.cfg_scale):
             from_dict(SampleConfig, {"sampler": self.b.sampler, "steps": self.b.sample_steps, "cfg_scale": scale,
                                      "cfg_interval": list(self.b.cfg_interval)}, key="pilot")
@@ -400,7 +393,7 @@ class Pilot:
             "test": str(cache_latents(tok, self.test_set, vdir / "latents-test", flip=False, device=self.device,
                                       batch_size=256, dist=self.dist))}, every_rank=True)
 
-        dcfg = self.diffusion_config(vdir, tok, tok_dir)
+        dcfg = self.diffusion_config(vdir, tok.config, tok_dir)
         stage("diffusion_train", lambda: train(run_diffusion, dcfg, vdir / "diffusion"), every_rank=True)
         for name, scale in (("nocfg", 1.0), ("cfg", b.cfg_scale)):
             stage(f"generation_{name}", lambda scale=scale, name=name: self.eval_generation(
@@ -425,12 +418,14 @@ class Pilot:
                                                     tok_dir), every_rank=True)
         return tok_dir
 
-    def diffusion_config(self, vdir: Path, tok, tok_dir: Path, extra: list[str] | None = None) -> DiffusionRunConfig:
-        """The same diffusion model for every variant, sized to this tokenizer's latents."""
+    def diffusion_config(self, vdir: Path, tok_config, tok_dir: Path,
+                         extra: list[str] | None = None) -> DiffusionRunConfig:
+        """The same diffusion model for every variant, sized to the latents of the tokenizer `tok_config`
+        describes (a TokenizerConfig: the trained tokenizer's, or the one it will be trained with)."""
         b = self.b
         return load_config(DiffusionRunConfig, b.diffusion_preset, [
             f"latents={vdir / 'latents-train'}", f"tokenizer={tok_dir / 'model'}",
-            f"model.num_tokens={tok.config.latent_tokens}", f"model.in_channels={tok.config.latent_dim}",
+            f"model.num_tokens={tok_config.latent_tokens}", f"model.in_channels={tok_config.latent_dim}",
             f"model.num_classes={self.num_classes}", f"train.steps={b.diffusion_steps}",
             f"sample.sampler={b.sampler}", f"sample.steps={b.sample_steps}", *b.diffusion, *(extra or [])])
 
@@ -667,8 +662,6 @@ def run_pilot(data_spec: str, variants: list[str], budget: str, out: Path, resum
         # Everything that can fail on a typo (configs, data) fails here: before hours of work, and before
         # --force deletes the old pilot.
         pilot.check_configs()
-        pilot.open_data()
-        pilot.check_data_fits()
         existing = out.exists() and any(out.iterdir())
         barrier(dist)  # every rank looks before rank 0 deletes or creates anything
         if existing and not resume:

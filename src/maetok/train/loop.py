@@ -266,6 +266,14 @@ def prepare_run_dir(out: Path, resume: bool, force: bool, is_main: bool = True) 
 # --------------------------------------------------------------------------------------------------------------
 # Deterministic data order
 # --------------------------------------------------------------------------------------------------------------
+def check_global_batch(num_items: int, global_batch: int, world: int) -> None:
+    """A data set must hold one global batch (train.batch_size), which the processes must split evenly."""
+    if num_items < global_batch:
+        raise ConfigError(f"the dataset has {num_items} items, fewer than train.batch_size={global_batch}")
+    if global_batch % world:
+        raise ConfigError(f"train.batch_size={global_batch} is not divisible by the {world} processes")
+
+
 class StepBatchSampler(Sampler[list[int]]):
     """Infinite batches whose content depends only on (seed, step): epoch e is a fixed permutation.
 
@@ -275,10 +283,7 @@ class StepBatchSampler(Sampler[list[int]]):
 
     def __init__(self, num_items: int, global_batch: int, seed: int, start_step: int = 0, rank: int = 0,
                  world: int = 1):
-        if num_items < global_batch:
-            raise ValueError(f"dataset has {num_items} items, fewer than the global batch size {global_batch}")
-        if global_batch % world:
-            raise ValueError(f"global batch {global_batch} is not divisible by the {world} processes")
+        check_global_batch(num_items, global_batch, world)
         self.n, self.batch, self.seed, self.start = num_items, global_batch, seed, start_step
         self.rank, self.world = rank, world
         self.per_epoch = num_items // global_batch

@@ -17,7 +17,7 @@ from ..config import (ConfigError, TokenizerRunConfig, apply_overrides, config_s
                       to_dict)
 from .checkpoint import checkpoint_config, latest_checkpoint
 from .distributed import cleanup, init_distributed
-from .loop import RunDir, RunDirExists, Trainer, check_run_flags, read_run_marker
+from .loop import RunDir, RunDirExists, Trainer, check_global_batch, check_run_flags, read_run_marker
 
 log = logging.getLogger("maetok.train")
 
@@ -233,7 +233,7 @@ def run_tokenizer(cfg: TokenizerRunConfig, out_dir: str | Path, resume: bool = F
         torch.manual_seed(cfg.train.seed)
         dataset = _open_training_data(cfg.data, cfg.model.image_size)
         log.info("data: %s (%d images)", cfg.data.spec, len(dataset))
-        _check_batch(len(dataset), cfg.train.batch_size, info.world)
+        check_global_batch(len(dataset), cfg.train.batch_size, info.world)  # before the run dir is made
         preview = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))])
         task = TokenizerTask(cfg, info.device, preview)
         n_params = sum(p.numel() for p in task.model.parameters())
@@ -244,14 +244,6 @@ def run_tokenizer(cfg: TokenizerRunConfig, out_dir: str | Path, resume: bool = F
         if summary["finished"] and info.is_main:
             summary.update(finalize_tokenizer(trainer.ema, dataset, cfg, out, info.device))
         return summary
-
-
-def _check_batch(num_items: int, batch: int, world: int) -> None:
-    """What StepBatchSampler would refuse at the first step, refused before the run directory is made."""
-    if num_items < batch:
-        raise ConfigError(f"the dataset has {num_items} items, fewer than train.batch_size={batch}")
-    if batch % world:
-        raise ConfigError(f"train.batch_size={batch} is not divisible by the {world} processes")
 
 
 @torch.no_grad()
@@ -312,7 +304,7 @@ def run_diffusion(cfg, out_dir: str | Path, resume: bool = False, force: bool = 
                               f"the latents are {shape[0]} tokens of dim {shape[1]}")
         if cfg.model.num_classes and num_classes and cfg.model.num_classes != num_classes:
             raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the data has {num_classes} classes")
-        _check_batch(len(dataset), cfg.train.batch_size, info.world)
+        check_global_batch(len(dataset), cfg.train.batch_size, info.world)  # before the run dir is made
         task = DiffusionTask(cfg, info.device, mean, std, tokenizer, num_classes)
         log.info("diffusion %s: %.2fM parameters on %d latents (%d x %d), normalised with mean %.4f std %.4f",
                  cfg.model.variant, sum(p.numel() for p in task.model.parameters()) / 1e6, len(dataset), *shape,
