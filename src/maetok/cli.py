@@ -209,7 +209,7 @@ def cmd_latents_cache(a: argparse.Namespace) -> int:
     from .data.latents import cache_latents
     from .tokenizer import MAETok
 
-    from .train.distributed import cleanup, init_distributed
+    from .train.distributed import cleanup, init_distributed, resolve_device
 
     tok = MAETok.from_pretrained(a.tokenizer)
     ds = open_dataset(a.data, split=a.split, image_size=tok.config.image_size, limit=a.limit)
@@ -217,7 +217,7 @@ def cmd_latents_cache(a: argparse.Namespace) -> int:
     info = init_distributed("cuda" if a.device.startswith("cuda") else a.device)
     try:
         out = cache_latents(tok, ds, a.out, batch_size=a.batch_size, flip=not a.no_flip,
-                            device=info.device if info.enabled else _device(a.device), dist=info)
+                            device=info.device if info.enabled else resolve_device(a.device), dist=info)
     finally:
         cleanup(info)
     if info.is_main:
@@ -237,6 +237,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
     from .diffusion.generate import SETTINGS_FILE, check_compatible, generate_to_dir
     from .diffusion.sit import SiT
     from .tokenizer import MAETok
+    from .train.distributed import resolve_device
 
     low, high = a.interval
     cfg = from_dict(SampleConfig, {"sampler": a.sampler, "steps": a.steps, "cfg_scale": a.cfg,
@@ -246,7 +247,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
     where = {"model": _recorded_path(a.model), "tokenizer": _recorded_path(a.tokenizer),
              "batch_size": a.batch_size}  # batch size and process count fix the SDE sampler's noise
     path = generate_to_dir(model, tok, a.num_samples, cfg, Path(a.out), balanced=a.balanced,
-                           batch_size=a.batch_size, device=_device(a.device), settings=where)
+                           batch_size=a.batch_size, device=resolve_device(a.device), settings=where)
     if _is_main_process():  # under torchrun only rank 0 writes the files
         print(f"wrote {path}, {path.with_suffix('.png')} and {path.with_name(SETTINGS_FILE)}")
     return 0
@@ -278,11 +279,12 @@ def cmd_analyze(a: argparse.Namespace) -> int:
 
 def cmd_pilot(a: argparse.Namespace) -> int:
     from .pilot import PilotInterrupted, pilot_settings, run_pilot
+    from .train.distributed import resolve_device
 
     settings = pilot_settings(a.budget, a.overrides, a.tokenizer_set, a.diffusion_set)
     try:
         report = run_pilot(a.data, a.variants.split(","), a.budget, Path(a.out), resume=a.resume, force=a.force,
-                           device=_device(a.device), inception=a.inception, settings=settings,
+                           device=resolve_device(a.device), inception=a.inception, settings=settings,
                            collective_timeout=a.collective_timeout)
     except PilotInterrupted as e:
         print(f"maetok: pilot interrupted: {e}", file=sys.stderr)
@@ -297,12 +299,6 @@ def _positive_seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
     return value
-
-
-def _device(name: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 def cmd_demo(a: argparse.Namespace) -> int:

@@ -117,12 +117,12 @@ def generate_to_dir(model, tokenizer, num: int, cfg: SampleConfig, out_dir: Path
     sampling.json (the sampler settings, the count, and `settings`, e.g. the model and tokenizer paths)."""
     import torch.distributed as dist
 
-    from ..train.distributed import init_distributed
+    from ..train.distributed import init_distributed, resolve_device
 
     if num < 1:
         raise ConfigError(f"number of samples {num} must be >= 1")
     check_compatible(model, tokenizer)  # before joining the process group: every rank fails alike, at once
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if str(device) == "auto" else device)
+    device = torch.device(resolve_device(str(device)))
     info = init_distributed(device.type if device.type in ("cpu", "cuda") else "auto")
     # Alone, the device as given (cuda:1, mps); under torchrun each rank uses its own (cuda:LOCAL_RANK or cpu).
     run_device = info.device if info.enabled else device

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..config import ConfigError
-from ..train.distributed import DistInfo, all_gather_list, barrier, shard_range
+from ..train.distributed import DistInfo, all_gather_list, barrier, resolve_device, shard_range
 from .features import (FeatureNet, FeatureSet, available_feature_nets, build_feature_net, concat_features,
                        extract_features, features_of)
 from .fid import (FeatureStats, fid, inception_score, kid, load_adm_images, metric_name, precision_recall)
@@ -474,10 +474,6 @@ def analyze_latents(train_caches: Mapping[str, Any], test_caches: Mapping[str, A
 # ==============================================================================================================
 # The commands
 # ==============================================================================================================
-def _device(name: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
 DEFAULT_EVAL_DIR = Path("runs") / "eval"  # like `pilot`'s runs/pilot: never beside the inputs (maybe read-only)
 
 
@@ -516,7 +512,7 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any] | None:
     # init_distributed knows device families only; a cuda:N given to one process is used as is below.
     info = init_distributed("cuda" if args.device.startswith("cuda") else args.device)
     try:
-        result = _evaluate(args, info, info.device if info.enabled else _device(args.device))
+        result = _evaluate(args, info, info.device if info.enabled else resolve_device(args.device))
     finally:
         cleanup(info)
     return result if info.is_main else None

@@ -26,6 +26,11 @@ class DistInfo:
         return self.world > 1
 
 
+def resolve_device(name: str) -> str:
+    """'auto' as the device this machine has (cuda, else cpu); any other name as given."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
 def init_distributed(device: str = "auto", timeout: timedelta | None = None) -> DistInfo:
     """Join the torchrun process group when launched by torchrun (RANK/WORLD_SIZE set); otherwise one process.
 
