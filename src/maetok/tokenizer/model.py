@@ -311,9 +311,9 @@ class MAETok(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.inference_state_dict().items()}
         meta = {"kind": CONFIG_KIND, "maetok_version": __version__, "config": to_dict(self.config)}
-        _atomic_write_text(out / "config.json", json.dumps(meta, indent=2))
-        from ..train.checkpoint import save_safetensors
+        from ..train.checkpoint import atomic_write_bytes, save_safetensors
 
+        atomic_write_bytes(out / "config.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
         save_safetensors(state, out / "model.safetensors", metadata={"kind": CONFIG_KIND})  # atomic, umask modes
         return out
 
@@ -338,9 +338,3 @@ class MAETok(nn.Module):
 def _split_posterior(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mean, logvar = h.chunk(2, dim=-1)
     return mean, logvar.clamp(-30.0, 20.0)  # the usual VAE guard against exp overflow
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
