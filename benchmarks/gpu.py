@@ -6,7 +6,8 @@ Run through benchmarks/gpu.sh, which bounds each part's time. Parts:
                   the hub cannot be reached there; and HOG only; and with the teachers in float32 instead of bf16);
                   SiT-XL/1 Euler sampling in bf16 on 128 tokens x 32 channels vs SiT-XL/2's 1024 tokens x 16
                   channels at 512 px
-  --part compile  the same tokenizer step with torch.compile on the model and teachers (as train.compile does)
+  --part compile  the same tokenizer step with torch.compile on the model and teachers (as train.compile does),
+                  then torch.profiler's top kernels of the compiled step (OUT.md)
   --part profile  where the eager tokenizer step's time goes: the frozen teachers' forward timed alone, and
                   torch.profiler's top operators and kernels by device time (gpu-profile.md)
   --merge A B     one gpu.json + gpu.md from the parts' JSON files
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import sys
 import time
 import traceback
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from common import machine, machine_line, markdown_table, matmul_peak, measure, utc_now, write_json
+from common import machine, machine_line, markdown_table, matmul_peak, measure, sync, utc_now, write_json
 
 TOKENIZER_BATCH = 64
 SIT_BATCH = 64
@@ -51,7 +53,11 @@ def aux_targets(names: list[dict]):
 
 
 def tokenizer_case(label: str, targets: list[dict], compile: bool, reps: int, batch: int | None = None,
-                   overrides: tuple[str, ...] = ()) -> dict:
+                   overrides: tuple[str, ...] = (), profile_steps: int = 0,
+                   without_syncs: bool = False) -> list[dict]:
+    """Rows for one tokenizer step: as the training loop runs it, and with `without_syncs` also without the
+    loop's host sync (same compiled graphs, so no second compilation). profile_steps: add torch.profiler's
+    top kernels and the GPU's busy time to each row."""
     from tokenizer import train_step_fn
 
     start = time.perf_counter()
@@ -60,20 +66,61 @@ def tokenizer_case(label: str, targets: list[dict], compile: bool, reps: int, ba
                                     overrides=[*STEP_OVERRIDES, *overrides], aux_targets=aux_targets(targets),
                                     compile=compile)
     built = time.perf_counter() - start  # with torch.compile: includes compiling the first step
-    # A compiled step is not run under the FLOP counter (a dispatch mode would send it back through the
-    # compiler); it does the eager step's arithmetic, so merge() takes the count from the eager row.
-    # The batch-1 step creates the AdamW moments first, so that the memory per image counts activations only
-    # (the compiled step has already run once, and a batch-1 call would compile another graph).
-    r = measure(step, batch, reps, warmup=2, device=SETUP["device"], memory=True, flops=not info["compiled"],
-                prime=None if compile else one)
     what = (f"{SETUP['preset']} train step, batch {batch}, bf16 autocast, aux {'+'.join(info['aux_targets'])}"
             + "".join(f", {o}" for o in overrides)
             + (f", torch.compile (teachers too: {', '.join(info.get('teachers_compiled', [])) or 'none'})"
                if info["compiled"] else ""))
-    return {"case": label, "what": what, "setup_s": built, **info, **r}
+    rows = []
+    for syncs in (True, False) if without_syncs else (True,):
+        step.syncs = syncs
+        # A compiled step is not run under the FLOP counter (a dispatch mode would send it back through the
+        # compiler); it does the eager step's arithmetic, so merge() takes the count from the eager row.
+        # The batch-1 step creates the AdamW moments first, so that the memory per image counts activations
+        # only (the compiled step has already run once, and a batch-1 call would compile another graph).
+        r = measure(step, batch, reps, warmup=2, device=SETUP["device"], memory=syncs,
+                    flops=not info["compiled"], prime=None if compile or not syncs else one)
+        row = {"case": label + ("" if syncs else "-nosync"), "what": what + ("" if syncs else ", no host syncs"),
+               "setup_s": built if syncs else 0.0, "syncs": syncs, **info, **r}
+        if profile_steps:  # where the step's time goes, kernel by kernel, and how long the GPU idles
+            row.update(profile_step(step, profile_steps))
+        rows.append(row)
+    return rows
 
 
-def with_oom_fallback(fn, *args, **kwargs) -> dict:
+def profile_step(step, steps: int, top: int = 25) -> dict:
+    """torch.profiler over `steps` calls of `step`: the top operators / kernels by self device time, and (on a
+    GPU) the fraction of the wall time in which some kernel or copy ran."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    device = SETUP["device"]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        wall = time.perf_counter() - start
+    sort = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"  # kernels, not wrappers
+    result = {"top_ops": prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=60),
+              "profiled_wall_s_per_step": wall / steps}
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA)
+    if spans:  # union of the device intervals (streams may overlap), in microseconds
+        busy, (lo, hi) = 0.0, spans[0]
+        for a, b in spans[1:]:
+            if a > hi:
+                busy, lo, hi = busy + hi - lo, a, b
+            else:
+                hi = max(hi, b)
+        busy += hi - lo
+        result["gpu_busy_s_per_step"] = busy / 1e6 / steps
+        result["gpu_busy_fraction"] = busy / 1e6 / wall
+    return result
+
+
+def with_oom_fallback(fn, *args, **kwargs) -> list[dict]:
     """Run a tokenizer case at batch 64, or at 32 if 64 does not fit in this GPU's memory."""
     try:
         return fn(*args, **kwargs)
@@ -98,8 +145,6 @@ def sit_case(tokens: int, channels: int, reps: int) -> dict:
 
 def profile_tokenizer_step(out: Path, steps: int = 3, top: int = 25) -> None:
     """Time the teachers alone, then profile whole steps; writes OUT (json) and OUT.md (tables)."""
-    from torch.profiler import ProfilerActivity, profile
-
     from tokenizer import train_step_fn
 
     device = SETUP["device"]
@@ -115,14 +160,7 @@ def profile_tokenizer_step(out: Path, steps: int = 3, top: int = 25) -> None:
                 fn(images, task.model.config.patch_size)
         teachers[name] = measure(teacher, SETUP["batch"], 5, warmup=1, device=device)["seconds_per_call"]
     whole = measure(step, SETUP["batch"], 5, warmup=0, device=device)["seconds_per_call"]
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-    sort = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"  # kernels, not wrappers
-    table = prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=60)
+    table = profile_step(step, steps, top)["top_ops"]
     result = {"machine": machine(device), "date": utc_now(), "batch": SETUP["batch"], "step_s": whole,
               "teacher_forward_s": teachers, "profiled_steps": steps, "top_ops": table}
     write_json(out, result)
@@ -135,7 +173,7 @@ def profile_tokenizer_step(out: Path, steps: int = 3, top: int = 25) -> None:
     print("\n".join(md[:3]), flush=True)
 
 
-def run_part(part: str, out: Path, quick: bool) -> None:
+def run_part(part: str, out: Path, quick: bool, compile_batches: list[int] | None = None) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True  # any float32 matmul left outside autocast
     result = {"machine": machine(SETUP["device"]), "date": utc_now(), "part": part,
               "settings": {"tokenizer_step": f"{SETUP['preset']} preset with " + ", ".join(STEP_OVERRIDES) +
@@ -153,22 +191,31 @@ def run_part(part: str, out: Path, quick: bool) -> None:
     if part == "eager":
         cases = [lambda: with_oom_fallback(tokenizer_case, "tokenizer-train", TEACHERS, False, reps),
                  lambda: with_oom_fallback(tokenizer_case, "tokenizer-train-hog", TEACHERS[:1], False, reps),
+                 # larger matmuls for the same launches: does batch size move the MFU?
+                 lambda: tokenizer_case("tokenizer-train-b2x", TEACHERS, False, reps, batch=2 * SETUP["batch"]),
                  lambda: sit_case(128, 32, 3),
                  lambda: sit_case(1024, 16, 3),
                  # last, so a part stopped by its time limit loses only this: what bf16 teachers (the default,
                  # teacher_precision=auto) save over float32 ones
                  lambda: with_oom_fallback(tokenizer_case, "tokenizer-train-fp32-teachers", TEACHERS, False, reps,
                                            overrides=("teacher_precision=fp32",))]
-    else:
-        cases = [lambda: with_oom_fallback(tokenizer_case, "tokenizer-train-compiled", TEACHERS, True, reps)]
+    else:  # one compilation per batch size (torch._dynamo.reset between: static shapes, as in training)
+        def compiled(batch: int):
+            torch._dynamo.reset()
+            label = "tokenizer-train-compiled" if batch == SETUP["batch"] else f"tokenizer-train-b{batch}-compiled"
+            return tokenizer_case(label, TEACHERS, True, reps, batch=batch, profile_steps=3, without_syncs=True)
+        cases = [lambda b=b: compiled(b) for b in compile_batches or [SETUP["batch"]]]
     for case in cases:
         try:
-            row = case()
-            if "flops_per_s" in row:
-                row["mfu"] = row["flops_per_s"] / peak["flops_per_s"]
-            result["rows"].append(row)
-            print(f"  {row['case']}: {row['images_per_s']:.1f} img/s, MFU {row.get('mfu', float('nan')):.0%} "
-                  f"(setup {row.get('setup_s', 0):.0f} s)", flush=True)
+            rows = case()
+            for row in rows if isinstance(rows, list) else [rows]:
+                if "flops_per_s" in row:
+                    row["mfu"] = row["flops_per_s"] / peak["flops_per_s"]
+                result["rows"].append(row)
+                print(f"  {row['case']}: {row['images_per_s']:.1f} img/s, MFU {row.get('mfu', float('nan')):.0%} "
+                      f"(setup {row.get('setup_s', 0):.0f} s)"
+                      + (f", GPU busy {row['gpu_busy_fraction']:.0%}" if "gpu_busy_fraction" in row else ""),
+                      flush=True)
         except Exception as e:  # keep the other cases' numbers
             traceback.print_exc()
             result["errors"].append(f"{type(e).__name__}: {str(e)[:500]}")
@@ -177,6 +224,11 @@ def run_part(part: str, out: Path, quick: bool) -> None:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         write_json(out, result)  # after every case: a part stopped by its time limit keeps what it measured
+    profiles = [f"{r['what']}: {r['seconds_per_call'] * 1e3:.1f} ms per step. Top operators by "
+                f"{'device' if SETUP['device'] == 'cuda' else 'CPU'} time:\n\n```\n{r['top_ops']}\n```"
+                for r in result["rows"] if "top_ops" in r]
+    if profiles:
+        out.with_suffix(".md").write_text("\n\n".join([machine_line(result["machine"]), *profiles]) + "\n")
 
 
 def merge(parts: list[Path], json_out: Path, md_out: Path) -> dict:
@@ -185,15 +237,18 @@ def merge(parts: list[Path], json_out: Path, md_out: Path) -> dict:
         raise SystemExit("no part results to merge")
     result = {k: loaded[0][k] for k in ("machine", "date", "settings", "peak")}
     result["parts"] = [{"part": d["part"], "peak": d["peak"]} for d in loaded]
-    result["rows"] = [r for d in loaded for r in d["rows"]]
-    eager = {r["case"]: r for r in result["rows"]}
+    # Each row's MFU is against the peak measured in its own process (it moved 738..792 TFLOP/s between runs).
+    result["rows"] = [{**r, "peak_flops_per_s": d["peak"]["flops_per_s"]} for d in loaded for r in d["rows"]]
+    counted = {r["case"]: r for r in result["rows"] if "flops_per_call" in r}
     for r in result["rows"]:
-        src = eager.get(r["case"].replace("-compiled", ""))
-        if "flops_per_call" not in r and src and src["images_per_call"] == r["images_per_call"]:
-            r["flops_per_call"] = src["flops_per_call"]
+        # The eager step that does the same arithmetic: "tokenizer-train-b128-compiled-nosync" -> "tokenizer-train"
+        # (the step's FLOPs are proportional to the batch).
+        src = counted.get(re.sub(r"-(compiled|nosync|b\d+)", "", r["case"]))
+        if "flops_per_call" not in r and src:
+            r["flops_per_call"] = src["flops_per_call"] / src["images_per_call"] * r["images_per_call"]
             r["gflops_per_image"] = src["gflops_per_image"]
             r["flops_per_s"] = r["flops_per_call"] / r["seconds_per_call"]
-            r["mfu"] = r["flops_per_s"] / result["peak"]["flops_per_s"]
+            r["mfu"] = r["flops_per_s"] / r["peak_flops_per_s"]
             r["flops_from"] = src["case"]
     result["errors"] = [e for d in loaded for e in d["errors"]]
     missing = [p.name for p in parts if not p.is_file()]
@@ -213,18 +268,26 @@ def merge(parts: list[Path], json_out: Path, md_out: Path) -> dict:
 
 
 def markdown(result: dict) -> str:
-    p = result["peak"]
+    peaks = " and ".join(f"{d['peak']['flops_per_s'] / 1e12:.0f} TFLOP/s ({d['part']} part)"
+                         for d in result.get("parts", [])) or f"{result['peak']['flops_per_s'] / 1e12:.0f} TFLOP/s"
     def num(r, key, fmt, scale=1.0):
         return format(r[key] / scale, fmt) if key in r else "?"
 
+    def kernels(r):  # the profiled kernel time against the unprofiled step (the profiler slows the host)
+        if "gpu_busy_s_per_step" not in r:
+            return "-"
+        return f"{r['gpu_busy_s_per_step'] * 1e3:.0f} ({r['gpu_busy_s_per_step'] / r['seconds_per_call']:.0%})"
+
     rows = [[r["what"], num(r, "images_per_s", ".1f"), num(r, "gflops_per_image", ".0f"),
-             num(r, "flops_per_s", ".0f", 1e12), num(r, "mfu", ".0%"), num(r, "peak_memory_mib_per_image", ".0f")]
+             num(r, "flops_per_s", ".0f", 1e12), num(r, "mfu", ".0%"),
+             num(r, "peak_memory_mib_per_image", ".0f") if "peak_memory_mib_per_image" in r else "-", kernels(r)]
             for r in result["rows"]]
     lines = [machine_line(result["machine"]),
-             f"Peak: {p['flops_per_s'] / 1e12:.0f} TFLOP/s ({p['how']}). Tokenizer step: "
-             f"{result['settings']['tokenizer_step']}.", "",
+             f"Peak: {peaks} ({result['peak']['how']}); each row's MFU is against its own part's peak. "
+             f"Tokenizer step: {result['settings']['tokenizer_step']}. Kernel time: the union of the GPU's kernels "
+             "and copies in a profiled step, and its share of the step's time.", "",
              markdown_table(["case", "images/s", "GFLOPs / image", "TFLOP/s", "MFU (bf16 peak)",
-                             "peak MiB / image"], rows)]
+                             "peak MiB / image", "kernel ms / step (busy)"], rows)]
     ratio = result.get("sit_xl_128_vs_1024")
     if ratio:
         lines += ["", f"SiT-XL sampling at 512 px, 128 tokens vs 1024: {ratio['throughput_ratio']:.1f}x the "
@@ -240,6 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--part", choices=["eager", "compile", "profile"])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--batches", type=int, nargs="+",
+                        help="--part compile: the batch sizes to compile and time (default: 64 only)")
     parser.add_argument("--merge", nargs="+", type=Path)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--md", type=Path)
@@ -255,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.part == "profile":
         profile_tokenizer_step(args.out)
         return
-    run_part(args.part, args.out, args.quick)
+    run_part(args.part, args.out, args.quick, args.batches)
 
 
 if __name__ == "__main__":

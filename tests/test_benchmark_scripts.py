@@ -122,3 +122,34 @@ def test_roofline_extrapolation_matches_a_real_trace_and_models_every_operator(b
     md = out.with_suffix(".md").read_text()
     assert "Modelled eager step" in md and "| matmul / conv / attention |" in md
     assert json.loads(out.with_suffix(".json").read_text())["command"].startswith("python benchmarks/roofline.py")
+
+
+def test_gpu_merge_takes_flops_from_the_eager_step_and_mfu_from_each_parts_own_peak(benchmarks, tmp_path):
+    import gpu
+
+    def part(name, peak, rows):
+        path = tmp_path / f"gpu-{name}.json"
+        path.write_text(json.dumps({"machine": {"cpu": "x", "cpu_count": 1, "torch_threads": 1, "torch": "t",
+                                                "python": "p"}, "date": "d", "settings": {"tokenizer_step": "s"},
+                                    "peak": {"flops_per_s": peak, "how": "h"}, "part": name, "rows": rows,
+                                    "errors": []}))
+        return path
+
+    eager = {"case": "tokenizer-train", "what": "eager", "images_per_call": 64, "seconds_per_call": 0.2,
+             "flops_per_call": 64e12, "gflops_per_image": 1000.0, "flops_per_s": 320e12, "mfu": 0.4,
+             "peak_memory_mib_per_image": 400.0, "images_per_s": 320.0}
+    compiled = [{"case": c, "what": c, "images_per_call": n, "seconds_per_call": s, "images_per_s": n / s,
+                 "gpu_busy_s_per_step": 0.9 * s}
+                for c, n, s in [("tokenizer-train-compiled", 64, 0.16), ("tokenizer-train-compiled-nosync", 64, 0.128),
+                                ("tokenizer-train-b128-compiled", 128, 0.32)]]
+    result = gpu.merge([part("eager", 800e12, [eager]), part("compile", 1000e12, compiled)],
+                       tmp_path / "gpu.json", tmp_path / "gpu.md")
+    rows = {r["case"]: r for r in result["rows"]}
+    assert rows["tokenizer-train"]["mfu"] == 0.4  # measured in its own part, left alone
+    assert rows["tokenizer-train-compiled"]["flops_per_call"] == 64e12
+    assert rows["tokenizer-train-compiled"]["mfu"] == pytest.approx(64e12 / 0.16 / 1000e12)  # its own peak
+    assert rows["tokenizer-train-compiled-nosync"]["mfu"] == pytest.approx(0.5)
+    assert rows["tokenizer-train-b128-compiled"]["flops_per_call"] == 128e12  # scaled with the batch
+    md = (tmp_path / "gpu.md").read_text()
+    assert "800 TFLOP/s (eager part) and 1000 TFLOP/s (compile part)" in md
+    assert "| 144 (90%) |" in md  # kernel time per step and its share of the step

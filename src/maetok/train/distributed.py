@@ -72,11 +72,15 @@ def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return x
 
 
-def all_reduce_max(value: float, info: DistInfo) -> float:
-    """The largest `value` over all ranks, on every rank: for decisions that every rank must take together."""
+def all_reduce_max(value: float | torch.Tensor, info: DistInfo) -> float:
+    """The largest `value` over all ranks, on every rank: for decisions that every rank must take together.
+    A one-element tensor on the device is reduced where it is, with the host's one sync at the end."""
     if not info.enabled:
-        return value
-    x = torch.tensor(float(value), dtype=torch.float64, device=info.device)
+        return float(value)
+    if isinstance(value, torch.Tensor):
+        x = value.detach().reshape(()).to(device=info.device, dtype=torch.float64)
+    else:
+        x = torch.tensor(float(value), dtype=torch.float64, device=info.device)
     dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return float(x)
 
