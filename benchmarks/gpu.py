@@ -132,15 +132,21 @@ def with_oom_fallback(fn, *args, **kwargs) -> list[dict]:
     return fn(*args, **kwargs, batch=SETUP["batch"] // 2)
 
 
-def sit_case(tokens: int, channels: int, reps: int) -> dict:
+def sit_case(tokens: int, channels: int, reps: int, compile: bool = False) -> dict:
     from mfu import sit_sample_fn
 
     b, steps = SETUP["sit_batch"], SETUP["sit_steps"]
-    fn = sit_sample_fn(SETUP["sit"], tokens, channels, b, steps, SETUP["device"], dtype=torch.bfloat16)
-    r = measure(fn, b, reps, warmup=1, device=SETUP["device"], memory=True)
-    return {"case": f"sit-xl-{tokens}", "what": f"SiT-{SETUP['sit']} sampling, {tokens} tokens x {channels} ch, "
-                                                f"batch {b}, Euler {steps} steps, no CFG, bf16 weights",
-            "tokens": tokens, "channels": channels, **r}
+    start = time.perf_counter()
+    fn = sit_sample_fn(SETUP["sit"], tokens, channels, b, steps, SETUP["device"], dtype=torch.bfloat16,
+                       compile=compile)
+    fn()  # with compile: compiles here
+    built = time.perf_counter() - start
+    # FLOPs of a compiled call are counted on the eager model (merge() takes them from the eager row).
+    r = measure(fn, b, reps, warmup=1, device=SETUP["device"], memory=not compile, flops=not compile)
+    return {"case": f"sit-xl-{tokens}" + ("-compiled" if compile else ""), "setup_s": built,
+            "what": f"SiT-{SETUP['sit']} sampling, {tokens} tokens x {channels} ch, batch {b}, Euler {steps} steps, "
+                    f"no CFG, bf16 weights" + (", torch.compile (sample --compile)" if compile else ""),
+            "tokens": tokens, "channels": channels, "compiled": compile, **r}
 
 
 def profile_tokenizer_step(out: Path, steps: int = 3, top: int = 25) -> None:
@@ -193,7 +199,7 @@ def run_part(part: str, out: Path, quick: bool, compile_batches: list[int] | Non
                  lambda: with_oom_fallback(tokenizer_case, "tokenizer-train-hog", TEACHERS[:1], False, reps),
                  # larger matmuls for the same launches: does batch size move the MFU?
                  lambda: tokenizer_case("tokenizer-train-b2x", TEACHERS, False, reps, batch=2 * SETUP["batch"]),
-                 lambda: sit_case(128, 32, 3),
+                 lambda: sit_case(128, 32, 6),  # launch-bound at 0.2-0.3 s a call: more calls than the rest
                  lambda: sit_case(1024, 16, 3),
                  # last, so a part stopped by its time limit loses only this: what bf16 teachers (the default,
                  # teacher_precision=auto) save over float32 ones
@@ -205,6 +211,7 @@ def run_part(part: str, out: Path, quick: bool, compile_batches: list[int] | Non
             label = "tokenizer-train-compiled" if batch == SETUP["batch"] else f"tokenizer-train-b{batch}-compiled"
             return tokenizer_case(label, TEACHERS, True, reps, batch=batch, profile_steps=3, without_syncs=True)
         cases = [lambda b=b: compiled(b) for b in compile_batches or [SETUP["batch"]]]
+        cases.append(lambda: sit_case(128, 32, 6, compile=True))
     for case in cases:
         try:
             rows = case()
@@ -254,7 +261,7 @@ def merge(parts: list[Path], json_out: Path, md_out: Path) -> dict:
     missing = [p.name for p in parts if not p.is_file()]
     if missing:
         result["errors"].append(f"no results from {missing} (stopped by its time limit?)")
-    sit = {r["tokens"]: r for r in result["rows"] if r["case"].startswith("sit-xl-")}
+    sit = {r["tokens"]: r for r in result["rows"] if r["case"].startswith("sit-xl-") and not r.get("compiled")}
     if 128 in sit and 1024 in sit:
         result["sit_xl_128_vs_1024"] = {
             "throughput_ratio": sit[128]["images_per_s"] / sit[1024]["images_per_s"],

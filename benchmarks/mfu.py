@@ -81,12 +81,17 @@ def sit_train_fn(size: str, tokens: int, channels: int, batch: int, device, prec
 
 
 def sit_sample_fn(size: str, tokens: int, channels: int, batch: int, steps: int, device,
-                  dtype: torch.dtype = torch.float32, cfg_scale: float = 1.0) -> Callable[[], torch.Tensor]:
-    """Euler sampling of `steps` model calls (the sampler feeds the model in the dtype of its weights)."""
+                  dtype: torch.dtype = torch.float32, cfg_scale: float = 1.0,
+                  compile: bool = False) -> Callable[[], torch.Tensor]:
+    """Euler sampling of `steps` model calls (the sampler feeds the model in the dtype of its weights);
+    compile: the model through torch.compile, as `maetok sample --compile` runs it."""
+    from maetok.train.loop import CompiledOrEager
+
     device = torch.device(device)
     torch.manual_seed(0)
     with torch.device(device):
         model = SiT(sit_config(size, in_channels=channels, num_tokens=tokens, num_classes=1000)).eval().to(dtype)
+    model = CompiledOrEager(model, f"SiT-{size}", enabled=compile)
     g = torch.Generator(device).manual_seed(0)
     noise = torch.randn(batch, tokens, channels, device=device, generator=g)
     y = torch.randint(0, 1000, (batch,), device=device, generator=g)

@@ -93,7 +93,7 @@ def train_step_fn(preset: str, batch: int, device, precision: str = "fp32", over
             run(images)
             info["compiled"] = True
             # A teacher whose compilation failed runs eagerly (with a warning): say which ones were compiled.
-            info["teachers_compiled"] = [n for n, fn in task.target_fns.items() if fn is not task.targets[n]]
+            info["teachers_compiled"] = [n for n, fn in task.target_fns.items() if fn.is_compiled]
         except Exception as e:  # no compiler toolchain, an unsupported op: measure eager instead
             print(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); eager fallback",
                   file=sys.stderr)

@@ -165,7 +165,8 @@ def test_sample_writes_adm_npz_and_png(runs):
     assert settings == {"num_samples": NUM_SAMPLES, "sampler": "heun", "steps": 2, "cfg_scale": 1.5,
                         "cfg_interval": [0.0, 1.0], "sde_t_min": settings["sde_t_min"], "seed": 0, "balanced": True,
                         "num_classes": 10, "model": str((runs["sit"] / "model").resolve()),
-                        "tokenizer": str((runs["tok"] / "model").resolve()), "batch_size": 8, "processes": 1}
+                        "tokenizer": str((runs["tok"] / "model").resolve()), "batch_size": 8, "processes": 1,
+                        "compile": False}
 
     # Same seed -> the same samples; another seed -> other samples.
     again = runs["samples"].parent / "samples_again"

@@ -247,7 +247,8 @@ def cmd_sample(a: argparse.Namespace) -> int:
     where = {"model": _recorded_path(a.model), "tokenizer": _recorded_path(a.tokenizer),
              "batch_size": a.batch_size}  # batch size and process count fix the SDE sampler's noise
     path = generate_to_dir(model, tok, a.num_samples, cfg, Path(a.out), balanced=a.balanced,
-                           batch_size=a.batch_size, device=resolve_device(a.device), settings=where)
+                           batch_size=a.batch_size, device=resolve_device(a.device), settings=where,
+                           compile=a.compile)
     if _is_main_process():  # under torchrun only rank 0 writes the files
         print(f"wrote {path}, {path.with_suffix('.png')} and {path.with_name(SETTINGS_FILE)}")
     return 0
@@ -377,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--balanced", action="store_true", help="N/num_classes samples per class")
     p.add_argument("--batch-size", type=_count(1), default=64)
+    p.add_argument("--compile", action="store_true",
+                   help="run the diffusion model through torch.compile (a GPU speed-up for many samples; it "
+                        "compiles once per batch shape, and runs eagerly if compilation fails)")
     p.add_argument("--out", required=True, help="folder for samples.npz, samples.png and sampling.json")
     p.add_argument("--device", default="auto", type=_device_type(indexed=True), help=DEVICE_HELP)
     p.set_defaults(fn=cmd_sample)

@@ -52,12 +52,16 @@ def initial_noise(indices: torch.Tensor, shape: tuple[int, int], seed: int) -> t
 @torch.no_grad()
 def generate(model, tokenizer, num: int, cfg: SampleConfig, labels: torch.Tensor | None = None,
              batch_size: int = 64, rank: int = 0, world: int = 1, device: str | torch.device = "cpu",
-             progress: bool = True) -> tuple[torch.Tensor, np.ndarray]:
-    """This rank's share: (indices, uint8 images NHWC). Sample i belongs to rank i % world."""
+             progress: bool = True, compile: bool = False) -> tuple[torch.Tensor, np.ndarray]:
+    """This rank's share: (indices, uint8 images NHWC). Sample i belongs to rank i % world.
+    compile: run the diffusion model through torch.compile (eagerly if compilation fails); it compiles once
+    per batch shape (guided steps double the batch; the last chunk may be smaller)."""
     from tqdm.auto import tqdm
 
+    from ..train.loop import CompiledOrEager
+
     check_compatible(model, tokenizer)
-    model = model.to(device).eval()
+    model = CompiledOrEager(model.to(device).eval(), "the diffusion model", enabled=compile)
     tokenizer = tokenizer.to(device).eval()
     mine = torch.arange(rank, num, world)
     shape = (model.config.num_tokens, model.config.in_channels)
@@ -112,7 +116,7 @@ def write_settings(out_dir: Path, num: int, cfg: SampleConfig, balanced: bool, n
 
 def generate_to_dir(model, tokenizer, num: int, cfg: SampleConfig, out_dir: Path, balanced: bool = True,
                     batch_size: int = 64, device: str | torch.device = "cpu", progress: bool = True,
-                    settings: dict | None = None) -> Path:
+                    settings: dict | None = None, compile: bool = False) -> Path:
     """Full generation under torchrun or alone: every rank samples its share, rank 0 assembles the npz and writes
     sampling.json (the sampler settings, the count, and `settings`, e.g. the model and tokenizer paths)."""
     import torch.distributed as dist
@@ -128,10 +132,10 @@ def generate_to_dir(model, tokenizer, num: int, cfg: SampleConfig, out_dir: Path
     run_device = info.device if info.enabled else device
     labels = sample_labels(num, model.config.num_classes, balanced, cfg.seed)
     idx, imgs = generate(model, tokenizer, num, cfg, labels, batch_size, info.rank, info.world, run_device,
-                         progress and info.is_main)
+                         progress and info.is_main, compile)
     out_dir = Path(out_dir)
     record = (lambda: write_settings(out_dir, num, cfg, balanced, model.config.num_classes,
-                                     {**(settings or {}), "processes": info.world}))
+                                     {**(settings or {}), "processes": info.world, "compile": bool(compile)}))
     if not info.enabled:
         path = write_samples(out_dir, imgs, labels)
         record()

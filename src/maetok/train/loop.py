@@ -361,6 +361,40 @@ def is_compile_error(e: Exception) -> bool:
     return "dynamo" in module or "inductor" in module or "compile" in str(e).lower()
 
 
+class CompiledOrEager:
+    """Calls `module` through torch.compile, or eagerly where compilation is off, unavailable or fails.
+
+    torch.compile compiles at the first call, so that is where a missing C compiler or an unsupported operator
+    shows: the first such error is logged once and the eager module runs from then on. Errors of the module
+    itself propagate. Other attributes (parameters, config, training) are the module's, as torch.compile's own
+    wrapper does."""
+
+    def __init__(self, module: nn.Module, name: str, enabled: bool = True):
+        self.module, self.name = module, name
+        self.compiled = torch.compile(module) if enabled and can_compile() else None
+
+    @property
+    def is_compiled(self) -> bool:
+        return self.compiled is not None
+
+    def __getattr__(self, name: str):
+        if name == "module":  # not set yet (copying, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.module, name)
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as e:  # torch.compile raises many types (backend, lowering, unsupported ops)
+                if not is_compile_error(e):
+                    raise
+                log.warning("torch.compile failed for %s (%s: %s); running it eagerly", self.name,
+                            type(e).__name__, str(e)[:200])
+                self.compiled = None
+        return self.module(*args, **kwargs)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------------------

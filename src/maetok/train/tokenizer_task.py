@@ -20,7 +20,7 @@ from ..tokenizer.losses import (LeCAM, adaptive_gan_weight, build_discriminator,
                                 hinge_d_loss, hinge_g_loss, kl_loss, ramp)
 from ..tokenizer.model import CONFIG_KIND, MAETok
 from ..tokenizer.targets import build_target, target_loss
-from .loop import Task, can_compile, is_compile_error, uses_bf16
+from .loop import CompiledOrEager, Task, uses_bf16
 
 log = logging.getLogger("maetok.train")
 
@@ -130,8 +130,8 @@ class TokenizerTask(Task):
             for target in self.targets.values():
                 if target.half_precision_ok:
                     target.to_half_precision()
-        compiled = cfg.train.compile and bool(self.targets) and can_compile()
-        return {name: torch.compile(t) if compiled else t for name, t in self.targets.items()}
+        return {name: CompiledOrEager(t, f"target {name}", enabled=cfg.train.compile)
+                for name, t in self.targets.items()}
 
     @torch.no_grad()
     def teacher_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -142,16 +142,7 @@ class TokenizerTask(Task):
         # norms in float32 and cast every activation back and forth).
         with torch.autocast(images.device.type, enabled=False):
             for name, fn in self.target_fns.items():
-                try:
-                    feats[name] = fn(images, patch)
-                except Exception as e:
-                    eager = self.targets[name]
-                    if fn is eager or not is_compile_error(e):
-                        raise
-                    log.warning("torch.compile failed for target %s (%s: %s); running it eagerly", name,
-                                type(e).__name__, str(e)[:200])
-                    self.target_fns[name] = eager
-                    feats[name] = eager(images, patch)
+                feats[name] = fn(images, patch)
         return feats
 
     def _init_stage2(self) -> None:
