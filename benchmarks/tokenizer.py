@@ -25,7 +25,7 @@ import torch
 from common import RESULTS_DIR, machine, machine_line, markdown_table, measure, utc_now, write_json
 from maetok.config import AuxTargetConfig, TokenizerRunConfig, load_config
 from maetok.tokenizer import MAETok
-from maetok.train.loop import autocast_for, build_optimizer, ema_decay_at, ema_update
+from maetok.train.loop import CompiledOrEager, autocast_for, build_optimizer, ema_decay_at, ema_update
 from maetok.train.tokenizer_task import TokenizerTask
 
 RESULTS = RESULTS_DIR / "tokenizer.json"
@@ -66,7 +66,8 @@ def train_step_fn(preset: str, batch: int, device, precision: str = "fp32", over
     info = {"preset": preset, "batch": batch, "precision": precision, "aux_targets": [t.name for t in
             cfg.model.aux_targets], "compiled": False,
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
-    state = {"step": 0, "forward": torch.compile(model) if compile else model}
+    # As Trainer.fit: the model through torch.compile, eagerly (with a warning) if compilation fails.
+    state = {"step": 0, "forward": CompiledOrEager(model, "the model", enabled=compile)}
 
     def run(images: torch.Tensor) -> None:
         model.train()
@@ -88,17 +89,10 @@ def train_step_fn(preset: str, batch: int, device, precision: str = "fp32", over
     def step() -> None:
         run(images)
     step.syncs = True
-    if compile:
-        try:  # compile at the timed batch size (a batch-1 call would compile a second graph)
-            run(images)
-            info["compiled"] = True
-            # A teacher whose compilation failed runs eagerly (with a warning): say which ones were compiled.
-            info["teachers_compiled"] = [n for n, fn in task.target_fns.items() if fn.is_compiled]
-        except Exception as e:  # no compiler toolchain, an unsupported op: measure eager instead
-            print(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); eager fallback",
-                  file=sys.stderr)
-            state["forward"] = model
-            info["compile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    if compile:  # compile at the timed batch size (a batch-1 call would compile a second graph)
+        run(images)
+        info["compiled"] = state["forward"].is_compiled
+        info["teachers_compiled"] = [n for n, fn in task.target_fns.items() if fn.is_compiled]
     if return_task:  # profiling (benchmarks/gpu.py) times the task's frozen targets on the same images
         return step, (lambda: run(one)), info, (task, images)
     return step, (lambda: run(one)), info

@@ -165,6 +165,73 @@ def test_nonfinite_steps_are_skipped_then_stop_with_emergency_checkpoint(tmp_pat
     assert state["counters"]["skipped_steps"] == 3
 
 
+def test_a_nonfinite_loss_with_finite_gradients_is_still_skipped(tmp_path: Path):
+    """Backward runs before the check (one host sync per step); a NaN that reaches the loss but no gradient (a
+    term without parameters) must skip the step all the same."""
+    from maetok.config import TrainConfig
+    from maetok.train.distributed import DistInfo
+    from maetok.train.loop import Task, Trainer
+
+    class NaNTermTask(Task):
+        def __init__(self):
+            self.model = torch.nn.Linear(2, 1)
+            self.calls = 0
+
+        def training_step(self, model, batch, step):
+            self.calls += 1
+            loss = model(batch[0]).pow(2).mean()
+            return {"loss": loss + torch.tensor(float("nan")) if self.calls == 2 else loss}
+
+    data = torch.utils.data.TensorDataset(torch.randn(32, 2), torch.zeros(32))
+    cfg = TrainConfig(steps=3, batch_size=4, max_bad_steps=3, log_every=1, ckpt_every=100)
+    task = NaNTermTask()
+    trainer = Trainer(task, cfg, data, tmp_path, cfg, DistInfo())
+    seen = []
+    original = trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: (seen.append(task.calls), original(*a, **k))[1]
+    summary = trainer.fit()
+    assert summary["skipped_steps"] == 1 and seen == [1, 3]  # the optimizer never saw step 2's gradients
+
+
+def test_a_model_that_fails_to_compile_trains_eagerly(tmp_path: Path, monkeypatch, caplog):
+    from maetok.config import TrainConfig
+    from maetok.train.distributed import DistInfo
+    from maetok.train.loop import Task, Trainer
+
+    class LinearTask(Task):
+        def __init__(self):
+            torch.manual_seed(0)
+            self.model = torch.nn.Linear(2, 1)
+
+        def training_step(self, model, batch, step):
+            return {"loss": (model(batch[0]) - 1).pow(2).mean()}
+
+    class BackendCompilerFailed(RuntimeError):
+        pass
+
+    BackendCompilerFailed.__module__ = "torch._dynamo.exc"  # where torch.compile's own errors come from
+
+    def failing_compile(module, **kwargs):
+        def compiled(*args, **kw):
+            raise BackendCompilerFailed("no C compiler")
+        return compiled
+
+    data = torch.utils.data.TensorDataset(torch.randn(32, 2), torch.zeros(32))
+    weights = []
+    for compile in (False, True):
+        if compile:
+            monkeypatch.setattr(torch, "compile", failing_compile)
+        cfg = TrainConfig(steps=4, batch_size=4, log_every=1, ckpt_every=100, compile=compile)
+        task = LinearTask()
+        out = tmp_path / f"compile-{compile}"
+        out.mkdir()
+        with caplog.at_level("WARNING"):
+            Trainer(task, cfg, data, out, cfg, DistInfo()).fit()
+        weights.append(task.model.weight.detach().clone())
+    assert "torch.compile failed for the model" in caplog.text
+    torch.testing.assert_close(weights[1], weights[0], rtol=0, atol=0)  # the same steps, eagerly
+
+
 def test_sigterm_writes_a_final_checkpoint_and_exits_143(tmp_path: Path):
     proc = _train(tmp_path / "run", 10_000, "train.ckpt_every=100000")
     deadline = time.time() + 120

@@ -417,10 +417,7 @@ class Trainer:
         if dist_info.enabled:
             self.ddp_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[dist_info.local_rank] if dist_info.device.type == "cuda" else None)
-        self.forward_model = self.ddp_model
-        if train_cfg.compile and can_compile():
-            self.forward_model = torch.compile(self.ddp_model)
-        self._compiled = self.forward_model is not self.ddp_model
+        self.forward_model = CompiledOrEager(self.ddp_model, "the model", enabled=train_cfg.compile)
 
     # ----- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -509,7 +506,7 @@ class Trainer:
                     torch.manual_seed(rank_step_seed(cfg.seed, self.step, self.dist.rank))
                 self.model.train()
                 with autocast_for(dev, cfg.precision):
-                    out = self._forward(batch)
+                    out = self.task.training_step(self.forward_model, batch, self.step)
                 loss = out["loss"]
                 self.optimizer.zero_grad(set_to_none=True)
                 # Backward runs before the loss is checked: one host sync per step (below), not a second one
@@ -566,19 +563,6 @@ class Trainer:
             self.task.finish(self.ema, self.out)
         return {"step": self.step, "finished": finished, "skipped_steps": self.skipped_steps,
                 "stopped_by": self.stop_requested, "world_size": self.dist.world}
-
-    def _forward(self, batch: Any) -> dict[str, torch.Tensor]:
-        """The task's step through the compiled model; if compilation itself fails, say so and run eagerly."""
-        if not self._compiled:
-            return self.task.training_step(self.forward_model, batch, self.step)
-        try:
-            return self.task.training_step(self.forward_model, batch, self.step)
-        except Exception as e:  # torch.compile raises many types (backend, lowering, unsupported ops)
-            if not is_compile_error(e):
-                raise
-            log.warning("torch.compile failed (%s: %s); continuing eagerly", type(e).__name__, str(e)[:200])
-            self.forward_model, self._compiled = self.ddp_model, False
-            return self.task.training_step(self.forward_model, batch, self.step)
 
     def _skip_step(self, out: dict[str, Any]) -> None:
         """A non-finite loss or gradient: leave the weights alone, move on, and stop after too many in a row."""
