@@ -149,6 +149,81 @@ def sit_case(tokens: int, channels: int, reps: int, compile: bool = False) -> di
             "tokens": tokens, "channels": channels, "compiled": compile, **r}
 
 
+# Attention shapes of the tokenizer step: (label, batch, heads, tokens, head dim, with backward).
+ATTENTION_SHAPES = [("tokenizer encoder/decoder layer", 64, 12, 385, 64, True),
+                    ("DINOv2-L/14 teacher layer (forward)", 64, 16, 257, 64, False),
+                    ("SigLIP-SO400M/14 teacher layer (forward)", 64, 16, 256, 72, False)]
+SMOKE_ATTENTION = [("toy layer", 2, 2, 17, 8, True)]
+
+
+def attention_rows(reps: int = 20) -> list[dict]:
+    """scaled_dot_product_attention per backend on the step's shapes: which kernel is fastest there? (The
+    compiled step ran cuDNN's at ~200 TFLOP/s.)"""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    device = SETUP["device"]
+    rows = []
+    for label, b, h, n, d, backward in SMOKE_ATTENTION if device == "cpu" else ATTENTION_SHAPES:
+        g = torch.Generator(device).manual_seed(0)
+        q, k, v = (torch.randn(b, h, n, d, device=device, dtype=torch.bfloat16, generator=g)
+                   .requires_grad_(backward) for _ in range(3))
+        grad = torch.randn(b, h, n, d, device=device, dtype=torch.bfloat16, generator=g)
+        for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+            def call():
+                with sdpa_kernel(backend):
+                    out = F.scaled_dot_product_attention(q, k, v)
+                    if backward:
+                        out.backward(grad)
+            row = {"case": f"attention-{backend.name.lower()}", "what": f"{label}: B {b}, H {h}, N {n}, D {d}, "
+                                                                      f"{backend.name}" + (" fwd+bwd" if backward else " fwd"),
+                   "backend": backend.name, "shape": [b, h, n, d], "backward": backward}
+            try:
+                call()
+                row.update(measure(call, b, reps, warmup=3, device=device))
+            except RuntimeError as e:  # a backend that does not take this shape or device
+                row["error"] = str(e).splitlines()[0][:200]
+            rows.append(row)
+    return rows
+
+
+def rope_rows(reps: int = 20) -> list[dict]:
+    """One attention layer's qkv -> RoPE -> SDPA, forward and backward, compiled: with and without the RoPE, so
+    that the difference is what the rotation (and its backward into the stacked qkv gradient) costs."""
+    import torch.nn.functional as F
+
+    from maetok.layers import rotate_pairs
+
+    device = SETUP["device"]
+    _, b, h, n, d, _ = SMOKE_ATTENTION[0] if device == "cpu" else ATTENTION_SHAPES[0]
+    g = torch.Generator(device).manual_seed(0)
+    qkv = torch.randn(b, n, 3 * h * d, device=device, dtype=torch.bfloat16, generator=g).requires_grad_(True)
+    table = torch.randn(n, h, d // 2, 2, device=device, generator=g).requires_grad_(True)  # learnable (RoPE-Mixed)
+    grad = torch.randn(b, n, h * d, device=device, dtype=torch.bfloat16, generator=g)
+
+    def layer(qkv, table, rope: bool):
+        q, k, v = qkv.view(b, n, 3, h, d).unbind(2)
+        if rope:
+            q, k = rotate_pairs(q, table), rotate_pairs(k, table)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2).reshape(b, n, h * d)
+
+    rows = []
+    for rope in (True, False):
+        compiled = torch.compile(lambda qkv, table, rope=rope: layer(qkv, table, rope))
+
+        def call():
+            compiled(qkv, table).backward(grad)
+        start = time.perf_counter()
+        call()
+        built = time.perf_counter() - start
+        r = measure(call, b, reps, warmup=3, device=device, flops=False)
+        rows.append({"case": "rope-layer" if rope else "no-rope-layer", "setup_s": built,
+                     "what": f"tokenizer attention layer (B {b}, H {h}, N {n}, D {d}), compiled, fwd+bwd, "
+                             + ("RoPE on q and k (learnable table)" if rope else "no RoPE"), **r})
+    return rows
+
+
 def profile_tokenizer_step(out: Path, steps: int = 3, top: int = 25) -> None:
     """Time the teachers alone, then profile whole steps; writes OUT (json) and OUT.md (tables)."""
     from tokenizer import train_step_fn
@@ -194,7 +269,9 @@ def run_part(part: str, out: Path, quick: bool, compile_batches: list[int] | Non
     print(f"bf16 matmul peak: {peak['flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
     reps = 3 if quick else 6
 
-    if part == "eager":
+    if part == "micro":  # seconds each, no model
+        cases = [attention_rows, rope_rows]
+    elif part == "eager":
         cases = [lambda: with_oom_fallback(tokenizer_case, "tokenizer-train", TEACHERS, False, reps),
                  lambda: with_oom_fallback(tokenizer_case, "tokenizer-train-hog", TEACHERS[:1], False, reps),
                  # larger matmuls for the same launches: does batch size move the MFU?
@@ -219,8 +296,11 @@ def run_part(part: str, out: Path, quick: bool, compile_batches: list[int] | Non
                 if "flops_per_s" in row:
                     row["mfu"] = row["flops_per_s"] / peak["flops_per_s"]
                 result["rows"].append(row)
-                print(f"  {row['case']}: {row['images_per_s']:.1f} img/s, MFU {row.get('mfu', float('nan')):.0%} "
-                      f"(setup {row.get('setup_s', 0):.0f} s)"
+                if "error" in row:
+                    print(f"  {row['what']}: not run ({row['error']})", flush=True)
+                    continue
+                print(f"  {row['case']}: {row['seconds_per_call'] * 1e3:.2f} ms, {row['images_per_s']:.1f} img/s, "
+                      f"MFU {row.get('mfu', float('nan')):.0%} (setup {row.get('setup_s', 0):.0f} s)"
                       + (f", GPU busy {row['gpu_busy_fraction']:.0%}" if "gpu_busy_fraction" in row else ""),
                       flush=True)
         except Exception as e:  # keep the other cases' numbers
@@ -285,7 +365,8 @@ def markdown(result: dict) -> str:
             return "-"
         return f"{r['gpu_busy_s_per_step'] * 1e3:.0f} ({r['gpu_busy_s_per_step'] / r['seconds_per_call']:.0%})"
 
-    rows = [[r["what"], num(r, "images_per_s", ".1f"), num(r, "gflops_per_image", ".0f"),
+    rows = [[r["what"] + (f" (not run: {r['error']})" if "error" in r else ""),
+             num(r, "images_per_s", ".1f"), num(r, "seconds_per_call", ".2f", 1e-3), num(r, "gflops_per_image", ".0f"),
              num(r, "flops_per_s", ".0f", 1e12), num(r, "mfu", ".0%"),
              num(r, "peak_memory_mib_per_image", ".0f") if "peak_memory_mib_per_image" in r else "-", kernels(r)]
             for r in result["rows"]]
@@ -293,7 +374,7 @@ def markdown(result: dict) -> str:
              f"Peak: {peaks} ({result['peak']['how']}); each row's MFU is against its own part's peak. "
              f"Tokenizer step: {result['settings']['tokenizer_step']}. Kernel time: the union of the GPU's kernels "
              "and copies in a profiled step, and its share of the step's time.", "",
-             markdown_table(["case", "images/s", "GFLOPs / image", "TFLOP/s", "MFU (bf16 peak)",
+             markdown_table(["case", "images/s", "ms / call", "GFLOPs / image", "TFLOP/s", "MFU (bf16 peak)",
                              "peak MiB / image", "kernel ms / step (busy)"], rows)]
     ratio = result.get("sit_xl_128_vs_1024")
     if ratio:
@@ -307,7 +388,7 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=["eager", "compile", "profile"])
+    parser.add_argument("--part", choices=["eager", "compile", "micro", "profile"])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--batches", type=int, nargs="+",

@@ -152,4 +152,4 @@ def test_gpu_merge_takes_flops_from_the_eager_step_and_mfu_from_each_parts_own_p
     assert rows["tokenizer-train-b128-compiled"]["flops_per_call"] == 128e12  # scaled with the batch
     md = (tmp_path / "gpu.md").read_text()
     assert "800 TFLOP/s (eager part) and 1000 TFLOP/s (compile part)" in md
-    assert "| 144 (90%) |" in md  # kernel time per step and its share of the step
+    assert "| 144 (90%) |" in md and "| 160.00 |" in md  # kernel time per step (its share), ms per call
