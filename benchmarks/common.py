@@ -57,13 +57,23 @@ def sync(device: torch.device | str | None) -> None:
 
 
 def time_calls(fn: Callable[[], object], reps: int, warmup: int = 1, device=None,
-               cpu_times: list[float] | None = None) -> list[float]:
+               cpu_times: list[float] | None = None, sync_each: bool = True) -> list[float]:
     """Seconds per call, `reps` calls after `warmup` untimed ones (allocator, first-call dispatch, autotuning).
     Host clock with a device synchronize around each call: the scripts time whole steps of many kernels.
+    sync_each=False: the calls back to back with one synchronize at the end, as a training loop runs its steps
+    (the next step's launches overlap the last one's kernels); returns their mean, once.
     `cpu_times`, if given, receives each call's process CPU seconds (user + system)."""
     for _ in range(warmup):
         fn()
     sync(device)
+    if not sync_each:
+        cpu, start = process_cpu_seconds(), time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync(device)
+        if cpu_times is not None:
+            cpu_times.append((process_cpu_seconds() - cpu) / reps)
+        return [(time.perf_counter() - start) / reps]
     times = []
     for _ in range(reps):
         cpu = process_cpu_seconds()
@@ -200,8 +210,10 @@ def machine_line(m: dict) -> str:
 # One measured case
 # --------------------------------------------------------------------------------------------------------------
 def measure(fn: Callable[[], object], images: int, reps: int, warmup: int = 1, device=None,
-            flops: bool = True, prime: Callable[[], object] | None = None, memory: bool = False) -> dict:
+            flops: bool = True, prime: Callable[[], object] | None = None, memory: bool = False,
+            sync_each: bool = True) -> dict:
     """Time `fn` (one call handles `images` images) and count its FLOPs on one extra real call.
+    sync_each: see `time_calls` (False: back-to-back calls, as a training loop runs its steps).
 
     memory: peak memory growth of the timed calls per image. On CUDA from the allocator's peak; on CPU from the
     process's peak RSS (reset first where Linux allows), so best read in a process running this one case. `prime` (e.g. a batch-1
@@ -219,11 +231,11 @@ def measure(fn: Callable[[], object], images: int, reps: int, warmup: int = 1, d
         base = reset_peak_rss()
         base = max_rss_bytes() if base is None else base
     cpu_times: list[float] = []
-    times = time_calls(fn, reps, warmup, device, cpu_times)
+    times = time_calls(fn, reps, warmup, device, cpu_times, sync_each)
     peak = (torch.cuda.max_memory_allocated(device) if cuda else max_rss_bytes()) - base
     seconds = statistics.median(times)
     out = {"images_per_call": images, "reps": reps, "seconds_per_call": seconds,
-           "seconds_all": times, "images_per_s": images / seconds}
+           "seconds_all": times, "images_per_s": images / seconds, "sync_each_call": sync_each}
     if not cuda:
         out["cpu_seconds_per_call"] = statistics.median(cpu_times)
     if memory:

@@ -3,17 +3,24 @@
 Run through benchmarks/gpu.sh, which bounds each part's time. Parts:
   --part eager    bf16 matmul peak (8192^3, random data); maetok-b-128 training step at batch 64 under bf16
                   autocast (masking, HOG + DINOv2-L/14- and SigLIP-SO400M-sized teachers with random weights, as
-                  the hub cannot be reached there; and HOG only; and with the teachers in float32 instead of bf16);
+                  the hub cannot be reached there; HOG only; batch 128; the teachers in float32 instead of bf16);
                   SiT-XL/1 Euler sampling in bf16 on 128 tokens x 32 channels vs SiT-XL/2's 1024 tokens x 16
                   channels at 512 px
   --part compile  the same tokenizer step with torch.compile on the model and teachers (as train.compile does),
-                  then torch.profiler's top kernels of the compiled step (OUT.md)
+                  with the loop's host sync and without, each profiled (top kernels in OUT.md, GPU kernel time
+                  per step); --batches 64 128 compiles and times more batch sizes; then SiT-XL/1 sampling on 128
+                  tokens compiled (as `maetok sample --compile`)
+  --part micro    scaled_dot_product_attention per backend on the step's attention shapes, and one compiled
+                  tokenizer attention layer with and without its RoPE (seconds, no model)
   --part profile  where the eager tokenizer step's time goes: the frozen teachers' forward timed alone, and
                   torch.profiler's top operators and kernels by device time (gpu-profile.md)
-  --merge A B     one gpu.json + gpu.md from the parts' JSON files
+  --merge PARTS   one gpu.json + gpu.md from the parts' JSON files (missing ones are listed as errors)
+  --smoke         the same code paths on the CPU at toy sizes, to check the script before spending device time
 
 FLOPs: torch.utils.flop_counter on one real call (forward + backward for training, the teachers' forward
-included), 2 per multiply-add. Memory: torch.cuda.max_memory_allocated growth over the timed calls, per image.
+included), 2 per multiply-add; compiled rows take theirs from the eager row of the same computation. MFU: against
+the bf16 matmul peak measured in the same process. Memory: torch.cuda.max_memory_allocated growth over the timed
+calls, per image.
 """
 from __future__ import annotations
 
@@ -77,9 +84,12 @@ def tokenizer_case(label: str, targets: list[dict], compile: bool, reps: int, ba
         # compiler); it does the eager step's arithmetic, so merge() takes the count from the eager row.
         # The batch-1 step creates the AdamW moments first, so that the memory per image counts activations
         # only (the compiled step has already run once, and a batch-1 call would compile another graph).
+        # Steps back to back (one sync after the last), as the loop runs them: the only per-step sync left is
+        # the loop's own check (absent in the no-sync row).
         r = measure(step, batch, reps, warmup=2, device=SETUP["device"], memory=syncs,
-                    flops=not info["compiled"], prime=None if compile or not syncs else one)
-        row = {"case": label + ("" if syncs else "-nosync"), "what": what + ("" if syncs else ", no host syncs"),
+                    flops=not info["compiled"], prime=None if compile or not syncs else one, sync_each=False)
+        row = {"case": label + ("" if syncs else "-nosync"),
+               "what": what + (", the loop's one host sync per step" if syncs else ", no host sync"),
                "setup_s": built if syncs else 0.0, "syncs": syncs, **info, **r}
         if profile_steps:  # where the step's time goes, kernel by kernel, and how long the GPU idles
             row.update(profile_step(step, profile_steps))
@@ -262,7 +272,9 @@ def run_part(part: str, out: Path, quick: bool, compile_batches: list[int] | Non
                            "held in bf16 and run outside autocast (teacher_precision=auto) unless a row says "
                            "otherwise; with torch.compile the teachers are compiled too",
                            "flops": "torch.utils.flop_counter on one real call, 2 per multiply-add",
-                           "timing": "median of the timed calls after warm-up, host clock with a CUDA sync"},
+                           "timing": "tokenizer steps: back to back after warm-up, one CUDA sync after the last "
+                                     "(as the training loop runs them); other cases: median of the timed calls, "
+                                     "host clock with a CUDA sync after each"},
               "rows": [], "errors": []}
     peak = matmul_peak(SETUP["device"], torch.bfloat16, n=8192 if SETUP["device"] == "cuda" else 512, reps=10)
     result["peak"] = {**peak, "how": f"{peak['n']}^3 bf16 matmul on random data, {peak['statistic']} of 10"}
@@ -310,12 +322,13 @@ def run_part(part: str, out: Path, quick: bool, compile_batches: list[int] | Non
             gc.collect()  # the case's model, teachers and optimizer
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        write_json(out, result)  # after every case: a part stopped by its time limit keeps what it measured
-    profiles = [f"{r['what']}: {r['seconds_per_call'] * 1e3:.1f} ms per step. Top operators by "
-                f"{'device' if SETUP['device'] == 'cuda' else 'CPU'} time:\n\n```\n{r['top_ops']}\n```"
-                for r in result["rows"] if "top_ops" in r]
-    if profiles:
-        out.with_suffix(".md").write_text("\n\n".join([machine_line(result["machine"]), *profiles]) + "\n")
+        # After every case: a part stopped by its time limit keeps what it measured, profiles included.
+        write_json(out, result)
+        profiles = [f"{r['what']}: {r['seconds_per_call'] * 1e3:.1f} ms per step. Top operators by "
+                    f"{'device' if SETUP['device'] == 'cuda' else 'CPU'} time:\n\n```\n{r['top_ops']}\n```"
+                    for r in result["rows"] if "top_ops" in r]
+        if profiles:
+            out.with_suffix(".md").write_text("\n\n".join([machine_line(result["machine"]), *profiles]) + "\n")
 
 
 def merge(parts: list[Path], json_out: Path, md_out: Path) -> dict:

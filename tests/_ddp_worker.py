@@ -218,9 +218,10 @@ def scenario_diffusion_run(out: Path, info: DistInfo, inputs: Path) -> None:
 
 
 def scenario_nan(out: Path, info: DistInfo, inputs: Path) -> None:
-    """Rank 1 alone sees a non-finite loss at step 2: every rank must skip that step together."""
+    """Rank 1 alone sees a non-finite loss at step 2, from a term without gradients (so every rank's averaged
+    gradients stay finite): every rank must skip that step together."""
     def hook(step, loss):
-        return loss * float("nan") if (info.rank == 1 and step == 2) else loss
+        return loss + torch.tensor(float("nan")) if (info.rank == 1 and step == 2) else loss
 
     trainer = toy_trainer(out / "run", info, hook)
     summary = trainer.fit()

@@ -58,3 +58,31 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+class BackendCompilerFailed(RuntimeError):
+    """Stands in for torch.compile's own error (same module name, which is how the fallback recognises it)."""
+
+
+BackendCompilerFailed.__module__ = "torch._dynamo.exc"
+
+
+@pytest.fixture
+def failing_compile(monkeypatch) -> list:
+    """torch.compile whose compiled callables fail as a missing C compiler would; returns the list of attempts."""
+    attempts = []
+
+    def compile(module, **kwargs):
+        def compiled(*args, **kw):
+            attempts.append(module)
+            raise BackendCompilerFailed("no C compiler")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", compile)
+    return attempts
+
+
+@pytest.fixture
+def passthrough_compile(monkeypatch) -> None:
+    """torch.compile that returns the module itself: errors raised inside are the module's own."""
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)

@@ -153,18 +153,7 @@ def test_bf16_training_holds_network_teachers_in_bf16_and_hog_in_float32():
     assert _task().targets["siglip"].compute_dtype == torch.float32
 
 
-def test_a_teacher_that_fails_to_compile_runs_eagerly(monkeypatch, caplog):
-    class BackendCompilerFailed(RuntimeError):
-        pass
-
-    BackendCompilerFailed.__module__ = "torch._dynamo.exc"  # where torch.compile's own errors come from
-
-    def failing_compile(module, **kwargs):
-        def compiled(*args):
-            raise BackendCompilerFailed("no C compiler")
-        return compiled
-
-    monkeypatch.setattr(torch, "compile", failing_compile)
+def test_a_teacher_that_fails_to_compile_runs_eagerly(failing_compile, caplog):
     task = _task("train.compile=true")
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     with caplog.at_level("WARNING"):
@@ -172,18 +161,15 @@ def test_a_teacher_that_fails_to_compile_runs_eagerly(monkeypatch, caplog):
     assert "running it eagerly" in caplog.text
     assert torch.equal(feats["siglip"], task.targets["siglip"](images, 4))
     assert not any(task.target_fns[n].is_compiled for n in task.targets)
-    # An error of the teacher itself is not mistaken for a compiler failure.
-    with pytest.raises(ValueError, match="expected images"):
+
+
+def test_an_error_of_a_compiled_teacher_itself_is_not_taken_for_a_compiler_failure(passthrough_compile, caplog):
+    task = _task("train.compile=true")
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    with caplog.at_level("WARNING"), pytest.raises(ValueError, match="expected images"):
         task.teacher_features(images[:, :2])
-
-
-def test_bf16_training_with_bf16_teachers_runs_end_to_end(tmp_path: Path):
-    cfg = load_config(TokenizerRunConfig, "cpu-32", TINY + [TEACHERS, "train.steps=2", "train.precision=bf16"])
-    summary = run_tokenizer(cfg, tmp_path / "run", device="cpu")
-    assert summary["finished"] and summary["skipped_steps"] == 0
-    record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
-    assert all(f"loss_aux_{name}" in record for name in ("hog", *NETWORK_TEACHERS))
-    assert all(record[k] == record[k] and abs(record[k]) < 1e3 for k in record if k.startswith("loss"))
+    assert "torch.compile failed" not in caplog.text
+    assert all(task.target_fns[n].is_compiled for n in task.targets)  # still compiled
 
 
 @pytest.mark.slow

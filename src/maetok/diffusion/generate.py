@@ -54,14 +54,14 @@ def generate(model, tokenizer, num: int, cfg: SampleConfig, labels: torch.Tensor
              batch_size: int = 64, rank: int = 0, world: int = 1, device: str | torch.device = "cpu",
              progress: bool = True, compile: bool = False) -> tuple[torch.Tensor, np.ndarray]:
     """This rank's share: (indices, uint8 images NHWC). Sample i belongs to rank i % world.
-    compile: run the diffusion model through torch.compile (eagerly if compilation fails); it compiles once
-    per batch shape (guided steps double the batch; the last chunk may be smaller)."""
+    compile: run the diffusion model through torch.compile (eagerly if compilation fails), with static shapes:
+    it compiles once per batch shape (guided steps double the batch; the last chunk may be smaller)."""
     from tqdm.auto import tqdm
 
     from ..train.loop import CompiledOrEager
 
     check_compatible(model, tokenizer)
-    model = CompiledOrEager(model.to(device).eval(), "the diffusion model", enabled=compile)
+    model = CompiledOrEager(model.to(device).eval(), "the diffusion model", enabled=compile, dynamic=False)
     tokenizer = tokenizer.to(device).eval()
     mine = torch.arange(rank, num, world)
     shape = (model.config.num_tokens, model.config.in_channels)

@@ -72,6 +72,13 @@ def _prepare(model, noise, y, cfg_scale, null_label):
     if y is not None and (y.dim() != 1 or y.shape[0] != noise.shape[0]):
         raise ValueError(f"labels y must have shape ({noise.shape[0]},) to match the noise batch; got "
                          f"{tuple(y.shape)}")
+    num_classes = getattr(getattr(model, "config", None), "num_classes", None)
+    if y is not None and isinstance(num_classes, int) and num_classes > 0 and y.numel():
+        # once per run (a compiled model skips its own per-call check)
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high > num_classes:
+            raise ValueError(f"labels must lie in [0, {num_classes}] ({num_classes} is the null label); got "
+                             f"values from {low} to {high}")
     return noise.to(torch.float64), _input_dtype(model, noise), null_label
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from maetok.config import TransportConfig
+from maetok.device import to_device
 
 PATHS = ("linear", "cosine")
 
@@ -74,7 +75,7 @@ def sample_time(n: int, cfg: TransportConfig, generator: torch.Generator | None 
         t = torch.sigmoid(cfg.lognormal_mean + cfg.lognormal_std * normal)
     else:
         raise ValueError(f"unknown time_sampling {cfg.time_sampling!r}; choose uniform or lognormal")
-    return t.to(device)
+    return to_device(t, device)
 
 
 def training_loss(model, x0: torch.Tensor, y: torch.Tensor | None, cfg: TransportConfig,

@@ -11,6 +11,7 @@ import math
 import torch
 
 from ..config import MaskConfig
+from ..device import to_device
 
 
 def sample_mask_ratio(cfg: MaskConfig, generator: torch.Generator | None = None) -> float:
@@ -33,4 +34,4 @@ def random_patch_mask(batch: int, num_patches: int, ratio: float, device: torch.
     num_masked = math.ceil(ratio * num_patches - 1e-9)  # guard ceil against float noise (0.5*64 -> 32, not 33)
     noise = torch.rand(batch, num_patches, generator=generator, device=generator.device if generator else "cpu")
     rank = noise.argsort(dim=1).argsort(dim=1)  # rank of each patch's noise within its row
-    return (rank < num_masked).to(device)
+    return to_device(rank < num_masked, device)

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..config import DiffusionRunConfig
+from ..device import to_device
 from ..diffusion.sit import SiT
 from ..diffusion.transport import training_loss
 from .loop import Task
@@ -32,11 +33,11 @@ class DiffusionTask(Task):
     def latents_from_batch(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         if len(batch) == 3:  # latent cache: (z, z_flip, y); pick flipped or not per item
             z, z_flip, y = batch
-            pick = (torch.rand(z.shape[0]) < 0.5).to(z.device)[:, None, None]
+            pick = to_device(torch.rand(z.shape[0]) < 0.5, z.device)[:, None, None]
             z = torch.where(pick, z_flip, z)
         else:  # images encoded online
             images, y = batch
-            flip = (torch.rand(images.shape[0]) < 0.5).to(images.device)[:, None, None, None]
+            flip = to_device(torch.rand(images.shape[0]) < 0.5, images.device)[:, None, None, None]
             with torch.no_grad():
                 z = self.tokenizer.encode(torch.where(flip, images.flip(-1), images))
         z = (z.float() - self.mean) / self.std

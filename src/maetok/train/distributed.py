@@ -78,7 +78,7 @@ def all_reduce_max(value: float | torch.Tensor, info: DistInfo) -> float:
     if not info.enabled:
         return float(value)
     if isinstance(value, torch.Tensor):
-        x = value.detach().reshape(()).to(device=info.device, dtype=torch.float64)
+        x = value.detach().reshape(()).to(device=info.device, dtype=torch.float64, copy=True)  # reduced in place
     else:
         x = torch.tensor(float(value), dtype=torch.float64, device=info.device)
     dist.all_reduce(x, op=dist.ReduceOp.MAX)

@@ -362,37 +362,64 @@ def is_compile_error(e: Exception) -> bool:
 
 
 class CompiledOrEager:
-    """Calls `module` through torch.compile, or eagerly where compilation is off, unavailable or fails.
+    """Calls a module through torch.compile, or eagerly where compilation is off, unavailable or fails.
 
-    torch.compile compiles at the first call, so that is where a missing C compiler or an unsupported operator
-    shows: the first such error is logged once and the eager module runs from then on. Errors of the module
-    itself propagate. Other attributes (parameters, config, training) are the module's, as torch.compile's own
-    wrapper does."""
+    torch.compile compiles at the first call (and at each new input shape), so that is where a missing C compiler
+    or an unsupported operator shows: the first such error is logged once and the eager module runs from then on.
+    The backward graph is lowered during that forward call too (torch otherwise lowers it at the first backward,
+    outside this wrapper, where a failure would end the run). Errors of the module itself propagate.
+    Attributes not defined here (parameters, config, training, null_label) are read from the module; calls that
+    change it (eval, to) go to the module and return the bare module, so set those up before wrapping.
+    compile_options go to torch.compile (e.g. dynamic=False)."""
 
-    def __init__(self, module: nn.Module, name: str, enabled: bool = True):
-        self.module, self.name = module, name
-        self.compiled = torch.compile(module) if enabled and can_compile() else None
+    def __init__(self, module: nn.Module, name: str, enabled: bool = True, **compile_options):
+        self._module, self._name, self._compiled = module, name, None
+        if enabled and can_compile():
+            try:
+                self._compiled = torch.compile(module, **compile_options)
+            except Exception as e:  # e.g. a Python version torch.compile does not support yet
+                log.warning("torch.compile unavailable for %s (%s: %s); running it eagerly", name,
+                            type(e).__name__, str(e)[:200])
+
+    @property
+    def eager(self) -> nn.Module:
+        return self._module
 
     @property
     def is_compiled(self) -> bool:
-        return self.compiled is not None
+        return self._compiled is not None
 
     def __getattr__(self, name: str):
-        if name == "module":  # not set yet (copying, unpickling): no recursion
+        if name.startswith("_"):  # own attributes not set yet (copying, unpickling): no recursion
             raise AttributeError(name)
-        return getattr(self.module, name)
+        return getattr(self._module, name)
 
     def __call__(self, *args, **kwargs):
-        if self.compiled is not None:
+        if self._compiled is not None:
             try:
-                return self.compiled(*args, **kwargs)
+                with _backward_lowered_in_forward():
+                    return self._compiled(*args, **kwargs)
             except Exception as e:  # torch.compile raises many types (backend, lowering, unsupported ops)
                 if not is_compile_error(e):
                     raise
-                log.warning("torch.compile failed for %s (%s: %s); running it eagerly", self.name,
+                log.warning("torch.compile failed for %s (%s: %s); running it eagerly", self._name,
                             type(e).__name__, str(e)[:200])
-                self.compiled = None
-        return self.module(*args, **kwargs)
+                self._compiled = None
+        return self._module(*args, **kwargs)
+
+
+def _backward_lowered_in_forward():
+    """A context in which torch.compile lowers a training graph's backward with its forward (a private switch
+    of torch's AOT autograd; a no-op on versions without it)."""
+    import contextlib
+
+    try:
+        from torch._functorch import config
+    except ImportError:  # pragma: no cover - torch without AOT autograd
+        return contextlib.nullcontext()
+    if "force_non_lazy_backward_lowering" in getattr(config, "_config", {}):
+        return config.patch(force_non_lazy_backward_lowering=True)
+    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -511,8 +538,8 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 # Backward runs before the loss is checked: one host sync per step (below), not a second one
                 # between forward and backward, which left a GPU idle while the host launched the backward (the
-                # two cost 8% of a compiled maetok-b-128 step on an H200). A non-finite loss gives non-finite
-                # gradients, and the step is skipped all the same.
+                # two cost 8% of a compiled maetok-b-128 step on an H200). Loss and gradient norm are checked
+                # together, so a non-finite loss is skipped as before, even one whose gradients are finite.
                 loss.backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip or float("inf"))
                 bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(gnorm))

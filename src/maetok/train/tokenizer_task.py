@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..config import (ConfigError, TokenizerConfig, TokenizerRunConfig, config_source, from_dict, set_config_source,
                       to_dict)
+from ..device import to_device
 from ..nets.hub import MissingWeightsError
 from ..tokenizer.losses import (LeCAM, adaptive_gan_weight, build_discriminator, build_perceptual, diff_augment,
                                 hinge_d_loss, hinge_g_loss, kl_loss, ramp)
@@ -172,7 +173,7 @@ class TokenizerTask(Task):
         images = batch[0]
         if cfg.data.random_flip:  # flips on the main process RNG: part of the resumable state
             flip = torch.rand(images.shape[0]) < 0.5
-            images = torch.where(flip.to(images.device)[:, None, None, None], images.flip(-1), images)
+            images = torch.where(to_device(flip, images.device)[:, None, None, None], images.flip(-1), images)
         if cfg.stage == 2:
             self.model.encoder.eval()
         out = model(images, mask_ratio=self.mask_ratio(step))
