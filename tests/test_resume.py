@@ -137,25 +137,34 @@ def test_pickle_payload_is_refused(tmp_path: Path):
         read_official_weights(path)
 
 
-def test_nonfinite_steps_are_skipped_then_stop_with_emergency_checkpoint(tmp_path: Path):
+def _toy_trainer(out: Path, steps: int, hook=None, **train):
+    """A Trainer of a linear model on random 2-feature data; hook(call, loss) may change a step's loss (calls count
+    from 1)."""
     from maetok.config import TrainConfig
     from maetok.train.distributed import DistInfo
     from maetok.train.loop import Task, Trainer
 
-    class NaNTask(Task):
+    class LinearTask(Task):
         def __init__(self):
+            torch.manual_seed(0)
             self.model = torch.nn.Linear(2, 1)
             self.calls = 0
 
         def training_step(self, model, batch, step):
             self.calls += 1
-            loss = model(batch[0]).pow(2).mean()
-            return {"loss": loss * float("nan") if self.calls > 2 else loss}
+            loss = (model(batch[0]) - 1).pow(2).mean()
+            return {"loss": hook(self.calls, loss) if hook else loss}
 
-    data = torch.utils.data.TensorDataset(torch.randn(32, 2), torch.zeros(32))
-    cfg = TrainConfig(steps=50, batch_size=4, max_bad_steps=3, log_every=1, ckpt_every=100)
-    task = NaNTask()
-    trainer = Trainer(task, cfg, data, tmp_path, cfg, DistInfo())
+    data = torch.utils.data.TensorDataset(torch.randn(32, 2, generator=torch.Generator().manual_seed(1)),
+                                          torch.zeros(32))
+    cfg = TrainConfig(steps=steps, batch_size=4, log_every=1, ckpt_every=100, **train)
+    out.mkdir(parents=True, exist_ok=True)
+    return Trainer(LinearTask(), cfg, data, out, cfg, DistInfo())
+
+
+def test_nonfinite_steps_are_skipped_then_stop_with_emergency_checkpoint(tmp_path: Path):
+    trainer = _toy_trainer(tmp_path, 50, lambda call, loss: loss * float("nan") if call > 2 else loss,
+                           max_bad_steps=3)
     with pytest.raises(FloatingPointError, match="3 consecutive non-finite"):
         trainer.fit()
     emergency = list((tmp_path / "checkpoints").glob("emergency-*.pt"))
@@ -168,53 +177,21 @@ def test_nonfinite_steps_are_skipped_then_stop_with_emergency_checkpoint(tmp_pat
 def test_a_nonfinite_loss_with_finite_gradients_is_still_skipped(tmp_path: Path):
     """Backward runs before the check (one host sync per step); a NaN that reaches the loss but no gradient (a
     term without parameters) must skip the step all the same."""
-    from maetok.config import TrainConfig
-    from maetok.train.distributed import DistInfo
-    from maetok.train.loop import Task, Trainer
-
-    class NaNTermTask(Task):
-        def __init__(self):
-            self.model = torch.nn.Linear(2, 1)
-            self.calls = 0
-
-        def training_step(self, model, batch, step):
-            self.calls += 1
-            loss = model(batch[0]).pow(2).mean()
-            return {"loss": loss + torch.tensor(float("nan")) if self.calls == 2 else loss}
-
-    data = torch.utils.data.TensorDataset(torch.randn(32, 2), torch.zeros(32))
-    cfg = TrainConfig(steps=3, batch_size=4, max_bad_steps=3, log_every=1, ckpt_every=100)
-    task = NaNTermTask()
-    trainer = Trainer(task, cfg, data, tmp_path, cfg, DistInfo())
+    trainer = _toy_trainer(tmp_path, 3, lambda call, loss: loss + torch.tensor(float("nan")) if call == 2 else loss)
     seen = []
     original = trainer.optimizer.step
-    trainer.optimizer.step = lambda *a, **k: (seen.append(task.calls), original(*a, **k))[1]
+    trainer.optimizer.step = lambda *a, **k: (seen.append(trainer.task.calls), original(*a, **k))[1]
     summary = trainer.fit()
     assert summary["skipped_steps"] == 1 and seen == [1, 3]  # the optimizer never saw step 2's gradients
 
 
 def test_a_model_that_fails_to_compile_trains_eagerly(tmp_path: Path, failing_compile, caplog):
-    from maetok.config import TrainConfig
-    from maetok.train.distributed import DistInfo
-    from maetok.train.loop import Task, Trainer
-
-    class LinearTask(Task):
-        def __init__(self):
-            torch.manual_seed(0)
-            self.model = torch.nn.Linear(2, 1)
-
-        def training_step(self, model, batch, step):
-            return {"loss": (model(batch[0]) - 1).pow(2).mean()}
-
-    data = torch.utils.data.TensorDataset(torch.randn(32, 2), torch.zeros(32))
     weights = []
     for compile in (False, True):
-        cfg = TrainConfig(steps=4, batch_size=4, log_every=1, ckpt_every=100, compile=compile)
-        task, out = LinearTask(), tmp_path / f"compile-{compile}"
-        out.mkdir()
+        trainer = _toy_trainer(tmp_path / f"compile-{compile}", 4, compile=compile)
         with caplog.at_level("WARNING"):
-            Trainer(task, cfg, data, out, cfg, DistInfo()).fit()
-        weights.append(task.model.weight.detach().clone())
+            trainer.fit()
+        weights.append(trainer.model.weight.detach().clone())
     assert "torch.compile failed for the model" in caplog.text and len(failing_compile) == 1
     torch.testing.assert_close(weights[1], weights[0], rtol=0, atol=0)  # the same steps, eagerly
 
