@@ -197,9 +197,20 @@ def attention_rows(reps: int = 20) -> list[dict]:
     return rows
 
 
+def rotate_halves(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The same rotation as `maetok.layers.rotate_pairs` with the pairs de-interleaved: channel j pairs with
+    j + D/2 (a fixed permutation of q's and k's channels, which attention does not see). A candidate layout whose
+    backward reads contiguous halves instead of gathering interleaved pairs; benchmarked here only."""
+    dtype = x.dtype
+    re, im = x.float().chunk(2, dim=-1)
+    cos, sin = table.float().unbind(-1)
+    return torch.cat([re * cos - im * sin, re * sin + im * cos], dim=-1).to(dtype)
+
+
 def rope_rows(reps: int = 20) -> list[dict]:
-    """One attention layer's qkv -> RoPE -> SDPA, forward and backward, compiled: with and without the RoPE, so
-    that the difference is what the rotation (and its backward into the stacked qkv gradient) costs."""
+    """One attention layer's qkv -> RoPE -> SDPA, forward and backward, compiled: with the model's interleaved
+    RoPE, with a de-interleaved candidate, and without RoPE, so that the differences are what the rotation (and
+    its backward into the stacked qkv gradient) costs in each layout."""
     import torch.nn.functional as F
 
     from maetok.layers import rotate_pairs
@@ -210,17 +221,20 @@ def rope_rows(reps: int = 20) -> list[dict]:
     qkv = torch.randn(b, n, 3 * h * d, device=device, dtype=torch.bfloat16, generator=g).requires_grad_(True)
     table = torch.randn(n, h, d // 2, 2, device=device, generator=g).requires_grad_(True)  # learnable (RoPE-Mixed)
     grad = torch.randn(b, n, h * d, device=device, dtype=torch.bfloat16, generator=g)
+    variants = {"rope-layer": ("RoPE on q and k, interleaved pairs (the model's)", rotate_pairs),
+                "rope-halves-layer": ("RoPE on q and k, de-interleaved halves (candidate)", rotate_halves),
+                "no-rope-layer": ("no RoPE", None)}
 
-    def layer(qkv, table, rope: bool):
+    def layer(qkv, table, rotate):
         q, k, v = qkv.view(b, n, 3, h, d).unbind(2)
-        if rope:
-            q, k = rotate_pairs(q, table), rotate_pairs(k, table)
+        if rotate is not None:
+            q, k = rotate(q, table), rotate(k, table)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2).reshape(b, n, h * d)
 
     rows = []
-    for rope in (True, False):
-        compiled = torch.compile(lambda qkv, table, rope=rope: layer(qkv, table, rope))
+    for case, (label, rotate) in variants.items():
+        compiled = torch.compile(lambda qkv, table, rotate=rotate: layer(qkv, table, rotate))
 
         def call():
             compiled(qkv, table).backward(grad)
@@ -228,9 +242,9 @@ def rope_rows(reps: int = 20) -> list[dict]:
         call()
         built = time.perf_counter() - start
         r = measure(call, b, reps, warmup=3, device=device, flops=False)
-        rows.append({"case": "rope-layer" if rope else "no-rope-layer", "setup_s": built,
-                     "what": f"tokenizer attention layer (B {b}, H {h}, N {n}, D {d}), compiled, fwd+bwd, "
-                             + ("RoPE on q and k (learnable table)" if rope else "no RoPE"), **r})
+        rows.append({"case": case, "setup_s": built,
+                     "what": f"tokenizer attention layer (B {b}, H {h}, N {n}, D {d}), compiled, fwd+bwd, {label}",
+                     **r})
     return rows
 
 

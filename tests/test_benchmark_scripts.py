@@ -5,6 +5,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO
 
@@ -153,3 +154,13 @@ def test_gpu_merge_takes_flops_from_the_eager_step_and_mfu_from_each_parts_own_p
     md = (tmp_path / "gpu.md").read_text()
     assert "800 TFLOP/s (eager part) and 1000 TFLOP/s (compile part)" in md
     assert "| 144 (90%) |" in md and "| 160.00 |" in md  # kernel time per step (its share), ms per call
+
+
+def test_the_deinterleaved_rope_candidate_is_the_same_rotation_in_permuted_channels(benchmarks):
+    import gpu
+
+    from maetok.layers import rotate_pairs
+
+    x, table = torch.randn(2, 5, 3, 8), torch.randn(5, 3, 4, 2)
+    perm = torch.cat([torch.arange(0, 8, 2), torch.arange(1, 8, 2)])  # (re of each pair..., im of each pair...)
+    torch.testing.assert_close(gpu.rotate_halves(x[..., perm], table), rotate_pairs(x, table)[..., perm])
