@@ -159,11 +159,11 @@ def sit_case(tokens: int, channels: int, reps: int, compile: bool = False) -> di
             "tokens": tokens, "channels": channels, "compiled": compile, **r}
 
 
-# Attention shapes of the tokenizer step: (label, batch, heads, tokens, head dim, with backward).
-ATTENTION_SHAPES = [("tokenizer encoder/decoder layer", 64, 12, 385, 64, True),
-                    ("DINOv2-L/14 teacher layer (forward)", 64, 16, 257, 64, False),
-                    ("SigLIP-SO400M/14 teacher layer (forward)", 64, 16, 256, 72, False)]
-SMOKE_ATTENTION = [("toy layer", 2, 2, 17, 8, True)]
+# Attention shapes of the tokenizer step: (key, label, batch, heads, tokens, head dim, with backward).
+ATTENTION_SHAPES = [("tokenizer", "tokenizer encoder/decoder layer", 64, 12, 385, 64, True),
+                    ("dinov2", "DINOv2-L/14 teacher layer (forward)", 64, 16, 257, 64, False),
+                    ("siglip", "SigLIP-SO400M/14 teacher layer (forward)", 64, 16, 256, 72, False)]
+SMOKE_ATTENTION = [("toy", "toy layer", 2, 2, 17, 8, True)]
 
 
 def attention_rows(reps: int = 20) -> list[dict]:
@@ -174,7 +174,7 @@ def attention_rows(reps: int = 20) -> list[dict]:
 
     device = SETUP["device"]
     rows = []
-    for label, b, h, n, d, backward in SMOKE_ATTENTION if device == "cpu" else ATTENTION_SHAPES:
+    for key, label, b, h, n, d, backward in SMOKE_ATTENTION if device == "cpu" else ATTENTION_SHAPES:
         g = torch.Generator(device).manual_seed(0)
         q, k, v = (torch.randn(b, h, n, d, device=device, dtype=torch.bfloat16, generator=g)
                    .requires_grad_(backward) for _ in range(3))
@@ -185,9 +185,9 @@ def attention_rows(reps: int = 20) -> list[dict]:
                     out = F.scaled_dot_product_attention(q, k, v)
                     if backward:
                         out.backward(grad)
-            row = {"case": f"attention-{backend.name.lower()}", "what": f"{label}: B {b}, H {h}, N {n}, D {d}, "
-                                                                      f"{backend.name}" + (" fwd+bwd" if backward else " fwd"),
-                   "backend": backend.name, "shape": [b, h, n, d], "backward": backward}
+            what = f"{label}: B {b}, H {h}, N {n}, D {d}, {backend.name} " + ("fwd+bwd" if backward else "fwd")
+            row = {"case": f"attention-{key}-{backend.name.lower()}", "what": what, "backend": backend.name,
+                   "shape": [b, h, n, d], "backward": backward}
             try:
                 call()
                 row.update(measure(call, b, reps, warmup=3, device=device))
@@ -216,7 +216,7 @@ def rope_rows(reps: int = 20) -> list[dict]:
     from maetok.layers import rotate_pairs
 
     device = SETUP["device"]
-    _, b, h, n, d, _ = SMOKE_ATTENTION[0] if device == "cpu" else ATTENTION_SHAPES[0]
+    _, _, b, h, n, d, _ = SMOKE_ATTENTION[0] if device == "cpu" else ATTENTION_SHAPES[0]
     g = torch.Generator(device).manual_seed(0)
     qkv = torch.randn(b, n, 3 * h * d, device=device, dtype=torch.bfloat16, generator=g).requires_grad_(True)
     table = torch.randn(n, h, d // 2, 2, device=device, generator=g).requires_grad_(True)  # learnable (RoPE-Mixed)

@@ -236,6 +236,7 @@ def test_an_explicit_cuda_request_without_cuda_is_refused(monkeypatch):
     from maetok.train.distributed import init_distributed
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ConfigError, match="CUDA is not available"):
-        init_distributed("cuda")
+    for device in ("cuda", "cuda:1"):  # one named device counts as its family
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            init_distributed(device)
     assert init_distributed("auto").device.type == "cpu"

@@ -213,8 +213,8 @@ def cmd_latents_cache(a: argparse.Namespace) -> int:
 
     tok = MAETok.from_pretrained(a.tokenizer)
     ds = open_dataset(a.data, split=a.split, image_size=tok.config.image_size, limit=a.limit)
-    # Under torchrun the ranks encode alternate shards; init_distributed knows device families, not cuda:N.
-    info = init_distributed("cuda" if a.device.startswith("cuda") else a.device)
+    # Under torchrun the ranks encode alternate shards (each on its own device); alone, the device as given.
+    info = init_distributed(a.device)
     try:
         out = cache_latents(tok, ds, a.out, batch_size=a.batch_size, flip=not a.no_flip,
                             device=info.device if info.enabled else resolve_device(a.device), dist=info)

@@ -3,7 +3,8 @@
 For each variant, with the same backbone, budget and seed: train the tokenizer (MAETok: stage 1, then its extra
 decoder fine-tuning stage, as in the paper; the report says so), cache its latents, train the same diffusion
 model, sample with and without CFG, and measure rFID / gFID / IS / precision-recall / PSNR / SSIM, GMM NLL per
-K (one PCA dimension for all), linear-probe accuracy, parameters, GFLOPs and throughput. Writes `report.md` + `report.json` + PNG grids and plots.
+K (one PCA dimension for all), linear-probe accuracy, parameters, GFLOPs and throughput. Writes `report.md`,
+`report.json`, PNG grids and plots.
 Every stage writes its result to disk before the next starts, so re-running with --resume continues.
 
 Under torchrun every rank runs the training stages (DDP), latent caching and generation (sharded); rank 0
@@ -88,7 +89,7 @@ BUDGETS: dict[str, PilotBudget] = {
     # ~60 minutes on 2 CPU cores on CIFAR-10 (one thread, the other core free): the small-scale reproduction of
     # the paper's table. Every stage is short of convergence; the budget is the same for every variant. Tokenizer
     # rate 4e-3: the best rFID for MAETok and (with 8e-3) for the AE in benchmarks/results/lr-sweep-standard;
-    # the committed reports are benchmarks/results/pilot-cifar-lr4e-3-seed{0,1} (earlier runs at 2e-3:
+    # the committed reports are benchmarks/results/pilot-cifar-lr4e-3-seed{0,1,2} (earlier runs at 2e-3:
     # pilot-cifar-standard, pilot-cifar-standard-tokseed1).
     "standard": PilotBudget(
         n_train=0, n_eval=2000, tokenizer_steps=600, decoder_ft_steps=150, diffusion_steps=1000, sample_steps=16,
@@ -234,13 +235,14 @@ class Pilot:
     # ----- data and the feature network ------------------------------------------------------------------------
     def open_data(self) -> None:
         from .data import DatasetError, open_dataset
+        from .data.datasets import HELD_OUT_SPLITS
 
         if self.train_set is not None:
             return
         b = self.b
         self.train_set = open_dataset(self.spec, split="train", image_size=b.image_size, limit=b.n_train)
         errors = []
-        for split in ("test", "val"):
+        for split in HELD_OUT_SPLITS:  # the same order as every command's held-out default (test, then val)
             try:
                 self.test_set = open_dataset(self.spec, split=split, image_size=b.image_size, limit=b.n_eval)
                 break

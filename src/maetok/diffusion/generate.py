@@ -127,7 +127,7 @@ def generate_to_dir(model, tokenizer, num: int, cfg: SampleConfig, out_dir: Path
         raise ConfigError(f"number of samples {num} must be >= 1")
     check_compatible(model, tokenizer)  # before joining the process group: every rank fails alike, at once
     device = torch.device(resolve_device(str(device)))
-    info = init_distributed(device.type if device.type in ("cpu", "cuda") else "auto")
+    info = init_distributed(str(device))
     # Alone, the device as given (cuda:1, mps); under torchrun each rank uses its own (cuda:LOCAL_RANK or cpu).
     run_device = info.device if info.enabled else device
     labels = sample_labels(num, model.config.num_classes, balanced, cfg.seed)

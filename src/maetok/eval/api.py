@@ -509,8 +509,7 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any] | None:
     Under torchrun the ranks share the work; rank 0 returns and writes the result, the others return None."""
     from ..train.distributed import cleanup, init_distributed
 
-    # init_distributed knows device families only; a cuda:N given to one process is used as is below.
-    info = init_distributed("cuda" if args.device.startswith("cuda") else args.device)
+    info = init_distributed(args.device)  # a cuda:N given to one process is used as is below
     try:
         result = _evaluate(args, info, info.device if info.enabled else resolve_device(args.device))
     finally:

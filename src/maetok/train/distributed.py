@@ -36,15 +36,17 @@ def init_distributed(device: str = "auto", timeout: timedelta | None = None) -> 
 
     A group that already exists (a pilot runs several trainings in one job) is reused and left for its creator
     to destroy. `timeout` bounds every collective, barriers included: a job whose other ranks wait while rank 0
-    evaluates needs it longer than the default.
+    evaluates needs it longer than the default. `device` may name one device (cuda:1): its family decides (under
+    torchrun each rank takes cuda:LOCAL_RANK; alone the caller uses the device as given).
     """
-    if device == "cuda" and not torch.cuda.is_available():
+    family = device.partition(":")[0]
+    if family == "cuda" and not torch.cuda.is_available():
         from ..config import ConfigError
 
         # Asked for explicitly: running on the CPU instead would cost days without a word.
         raise ConfigError(f"device 'cuda' requested but CUDA is not available (torch {torch.__version__}); use "
                           f"device 'cpu' or 'auto'")
-    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    use_cuda = torch.cuda.is_available() and family in ("auto", "cuda")
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return DistInfo(device=torch.device("cuda" if use_cuda else "cpu"))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
