@@ -10,8 +10,9 @@ Run through benchmarks/gpu.sh, which bounds each part's time. Parts:
                   with the loop's host sync and without, each profiled (top kernels in OUT.md, GPU kernel time
                   per step); --batches 64 128 compiles and times more batch sizes; then SiT-XL/1 sampling on 128
                   tokens compiled (as `maetok sample --compile`)
-  --part micro    scaled_dot_product_attention per backend on the step's attention shapes, and one compiled
-                  tokenizer attention layer with and without its RoPE (seconds, no model)
+  --part micro    scaled_dot_product_attention per backend on the step's attention shapes, one compiled
+                  tokenizer attention layer with and without its RoPE, and the patch embeddings as a strided
+                  convolution vs a matmul (seconds, no model)
   --part profile  where the eager tokenizer step's time goes: the frozen teachers' forward timed alone, and
                   torch.profiler's top operators and kernels by device time (gpu-profile.md)
   --merge PARTS   one gpu.json + gpu.md from the parts' JSON files (missing ones are listed as errors)
@@ -248,6 +249,39 @@ def rope_rows(reps: int = 20) -> list[dict]:
     return rows
 
 
+# (key, label, batch, image size, patch, output width, weight gradient): the step's three patch embeddings
+PATCH_EMBED_SHAPES = [("tokenizer", "tokenizer encoder", 64, 256, 16, 768, True),
+                      ("dinov2", "DINOv2-L teacher", 64, 256, 16, 1024, False),
+                      ("siglip", "SigLIP-SO400M teacher", 64, 256, 16, 1152, False)]
+SMOKE_PATCH_EMBED = [("toy", "toy", 2, 32, 4, 16, True)]
+
+
+def patch_embed_rows(reps: int = 20) -> list[dict]:
+    """The patch embedding as cuDNN's strided convolution vs `PatchConv2d`'s matmul (what the model and
+    teachers run on CUDA), bf16 under autocast as in the step: forward, plus the weight gradient where it trains."""
+    from maetok.layers import PatchConv2d
+
+    device = SETUP["device"]
+    rows = []
+    for key, label, b, size, p, width, backward in SMOKE_PATCH_EMBED if device == "cpu" else PATCH_EMBED_SHAPES:
+        g = torch.Generator(device).manual_seed(0)
+        images = torch.randn(b, 3, size, size, device=device, generator=g)
+        conv = torch.nn.Conv2d(3, width, p, p).to(device).requires_grad_(backward)
+        grad = torch.randn(b, (size // p) ** 2, width, device=device, dtype=torch.bfloat16, generator=g)
+        for how, layer in (("conv", conv), ("matmul", PatchConv2d.from_conv(conv).as_matmul)):
+            def call(layer=layer):
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                    tokens = layer(images).flatten(2).transpose(1, 2)
+                if backward:
+                    tokens.backward(grad.to(tokens.dtype))
+            what = (f"{label} patch embedding ({b}x3x{size}x{size}, patch {p}, width {width}) as a "
+                    f"{'strided convolution' if how == 'conv' else 'matmul (PatchConv2d)'}, "
+                    + ("fwd + weight grad" if backward else "fwd"))
+            rows.append({"case": f"patch-embed-{key}-{how}", "what": what,
+                         **measure(call, b, reps, warmup=3, device=device)})
+    return rows
+
+
 def profile_tokenizer_step(out: Path, steps: int = 3, top: int = 25) -> None:
     """Time the teachers alone, then profile whole steps; writes OUT (json) and OUT.md (tables)."""
     from tokenizer import train_step_fn
@@ -296,7 +330,7 @@ def run_part(part: str, out: Path, quick: bool, compile_batches: list[int] | Non
     reps = 3 if quick else 6
 
     if part == "micro":  # seconds each, no model
-        cases = [attention_rows, rope_rows]
+        cases = [attention_rows, rope_rows, patch_embed_rows]
     elif part == "eager":
         cases = [lambda: with_oom_fallback(tokenizer_case, "tokenizer-train", TEACHERS, False, reps),
                  lambda: with_oom_fallback(tokenizer_case, "tokenizer-train-hog", TEACHERS[:1], False, reps),

@@ -3,8 +3,9 @@
 # masking, HOG + random-weight DINOv2/SigLIP-sized teachers; HOG only; batch 128), eager and torch.compile (with
 # and without the loop's host sync, profiled: gpu-compile.md), and SiT-XL/1 vs SiT-XL/2-layout sampling in bf16
 # (eager, and the 128-token model compiled), each as images/s and MFU against a bf16 matmul peak measured in the
-# same process; then micro-benchmarks of the step's attention per SDPA backend and of one compiled attention
-# layer with the model's RoPE, with a de-interleaved candidate layout and without RoPE. PROFILE_EAGER=1 adds a
+# same process; then micro-benchmarks of the step's attention per SDPA backend, of one compiled attention layer
+# with the model's RoPE, with a de-interleaved candidate layout and without RoPE, and of the patch embeddings as
+# strided convolutions vs matmuls (what the model and teachers now run). PROFILE_EAGER=1 adds a
 # profile of the eager step (gpu-profile.md: teachers timed alone, top kernels; 80 s more).
 #
 #   bash benchmarks/gpu.sh            # from the repository root; results in benchmarks/results/gpu.{json,md}

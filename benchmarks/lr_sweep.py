@@ -7,7 +7,8 @@ PSNR and SSIM. Everything else is the budget's; only `train.optim.lr` changes.
     python benchmarks/lr_sweep.py --budget quick --lrs 1e-3 2e-3 5e-3 1e-2 --out runs/lr-sweep-quick
     python benchmarks/lr_sweep.py --data zip:../shared/data/cifar10-jpeg.zip --budget standard \\
         --lrs 8e-4 2e-3 4e-3 --out runs/lr-sweep-standard
-    # writes OUT/lr_sweep.json, lr_sweep.md and lr_sweep.png; re-running continues and skips finished runs
+    # writes OUT/lr_sweep.json, lr_sweep.md and lr_sweep.png; re-running skips the runs the JSON records and
+    # resumes an interrupted one from its checkpoints
 
 Budget fields take dotted overrides at the end (e.g. `tokenizer_steps=300` for a shorter sweep). A rate at which
 training diverges (too many non-finite steps in a row) is recorded as such and the sweep goes on.
@@ -60,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     for variant in args.variants:
         for lr in args.lrs:
             key = f"{variant}@{lr:g}"
-            if result["runs"].get(key, {}).get("diverged"):
-                continue  # resuming it would only diverge again
+            if key in result["runs"]:
+                continue  # measured already (or diverged: resuming it would only diverge again)
             run_dir = args.out / key
             pilot = Pilot(args.data, [variant], args.budget, run_dir, device=args.device, settings=pilot_settings(
                 args.budget, args.overrides, tokenizer_set=[f"train.optim.lr={lr}"]))

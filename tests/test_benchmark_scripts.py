@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import pytest
@@ -65,7 +66,9 @@ def test_lr_sweep_records_a_diverging_rate_and_goes_on(benchmarks, tmp_path, mon
     assert runs["ae@1"] == {"variant": "ae", "lr": 1.0, "diverged": True} and runs["ae@0.001"]["rfid"] >= 0
     md = (out / "lr_sweep.md").read_text()
     assert "| ae | 1 | diverged |" in md and "| ae | 0.001 (best rFID) |" in md
-    # A rerun does not retrain the diverged rate.
+    # A rerun retrains nothing the JSON records: not the diverged rate, nor a run whose folder is gone (a
+    # committed sweep keeps only its JSON, and is extended from it).
+    shutil.rmtree(out / "ae@0.001")
     monkeypatch.setattr(maetok.pilot, "_train_run", lambda *a: pytest.fail("retrained a finished sweep"))
     assert lr_sweep.main(["--budget", "smoke", "--variants", "ae", "--lrs", "1", "1e-3", "--out", str(out),
                           *toy]) == 0

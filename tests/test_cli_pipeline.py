@@ -128,6 +128,23 @@ def test_latent_cache_round_trip(runs):
     assert torch.equal(z, ds.latents[5]) and torch.equal(z_flip, ds.latents_flip[5]) and int(y) == 5 % 10
 
 
+def test_latent_cache_with_labels_out_of_range_is_refused(runs, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from maetok.data.latents import LatentDataset
+
+    cache = tmp_path / "cache"
+    shutil.copytree(runs["cache"], cache)
+    shard = cache / LatentDataset(cache).meta["shards"][0]
+    tensors = load_file(str(shard))
+    tensors["labels"][1] = 12
+    save_file(tensors, str(shard))
+    with pytest.raises(ValueError, match=r"cache: labels must lie in \[0, 10\).*\[12\]"):
+        LatentDataset(cache)
+
+
 def test_diffusion_train_on_the_cache(runs):
     from maetok.diffusion.sit import SiT
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maetok.layers import (Attention, Mlp, add_into, apply_rope, modulate, pad_rope_table, rope_table,
-                           rotate_pairs)
+from maetok.layers import (Attention, Mlp, PatchConv2d, add_into, apply_rope, modulate, pad_rope_table,
+                           rope_table, rotate_pairs)
 from maetok.tokenizer.model import _modulate_latents
 
 
@@ -120,3 +120,33 @@ def test_add_into_and_modulate_keep_the_promoted_dtype():
     assert out.dtype == torch.float32 and torch.equal(out, fresh + x)
     h, shift, scale = torch.randn(2, 3, 4), torch.randn(2, 4), torch.randn(2, 4)
     assert torch.equal(modulate(h, shift, scale), h * (1 + scale[:, None]) + shift[:, None])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_patch_conv_is_the_strided_convolution_as_a_matmul(bias):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 16, 4, 4, bias=bias)
+    fast = PatchConv2d.from_conv(conv)
+    assert fast.weight is conv.weight and fast.state_dict().keys() == conv.state_dict().keys()
+    images = torch.randn(2, 3, 8, 12, dtype=torch.float64)
+    conv.double()
+    ref = conv(images)
+    out = fast.as_matmul(images)  # what CUDA runs; the CPU keeps the convolution
+    assert torch.equal(fast(images), ref)
+    assert out.shape == ref.shape == (2, 16, 2, 3)
+    torch.testing.assert_close(out, ref)
+    tokens = out.flatten(2).transpose(1, 2)
+    assert tokens.is_contiguous()  # what a ViT does next costs no copy
+    grad = torch.randn_like(ref)
+    g_ref = torch.autograd.grad(ref, conv.weight, grad)[0]
+    g_out = torch.autograd.grad(out, fast.weight, grad)[0]
+    torch.testing.assert_close(g_out, g_ref)
+
+
+def test_patch_conv_refuses_other_convolutions_and_shapes():
+    with pytest.raises(ValueError, match="not a patch embedding"):
+        PatchConv2d.from_conv(torch.nn.Conv2d(3, 8, 4, 2))
+    with pytest.raises(ValueError, match="not a patch embedding"):
+        PatchConv2d.from_conv(torch.nn.Conv2d(3, 8, 4, 4, padding=1))
+    with pytest.raises(ValueError, match=r"multiples of 4; got \(1, 3, 10, 8\)"):
+        PatchConv2d(3, 8, 4).as_matmul(torch.zeros(1, 3, 10, 8))

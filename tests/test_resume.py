@@ -185,6 +185,24 @@ def test_a_nonfinite_loss_with_finite_gradients_is_still_skipped(tmp_path: Path)
     assert summary["skipped_steps"] == 1 and seen == [1, 3]  # the optimizer never saw step 2's gradients
 
 
+def test_a_signal_during_a_skipped_step_still_stops_with_a_checkpoint(tmp_path: Path):
+    """The stop is agreed in the same sync as the finite check, so a signal during a non-finite step must not wait
+    for the next good one."""
+    def hook(call, loss):
+        if call == 3:
+            signal.raise_signal(signal.SIGTERM)
+            return loss * float("nan")
+        return loss
+
+    trainer = _toy_trainer(tmp_path, 50, hook)
+    summary = trainer.fit()
+    assert summary["stopped_by"] == "SIGTERM" and not summary["finished"]
+    # a skipped step still counts (its batch is consumed), so the third call ends at step 3
+    assert summary["step"] == 3 and summary["skipped_steps"] == 1 and trainer.task.calls == 3
+    state = load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"))
+    assert state["step"] == 3 and state["counters"]["skipped_steps"] == 1
+
+
 def test_a_model_that_fails_to_compile_trains_eagerly(tmp_path: Path, failing_compile, caplog):
     weights = []
     for compile in (False, True):

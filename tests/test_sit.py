@@ -76,6 +76,25 @@ def test_input_errors_are_clear():
         _model(num_classes=0)(x, t, y)
 
 
+def test_diffusion_training_checks_labels_on_the_host_not_in_every_forward():
+    """On a GPU SiT's value check syncs the host at every call; the training task checks each batch on the host
+    before it moves, and turns the model's check off."""
+    from maetok.config import DiffusionRunConfig
+    from maetok.train.diffusion_task import DiffusionTask
+
+    cfg = DiffusionRunConfig(model=sit_config("tiny", in_channels=4, num_tokens=8, num_classes=3), latents="cache")
+    task = DiffusionTask(cfg, torch.device("cpu"), 0.0, 1.0)
+    assert task.model.check_label_values is False
+    z = torch.randn(2, 8, 4)
+    task.check_batch((z, z, torch.tensor([0, 2])))
+    with pytest.raises(ValueError, match=r"training labels must lie in \[0, 3\).*\[3\]"):
+        task.check_batch((z, z, torch.tensor([3, 0])))  # 3 is the null label: data must not use it
+    x, t, _ = _inputs()
+    with pytest.raises(IndexError):  # unchecked, as asked: the embedding lookup itself fails, not SiT's check
+        task.model(x, t, torch.tensor([0, 4]))
+    assert _model().check_label_values  # a model built or loaded elsewhere still checks
+
+
 def test_null_label_and_label_dropout():
     model = _randomize(_model(class_dropout=0.5))
     assert model.null_label == 3 and _model(num_classes=0).null_label is None

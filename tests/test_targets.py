@@ -54,6 +54,20 @@ def test_timm_teacher_has_one_token_per_tokenizer_patch_and_drops_prefix_tokens(
     assert target(torch.zeros(1, 3, 64, 64), 8).shape == (1, 64, 64)
 
 
+def test_timm_teacher_patch_embedding_runs_as_a_matmul_with_the_same_features():
+    from maetok.layers import PatchConv2d
+
+    target = build("dinov2", 32, 8, pretrained=False, model="vit_small_patch14_dinov2", model_kwargs=TINY_VIT)
+    proj = target.model.patch_embed.proj
+    assert isinstance(proj, PatchConv2d)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    proj.forward = proj.as_matmul  # what CUDA runs
+    fast = target(images, 8)
+    target.model.patch_embed.proj = torch.nn.Conv2d(3, 64, 8, 8)  # the convolution timm built, same weights
+    target.model.patch_embed.proj.load_state_dict(proj.state_dict())
+    torch.testing.assert_close(fast, target(images, 8), rtol=1e-4, atol=1e-5)
+
+
 def test_timm_teacher_loads_a_local_safetensors_file_and_resamples_the_patch_embedding(tmp_path):
     timm = pytest.importorskip("timm")
     from safetensors.torch import save_file

@@ -77,7 +77,8 @@ def cache_latents(tokenizer, dataset, out_dir: str | Path, batch_size: int = 64,
     meta = {"kind": "maetok-latent-cache", "count": n, "shards": shards, "flip": flip,
             "latent_shape": [tokenizer.config.latent_tokens, tokenizer.config.latent_dim],
             "latent_mean": tokenizer.config.latent_mean, "latent_std": tokenizer.config.latent_std,
-            "num_classes": int(getattr(dataset, "num_classes", 0) or 0),
+            # an unlabeled dataset's placeholder class is no class: 0 makes a conditional model refuse the cache
+            "num_classes": int(getattr(dataset, "num_classes", 0) or 0) if getattr(dataset, "has_labels", True) else 0,
             "tokenizer_config": to_dict(tokenizer.config)}
     atomic_write_bytes(out / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
     if world > 1:
@@ -106,6 +107,11 @@ class LatentDataset(Dataset):
         if len(self.latents) != self.meta["count"]:
             raise ValueError(f"{root}: meta.json says {self.meta['count']} items, shards hold {len(self.latents)}")
         self.num_classes = self.meta["num_classes"]
+        if self.num_classes:
+            bad = (self.labels < 0) | (self.labels >= self.num_classes)
+            if bad.any():
+                raise ValueError(f"{root}: labels must lie in [0, {self.num_classes}) (meta.json's num_classes); "
+                                 f"found {self.labels[bad][:8].tolist()}")
         self.mean, self.std = float(self.meta["latent_mean"]), float(self.meta["latent_std"])
 
     def __len__(self) -> int:

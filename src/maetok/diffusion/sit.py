@@ -132,6 +132,7 @@ class SiT(nn.Module):
         super().__init__()
         cfg.validate("model")
         self.config = cfg
+        self.check_label_values = True  # range-check label values at every call (a host sync on a GPU)
         lightning = cfg.variant == "lightningdit"
         self.x_embedder = nn.Linear(cfg.in_channels, cfg.hidden)
         self.t_embedder = TimestepEmbedder(cfg.hidden)
@@ -214,8 +215,9 @@ class SiT(nn.Module):
             raise ValueError(f"SiT expects labels y as an integer tensor of shape ({B},); got {shape}")
         n = self.config.num_classes
         # Shape-only runs (FLOP counting) have no values to check. Under torch.compile the check would break the
-        # graph and sync the host at every call: the sampler checks the labels once per run instead.
-        if y.device.type == "meta" or torch.compiler.is_compiling():
+        # graph, and on a GPU it syncs the host at every call: the sampler checks the labels once per run and the
+        # diffusion training task on the host (it clears `check_label_values`) instead.
+        if y.device.type == "meta" or torch.compiler.is_compiling() or not self.check_label_values:
             return
         bad = (y < 0) | (y > n)
         if bad.any():  # an out-of-range index would otherwise be a cryptic device-side assert on GPU

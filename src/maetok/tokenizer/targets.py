@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import AuxTargetConfig, ConfigError
+from ..layers import PatchConv2d
 from ..nets.hub import MissingWeightsError, find_weights
 
 LOSSES = ("mse", "cosine")
@@ -397,7 +398,19 @@ def build_timm_target(target: str, options: dict, image_size: int, patch_size: i
         except Exception as e:  # offline, missing cache, unknown repo: all mean "the weights are not here"
             raise MissingWeightsError(f"{what}: could not load pretrained weights for {arch} from the hub or its "
                                       f"cache ({type(e).__name__}: {e}). {where}") from e
+    _patch_embed_as_matmul(model)
     return TimmTarget(target, model, None if opts["layer"] is None else int(opts["layer"]), bool(opts["norm"]))
+
+
+def _patch_embed_as_matmul(model: nn.Module) -> None:
+    """Swap a timm ViT's patch-embedding convolution for the same layer computed as a matmul (`PatchConv2d`:
+    same weights, same output; faster on a GPU). Models whose embedding is something else keep it."""
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    if isinstance(proj, nn.Conv2d) and not isinstance(proj, PatchConv2d):
+        try:
+            model.patch_embed.proj = PatchConv2d.from_conv(proj)
+        except ValueError:  # overlapping or padded patches: not a plain matmul
+            pass
 
 
 @register_target("dinov2")

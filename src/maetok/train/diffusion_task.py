@@ -25,6 +25,9 @@ class DiffusionTask(Task):
         self.mean, self.std = latent_mean, latent_std
         self.tokenizer = tokenizer.to(device).eval().requires_grad_(False) if tokenizer is not None else None
         self.model = SiT.from_config(cfg.model).to(device)
+        # The labels are checked on the host in `check_batch`; SiT's own per-call check would sync the device at
+        # every step.
+        self.model.check_label_values = False
         self.losses: list[tuple[int, float]] = []
         self.preview_labels = None
         if cfg.model.num_classes:
@@ -42,6 +45,16 @@ class DiffusionTask(Task):
                 z = self.tokenizer.encode(torch.where(flip, images.flip(-1), images))
         z = (z.float() - self.mean) / self.std
         return z, (y.long() if self.cfg.model.num_classes else None)
+
+    def check_batch(self, batch: Any) -> None:
+        n = self.cfg.model.num_classes
+        if not n:
+            return
+        y = torch.as_tensor(batch[-1])
+        bad = (y < 0) | (y >= n)
+        if bad.any():
+            raise ValueError(f"training labels must lie in [0, {n}) for model.num_classes={n}; the batch has "
+                             f"{y[bad][:8].tolist()}")
 
     def training_step(self, model: nn.Module, batch: Any, step: int) -> dict[str, torch.Tensor]:
         x0, y = self.latents_from_batch(batch)

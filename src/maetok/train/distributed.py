@@ -77,14 +77,21 @@ def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def all_reduce_max(value: float | torch.Tensor, info: DistInfo) -> float:
     """The largest `value` over all ranks, on every rank: for decisions that every rank must take together.
     A one-element tensor on the device is reduced where it is, with the host's one sync at the end."""
+    if isinstance(value, torch.Tensor):
+        return all_reduce_max_each(value.reshape(1), info)[0]
     if not info.enabled:
         return float(value)
-    if isinstance(value, torch.Tensor):
-        x = value.detach().reshape(()).to(device=info.device, dtype=torch.float64, copy=True)  # reduced in place
-    else:
-        x = torch.tensor(float(value), dtype=torch.float64, device=info.device)
+    return all_reduce_max_each(torch.tensor([float(value)], dtype=torch.float64, device=info.device), info)[0]
+
+
+def all_reduce_max_each(values: torch.Tensor, info: DistInfo) -> list[float]:
+    """Element-wise maxima of a 1-D tensor over all ranks, on every rank: several decisions agreed with one
+    collective and one host sync."""
+    if not info.enabled:
+        return values.detach().double().tolist()
+    x = values.detach().to(device=info.device, dtype=torch.float64, copy=True)  # reduced in place
     dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return float(x)
+    return x.tolist()
 
 
 def shard_range(n: int, info: DistInfo) -> range:

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import ConfigError, OptimConfig, TrainConfig, dump_yaml
 from .checkpoint import code_version, latest_checkpoint, load_checkpoint, save_checkpoint
-from .distributed import DistInfo, all_reduce_max, all_reduce_mean
+from .distributed import DistInfo, all_reduce_max_each, all_reduce_mean
 
 log = logging.getLogger("maetok.train")
 
@@ -51,6 +51,10 @@ class Task:
     def training_step(self, model: nn.Module, batch: Any, step: int) -> dict[str, torch.Tensor]:
         """Forward and loss for one batch: a dict with the scalar "loss" (backpropagated) and any diagnostics."""
         raise NotImplementedError
+
+    def check_batch(self, batch: Any) -> None:
+        """Validate a batch while it is still on the host, where reading its values costs no device sync; raise
+        ValueError naming the problem."""
 
     def after_step(self, batch: Any, step: int, outputs: dict[str, Any]) -> dict[str, float]:
         """Extra updates after the optimizer step (the GAN discriminator); returns values to log."""
@@ -439,7 +443,8 @@ class Trainer:
         self.step = 0
         self.bad_steps = 0
         self.skipped_steps = 0
-        self.stop_requested: str | None = None
+        self.signal_received: str | None = None  # set by the handler, on this rank only
+        self.stop_requested: str | None = None  # the stop every rank agreed on
         self.ddp_model = self.model
         if dist_info.enabled:
             self.ddp_model = nn.parallel.DistributedDataParallel(
@@ -505,7 +510,7 @@ class Trainer:
 
     def _install_signals(self):
         def handler(signum, frame):
-            self.stop_requested = signal.Signals(signum).name
+            self.signal_received = signal.Signals(signum).name
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         return previous
 
@@ -527,7 +532,9 @@ class Trainer:
         t_last, n_last = time.perf_counter(), 0
         try:
             while self.step < cfg.steps:
-                batch = _to_device(next(batches), dev)
+                batch = next(batches)
+                self.task.check_batch(batch)
+                batch = _to_device(batch, dev)
                 lr = self._set_lr()
                 if self.dist.enabled:
                     torch.manual_seed(rank_step_seed(cfg.seed, self.step, self.dist.rank))
@@ -543,10 +550,19 @@ class Trainer:
                 loss.backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip or float("inf"))
                 bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(gnorm))
-                # every rank must take the same branch: a rank's loss alone may be non-finite
-                finite = all_reduce_max(bad, self.dist) == 0
-                if not finite:
+                # Every rank must take the same branches: a rank's loss alone may be non-finite, and a signal may
+                # reach one rank only, or ranks at different steps. Both flags are agreed in that one sync; a
+                # signal that arrives later in the step is agreed at the next one.
+                signum = signal.Signals[self.signal_received].value if self.signal_received else 0
+                bad_anywhere, signum = all_reduce_max_each(
+                    torch.stack([bad.double(), torch.full((), float(signum), dtype=torch.float64, device=bad.device)]),
+                    self.dist)
+                stop = signal.Signals(int(signum)).name if signum else None
+                if bad_anywhere:
                     self._skip_step(out)
+                    if stop:
+                        self._stop(stop)
+                        break
                     continue
                 self.bad_steps = 0
                 self.optimizer.step()
@@ -570,14 +586,8 @@ class Trainer:
                     self.task.write_images(self.ema, self.step, self.out)
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
                     self.save()
-                if self.dist.enabled:  # a signal may reach one rank only, or ranks at different steps
-                    signum = all_reduce_max(signal.Signals[self.stop_requested] if self.stop_requested else 0,
-                                            self.dist)
-                    self.stop_requested = signal.Signals(int(signum)).name if signum else None
-                if self.stop_requested:
-                    log.warning("received %s: wrote a checkpoint at step %d and stopped", self.stop_requested,
-                                self.step)
-                    self.save()
+                if stop:
+                    self._stop(stop)
                     break
         finally:
             progress.close()
@@ -590,6 +600,12 @@ class Trainer:
             self.task.finish(self.ema, self.out)
         return {"step": self.step, "finished": finished, "skipped_steps": self.skipped_steps,
                 "stopped_by": self.stop_requested, "world_size": self.dist.world}
+
+    def _stop(self, signal_name: str) -> None:
+        """The agreed stop: every rank stops after the same step; rank 0 writes the checkpoint."""
+        self.stop_requested = signal_name
+        log.warning("received %s: wrote a checkpoint at step %d and stopped", signal_name, self.step)
+        self.save()
 
     def _skip_step(self, out: dict[str, Any]) -> None:
         """A non-finite loss or gradient: leave the weights alone, move on, and stop after too many in a row."""

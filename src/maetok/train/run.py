@@ -297,11 +297,14 @@ def run_diffusion(cfg, out_dir: str | Path, resume: bool = False, force: bool = 
         else:
             dataset = _open_training_data(cfg.data, tokenizer.config.image_size)
             mean, std = tokenizer.config.latent_mean, tokenizer.config.latent_std
-            num_classes = getattr(dataset, "num_classes", 0)
+            num_classes = getattr(dataset, "num_classes", 0) if getattr(dataset, "has_labels", True) else 0
             shape = (tokenizer.config.latent_tokens, tokenizer.config.latent_dim)
         if shape != (cfg.model.num_tokens, cfg.model.in_channels):
             raise ConfigError(f"model.num_tokens/in_channels = {cfg.model.num_tokens}/{cfg.model.in_channels} but "
                               f"the latents are {shape[0]} tokens of dim {shape[1]}")
+        if cfg.model.num_classes and not num_classes:
+            raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the data has no class labels; set "
+                              f"model.num_classes=0 for an unconditional model")
         if cfg.model.num_classes and num_classes and cfg.model.num_classes != num_classes:
             raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the data has {num_classes} classes")
         check_global_batch(len(dataset), cfg.train.batch_size, info.world)  # before the run dir is made
