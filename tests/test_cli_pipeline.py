@@ -145,6 +145,26 @@ def test_latent_cache_with_labels_out_of_range_is_refused(runs, tmp_path):
         LatentDataset(cache)
 
 
+def test_unlabelled_latents_train_an_unconditional_model_only(runs, tmp_path, capsys):
+    """A cache of unlabelled images records no classes, so a class-conditional model cannot silently learn one
+    placeholder class."""
+    images = np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "plain.npz", images)  # no arr_1: no labels
+    code, out = cli("latents", "cache", "--tokenizer", runs["tok"] / "model", "--data",
+                    f"npz:{tmp_path / 'plain.npz'}", "--out", tmp_path / "cache", "--device", "cpu")
+    assert code == 0, out
+    assert json.loads((tmp_path / "cache" / "meta.json").read_text())["num_classes"] == 0
+    def train(name: str, *overrides: str):
+        return cli("diffusion", "train", "--config", "sit-cpu", "--device", "cpu", "--out", tmp_path / name,
+                   f"latents={tmp_path / 'cache'}", *SIT, "train.batch_size=4", *overrides)
+
+    capsys.readouterr()
+    assert train("conditional")[0] == 2 and not (tmp_path / "conditional").exists()
+    assert "no class labels; set model.num_classes=0" in capsys.readouterr().err
+    code, out = train("unconditional", "model.num_classes=0")
+    assert code == 0 and json.loads(out)["finished"], out
+
+
 def test_diffusion_train_on_the_cache(runs):
     from maetok.diffusion.sit import SiT
 

@@ -169,6 +169,18 @@ def test_pilot_names_the_real_count_when_the_held_out_split_is_small(tmp_path: P
     assert not (tmp_path / "p2").exists()
 
 
+def test_pilot_refuses_unlabelled_data_before_any_work(tmp_path: Path):
+    import numpy as np
+
+    from maetok.data import DatasetError
+    from maetok.pilot import run_pilot
+
+    np.savez(tmp_path / "plain.npz", np.zeros((8, 16, 16, 3), np.uint8))  # images only, no arr_1
+    with pytest.raises(DatasetError, match="needs class labels"):
+        run_pilot(f"npz:{tmp_path / 'plain.npz'}", ["ae"], "smoke", tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+
+
 @pytest.mark.distributed
 def test_smoke_pilot_under_torchrun(tmp_path: Path):
     """`torchrun --nproc_per_node 2 -m maetok.cli pilot ...` (CPU, gloo): the training stages run as one DDP job

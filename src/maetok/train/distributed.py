@@ -88,7 +88,7 @@ def all_reduce_max_each(values: torch.Tensor, info: DistInfo) -> list[float]:
     """Element-wise maxima of a 1-D tensor over all ranks, on every rank: several decisions agreed with one
     collective and one host sync."""
     if not info.enabled:
-        return values.detach().double().tolist()
+        return [float(v) for v in values.detach().tolist()]
     x = values.detach().to(device=info.device, dtype=torch.float64, copy=True)  # reduced in place
     dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return x.tolist()

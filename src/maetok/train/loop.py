@@ -554,9 +554,8 @@ class Trainer:
                 # reach one rank only, or ranks at different steps. Both flags are agreed in that one sync; a
                 # signal that arrives later in the step is agreed at the next one.
                 signum = signal.Signals[self.signal_received].value if self.signal_received else 0
-                bad_anywhere, signum = all_reduce_max_each(
-                    torch.stack([bad.double(), torch.full((), float(signum), dtype=torch.float64, device=bad.device)]),
-                    self.dist)
+                bad_anywhere, signum = all_reduce_max_each(  # float32: exact for these small integers, and MPS has it
+                    torch.stack([bad.float(), torch.full((), float(signum), device=bad.device)]), self.dist)
                 stop = signal.Signals(int(signum)).name if signum else None
                 if bad_anywhere:
                     self._skip_step(out)
