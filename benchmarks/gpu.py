@@ -76,8 +76,8 @@ def tokenizer_case(label: str, targets: list[dict], compile: bool, reps: int, ba
     built = time.perf_counter() - start  # with torch.compile: includes compiling the first step
     what = (f"{SETUP['preset']} train step, batch {batch}, bf16 autocast, aux {'+'.join(info['aux_targets'])}"
             + "".join(f", {o}" for o in overrides)
-            + (f", torch.compile (teachers too: {', '.join(info.get('teachers_compiled', [])) or 'none'})"
-               if info["compiled"] else ""))
+            + (f", torch.compile (teachers too: {', '.join(info.get('teachers_compiled', [])) or 'none'}; aux "
+               f"losses {'compiled' if info.get('aux_losses_compiled') else 'eager'})" if info["compiled"] else ""))
     rows = []
     for syncs in (True, False) if without_syncs else (True,):
         step.syncs = syncs

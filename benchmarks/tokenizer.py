@@ -93,6 +93,7 @@ def train_step_fn(preset: str, batch: int, device, precision: str = "fp32", over
         run(images)
         info["compiled"] = state["forward"].is_compiled
         info["teachers_compiled"] = [n for n, fn in task.target_fns.items() if fn.is_compiled]
+        info["aux_losses_compiled"] = task.aux_losses.is_compiled
     if return_task:  # profiling (benchmarks/gpu.py) times the task's frozen targets on the same images
         return step, (lambda: run(one)), info, (task, images)
     return step, (lambda: run(one)), info

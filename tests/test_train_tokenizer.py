@@ -180,3 +180,43 @@ def test_compiled_teachers_give_the_eager_features():
     assert all(task.target_fns[n].is_compiled for n in task.targets), "a teacher fell back to eager"
     for name, target in task.targets.items():
         torch.testing.assert_close(feats[name], target(images, 4), rtol=1e-4, atol=1e-5)
+
+
+def _aux_inputs(task, seed: int = 0):
+    """Predictions (with gradients), features and a patch mask for every target of `task`."""
+    g = torch.Generator().manual_seed(seed)
+    n = task.model.config.num_patches
+    feats = {name: torch.randn(2, n, t.dim, generator=g) for name, t in task.targets.items()}
+    preds = {name: torch.randn(2, n, t.dim, generator=g).requires_grad_(True) for name, t in task.targets.items()}
+    return preds, feats, torch.rand(2, n, generator=g) < 0.5
+
+
+def test_aux_losses_are_each_targets_own_loss_and_fall_back_to_eager(failing_compile, caplog):
+    from maetok.tokenizer.targets import target_loss
+
+    task = _task("train.compile=true")
+    preds, feats, mask = _aux_inputs(task)
+    with caplog.at_level("WARNING"):
+        got = task.aux_losses(preds, feats, mask)
+    assert "torch.compile failed for the auxiliary losses" in caplog.text and not task.aux_losses.is_compiled
+    assert set(got) == set(task.targets) == {"hog", "siglip", "dinov2", "resnet-cifar"}
+    for name, target in task.targets.items():
+        assert torch.equal(got[name], target_loss(preds[name], feats[name], target.loss, mask)), name
+    assert not _task("model.variant=ae").aux_losses.is_compiled  # no targets: nothing to compile
+
+
+@pytest.mark.slow
+def test_compiled_aux_losses_give_the_eager_losses_and_gradients():
+    from maetok.tokenizer.targets import target_loss
+
+    task = _task("train.compile=true")
+    preds, feats, mask = _aux_inputs(task)
+    got = task.aux_losses(preds, feats, mask)
+    assert task.aux_losses.is_compiled, "the auxiliary losses fell back to eager"
+    grads = torch.autograd.grad(sum(got.values()), list(preds.values()))
+    want = {name: target_loss(preds[name], feats[name], t.loss, mask) for name, t in task.targets.items()}
+    want_grads = torch.autograd.grad(sum(want.values()), list(preds.values()))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

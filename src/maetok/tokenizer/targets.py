@@ -107,6 +107,20 @@ def target_loss(pred: torch.Tensor, target: torch.Tensor, kind: str,
     return (per_patch * weight).sum() / weight.sum().clamp_min(1.0)
 
 
+class TargetLosses(nn.Module):
+    """Every auxiliary target's `target_loss`, as one module so that train.compile can fuse them. Eager, each is
+    a chain of casts, norms and reductions over (B, N, dim) float32 features (dim 1024+ for the teachers), a few
+    milliseconds of small kernels per step on a GPU; compiled, one or two kernels each, backward included."""
+
+    def __init__(self, kinds: dict[str, str]):
+        super().__init__()
+        self.kinds = dict(kinds)  # target name -> "mse" | "cosine"
+
+    def forward(self, preds: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
+                mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        return {name: target_loss(preds[name], targets[name], kind, mask) for name, kind in self.kinds.items()}
+
+
 # ==============================================================================================================
 # Helpers shared by the targets
 # ==============================================================================================================

@@ -20,7 +20,7 @@ from ..nets.hub import MissingWeightsError
 from ..tokenizer.losses import (LeCAM, adaptive_gan_weight, build_discriminator, build_perceptual, diff_augment,
                                 hinge_d_loss, hinge_g_loss, kl_loss, ramp)
 from ..tokenizer.model import CONFIG_KIND, MAETok
-from ..tokenizer.targets import build_target, target_loss
+from ..tokenizer.targets import TargetLosses, build_target
 from .loop import CompiledOrEager, Task, uses_bf16
 
 log = logging.getLogger("maetok.train")
@@ -107,6 +107,9 @@ class TokenizerTask(Task):
             log.info("variant %s: auxiliary targets %s are not used", mcfg.variant,
                      [t.name for t in mcfg.aux_targets])
         self.target_fns = self._prepare_targets()
+        self.aux_losses = CompiledOrEager(TargetLosses({t.name: self.targets[t.name].loss for t in mcfg.aux_targets
+                                                        if t.name in self.targets}),
+                                          "the auxiliary losses", enabled=cfg.train.compile and bool(self.targets))
         aux_dims = {n: t.dim for n, t in self.targets.items()}
         self.model = MAETok(mcfg, aux_dims).to(device)
         if cfg.stage == 2:
@@ -188,10 +191,10 @@ class TokenizerTask(Task):
         if out.aux:
             feats = self.teacher_features(images)
             mask = out.mask if self.model.config.aux_loss_on == "masked" else None
+            aux = self.aux_losses(out.aux, feats, mask)
             for t in self.model.config.aux_targets:
-                tgt = self.targets[t.name]
-                losses[f"loss_aux_{t.name}"] = target_loss(out.aux[t.name].float(), feats[t.name], tgt.loss, mask)
-                total = total + t.weight * losses[f"loss_aux_{t.name}"]
+                losses[f"loss_aux_{t.name}"] = aux[t.name]
+                total = total + t.weight * aux[t.name]
         if out.posterior is not None:
             losses["loss_kl"] = kl_loss(*out.posterior)
             total = total + lcfg.kl_weight * losses["loss_kl"]
