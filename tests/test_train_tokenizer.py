@@ -62,6 +62,33 @@ def test_stage2_freezes_encoder_drops_aux_and_anneals_mask(stage1: Path, tmp_pat
     assert not any(k.startswith("aux_decoders.") for k in state["model"])
 
 
+def test_stage2_resumes_without_the_stage1_run_and_matches_an_uninterrupted_run(stage1: Path, tmp_path: Path):
+    """The checkpoint holds the weights and stage 1's model config, so a resumed stage 2 needs nothing from
+    decoder_ft.init_from (moved or deleted since); the result is the uninterrupted run's."""
+    import shutil
+
+    moved = tmp_path / "stage1-copy"
+    shutil.copytree(stage1, moved)
+    over = TINY + ["stage=2", f"decoder_ft.init_from={moved}", "decoder_ft.anneal_steps=4",
+                   "train.optim.warmup_steps=0", "train.optim.schedule=constant", "train.ckpt_every=2"]
+    whole = tmp_path / "whole"
+    assert run_tokenizer(load_config(TokenizerRunConfig, "cpu-32", over + ["train.steps=4"]), whole,
+                         device="cpu")["finished"]
+    part = tmp_path / "part"
+    assert run_tokenizer(load_config(TokenizerRunConfig, "cpu-32", over + ["train.steps=2"]), part,
+                         device="cpu")["finished"]
+    shutil.rmtree(moved)
+    resumed = run_tokenizer(load_config(TokenizerRunConfig, "cpu-32", over + ["train.steps=4"]), part,
+                            resume=True, device="cpu")
+    assert resumed["finished"] and resumed["step"] == 4
+    a, b = MAETok.from_pretrained(whole / "model").state_dict(), MAETok.from_pretrained(part / "model").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Without a checkpoint to resume from, the stage-1 run is needed, and its absence is named.
+    with pytest.raises(ConfigError, match="no stage-1 weights"):
+        run_tokenizer(load_config(TokenizerRunConfig, "cpu-32", over + ["train.steps=4"]), tmp_path / "new",
+                      device="cpu")
+
+
 def test_stage2_takes_the_model_config_from_init_from(stage1: Path, tmp_path: Path):
     """Stage 1 used 4 latent tokens on 16x16 images (the preset says 32 and 32x32): stage 2 needs no model
     overrides, and refuses ones that contradict stage 1 before making its run directory."""

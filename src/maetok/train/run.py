@@ -227,15 +227,18 @@ def run_tokenizer(cfg: TokenizerRunConfig, out_dir: str | Path, resume: bool = F
         info = session.info
         from .tokenizer_task import TokenizerTask, stage2_config
 
+        # A resumed run's weights come from its checkpoint, which also records stage 1's model config: stage 2
+        # then needs nothing from decoder_ft.init_from, which may have moved since.
+        ckpt = latest_checkpoint(Path(out_dir) / "checkpoints") if resume else None
         if cfg.stage == 2:  # before the resume check, so that compares the request as it was made the first time
-            cfg = stage2_config(cfg)
+            cfg = stage2_config(cfg, checkpoint_config(ckpt) if ckpt is not None else None)
         cfg = session.config(cfg)
         torch.manual_seed(cfg.train.seed)
         dataset = _open_training_data(cfg.data, cfg.model.image_size)
         log.info("data: %s (%d images)", cfg.data.spec, len(dataset))
         check_global_batch(len(dataset), cfg.train.batch_size, info.world)  # before the run dir is made
         preview = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))])
-        task = TokenizerTask(cfg, info.device, preview)
+        task = TokenizerTask(cfg, info.device, preview, resuming=ckpt is not None)
         n_params = sum(p.numel() for p in task.model.parameters())
         log.info("tokenizer %s: %.2fM parameters (%s stage %d)", cfg.model.variant, n_params / 1e6,
                  "training" if cfg.stage == 1 else "decoder fine-tuning", cfg.stage)

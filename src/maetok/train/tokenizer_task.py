@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
 
 from ..config import (ConfigError, TokenizerConfig, TokenizerRunConfig, config_source, from_dict, set_config_source,
                       to_dict)
@@ -47,15 +48,25 @@ def stage1_weights_dir(init_from: str) -> Path:
                       f"nor {src}/config.json){hint}")
 
 
-def stage2_config(cfg: TokenizerRunConfig) -> TokenizerRunConfig:
+def stage2_config(cfg: TokenizerRunConfig, resumed_config: str | None = None) -> TokenizerRunConfig:
     """Stage 2 fine-tunes the stage-1 model, so its model config is stage 1's (decoder_ft.init_from), not the
-    preset's. Model overrides that contradict it are refused: they could only fail to load or mislead."""
-    weights_dir = stage1_weights_dir(cfg.decoder_ft.init_from)
-    meta = json.loads((weights_dir / "config.json").read_text())
-    if meta.get("kind") == CONFIG_KIND:
-        stage1 = from_dict(TokenizerConfig, meta["config"], f"{weights_dir}/config.json:config")
-    else:  # an official checkpoint: its config comes with the conversion
-        stage1 = MAETok.from_pretrained(weights_dir).config
+    preset's. Model overrides that contradict it are refused: they could only fail to load or mislead.
+
+    `resumed_config`: the run config (YAML) of the stage-2 checkpoint being resumed. It records stage 1's model
+    config, so a resumed run does not need decoder_ft.init_from any more (its weights are in the checkpoint)."""
+    if resumed_config is not None:
+        weights_dir = "the resumed checkpoint's config"
+        saved = yaml.safe_load(resumed_config)
+        if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+            raise ConfigError("the stage-2 checkpoint being resumed holds no model config")
+        stage1 = from_dict(TokenizerConfig, saved["model"], "checkpoint config: model")
+    else:
+        weights_dir = stage1_weights_dir(cfg.decoder_ft.init_from)
+        meta = json.loads((weights_dir / "config.json").read_text())
+        if meta.get("kind") == CONFIG_KIND:
+            stage1 = from_dict(TokenizerConfig, meta["config"], f"{weights_dir}/config.json:config")
+        else:  # an official checkpoint: its config comes with the conversion
+            stage1 = MAETok.from_pretrained(weights_dir).config
     source = config_source(cfg)
     asked, have = to_dict(cfg.model), to_dict(stage1)
     if source is None:  # built in code: every field was asked for
@@ -84,7 +95,9 @@ def stage2_config(cfg: TokenizerRunConfig) -> TokenizerRunConfig:
 
 
 class TokenizerTask(Task):
-    def __init__(self, cfg: TokenizerRunConfig, device: torch.device, preview: torch.Tensor | None = None):
+    def __init__(self, cfg: TokenizerRunConfig, device: torch.device, preview: torch.Tensor | None = None,
+                 resuming: bool = False):
+        """resuming: a checkpoint will restore the weights, so stage 2 does not load stage 1's."""
         self.cfg, self.device = cfg, device
         mcfg = cfg.model
         self.targets = nn.ModuleDict()
@@ -113,7 +126,7 @@ class TokenizerTask(Task):
         aux_dims = {n: t.dim for n, t in self.targets.items()}
         self.model = MAETok(mcfg, aux_dims).to(device)
         if cfg.stage == 2:
-            self._init_stage2()
+            self._init_stage2(load_stage1=not resuming)
         self.perceptual = build_perceptual(cfg.loss)
         if self.perceptual is not None:
             self.perceptual = self.perceptual.to(device)
@@ -149,15 +162,17 @@ class TokenizerTask(Task):
                 feats[name] = fn(images, patch)
         return feats
 
-    def _init_stage2(self) -> None:
+    def _init_stage2(self, load_stage1: bool = True) -> None:
         """Load stage-1 encoder + decoder, freeze the encoder; aux decoders are gone (not built)."""
-        weights_dir = stage1_weights_dir(self.cfg.decoder_ft.init_from)
-        stage1 = MAETok.from_pretrained(weights_dir)
-        missing, unexpected = self.model.load_state_dict(stage1.state_dict(), strict=False)
-        if unexpected or [k for k in missing if not k.startswith("aux_decoders.")]:
-            raise ConfigError(f"{weights_dir}: stage-1 weights do not fit this model (missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}); use the same model config for both stages")
-        self.model.encoder.requires_grad_(False)
+        weights_dir = "the checkpoint"
+        if load_stage1:
+            weights_dir = stage1_weights_dir(self.cfg.decoder_ft.init_from)
+            stage1 = MAETok.from_pretrained(weights_dir)
+            missing, unexpected = self.model.load_state_dict(stage1.state_dict(), strict=False)
+            if unexpected or [k for k in missing if not k.startswith("aux_decoders.")]:
+                raise ConfigError(f"{weights_dir}: stage-1 weights do not fit this model (missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]}); use the same model config for both stages")
+        self.model.encoder.requires_grad_(False)  # before the optimizer is built: it gets the decoder only
         log.info("stage 2: decoder fine-tuning from %s; encoder frozen; mask ratio %.2f -> 0 over %d steps",
                  weights_dir, self.cfg.decoder_ft.mask_ratio_start, self.cfg.decoder_ft.anneal_steps)
 
