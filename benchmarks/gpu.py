@@ -258,19 +258,21 @@ SMOKE_PATCH_EMBED = [("toy", "toy", 2, 32, 4, 16, True)]
 
 def patch_embed_rows(reps: int = 20) -> list[dict]:
     """The patch embedding as cuDNN's strided convolution vs `PatchConv2d`'s matmul (what the model and
-    teachers run on CUDA), bf16 under autocast as in the step: forward, plus the weight gradient where it trains."""
+    teachers run on CUDA), as the step runs each: the tokenizer's float32 weights under bf16 autocast, forward and
+    weight gradient; the teachers' bf16 weights on bf16 images outside autocast, forward only."""
     from maetok.layers import PatchConv2d
 
     device = SETUP["device"]
     rows = []
     for key, label, b, size, p, width, backward in SMOKE_PATCH_EMBED if device == "cpu" else PATCH_EMBED_SHAPES:
         g = torch.Generator(device).manual_seed(0)
-        images = torch.randn(b, 3, size, size, device=device, generator=g)
-        conv = torch.nn.Conv2d(3, width, p, p).to(device).requires_grad_(backward)
+        dtype = torch.float32 if backward else torch.bfloat16
+        images = torch.randn(b, 3, size, size, device=device, generator=g).to(dtype)
+        conv = torch.nn.Conv2d(3, width, p, p).to(device, dtype).requires_grad_(backward)
         grad = torch.randn(b, (size // p) ** 2, width, device=device, dtype=torch.bfloat16, generator=g)
         for how, layer in (("conv", conv), ("matmul", PatchConv2d.from_conv(conv).as_matmul)):
             def call(layer=layer):
-                with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda" and backward):
                     tokens = layer(images).flatten(2).transpose(1, 2)
                 if backward:
                     tokens.backward(grad.to(tokens.dtype))

@@ -143,10 +143,27 @@ def test_patch_conv_is_the_strided_convolution_as_a_matmul(bias):
     torch.testing.assert_close(g_out, g_ref)
 
 
+def test_patch_conv_takes_no_random_numbers():
+    """Teachers are built between the seed and the tokenizer: the swap must not shift the tokenizer's init."""
+    conv = torch.nn.Conv2d(3, 8, 4, 4)
+    state = torch.get_rng_state()
+    PatchConv2d.from_conv(conv)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_patch_conv_refuses_other_convolutions_and_shapes():
-    with pytest.raises(ValueError, match="not a patch embedding"):
-        PatchConv2d.from_conv(torch.nn.Conv2d(3, 8, 4, 2))
-    with pytest.raises(ValueError, match="not a patch embedding"):
-        PatchConv2d.from_conv(torch.nn.Conv2d(3, 8, 4, 4, padding=1))
+    from maetok.tokenizer.targets import _patch_embed_as_matmul
+
+    class StandardizedConv(torch.nn.Conv2d):  # like timm's StdConv2d: its forward does more than convolve
+        pass
+
+    for conv in (torch.nn.Conv2d(3, 8, 4, 2), torch.nn.Conv2d(3, 8, 4, 4, padding=1), StandardizedConv(3, 8, 4, 4)):
+        with pytest.raises(ValueError, match="not a plain patch embedding"):
+            PatchConv2d.from_conv(conv)
+        vit = torch.nn.Module()
+        vit.patch_embed = torch.nn.Module()
+        vit.patch_embed.proj = conv
+        _patch_embed_as_matmul(vit)  # a teacher with such an embedding keeps it
+        assert vit.patch_embed.proj is conv
     with pytest.raises(ValueError, match=r"multiples of 4; got \(1, 3, 10, 8\)"):
         PatchConv2d(3, 8, 4).as_matmul(torch.zeros(1, 3, 10, 8))

@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -143,10 +144,10 @@ class PatchConv2d(nn.Conv2d):
     """A patch embedding (a convolution with stride = kernel, no padding) computed as one matmul over the
     non-overlapping patches: the same parameters, state-dict keys and output as `nn.Conv2d`, rounding aside.
 
-    On CUDA only: a strided convolution took ~0.9 ms per call in a compiled maetok-b-128 step on an H200 (cuDNN),
-    several times the matmul it is. On the CPU oneDNN's convolution is as fast, and its rounding does not depend
-    on the batch size (the matmul's does, so sharded and single-process results would differ in the last bits),
-    so the CPU keeps it. The matmul's output (B, C_out, H/p, W/p) is a view of a channels-last result, so
+    On CUDA only: cuDNN's strided convolution took ~0.9 ms per call in a compiled maetok-b-128 step on an H200,
+    far more than a matmul of its FLOPs should (`benchmarks/gpu.py --part micro` times the two). On the CPU
+    oneDNN's convolution is as fast, and its rounding does not depend on the batch size (the matmul's does, so
+    sharded and single-process results would differ in the last bits), so the CPU keeps it. The matmul's output (B, C_out, H/p, W/p) is a view of a channels-last result, so
     `flatten(2).transpose(1, 2)` (what every ViT does next) gives (B, N, C_out) with no copy."""
 
     def __init__(self, in_channels: int, out_channels: int, patch_size: int, bias: bool = True):
@@ -154,12 +155,16 @@ class PatchConv2d(nn.Conv2d):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> "PatchConv2d":
-        """The same layer (sharing its parameters) for a patch-embedding `conv`; ValueError for any other."""
+        """The same layer (sharing its parameters) for a plain patch-embedding `conv`; ValueError for any other,
+        including Conv2d subclasses and parametrized convolutions, whose forward does more than convolve."""
         k, s = conv.kernel_size, conv.stride
-        if (k[0] != k[1] or s != k or conv.padding not in ((0, 0), "valid") or conv.dilation != (1, 1)
-                or conv.groups != 1 or conv.padding_mode != "zeros"):
-            raise ValueError(f"not a patch embedding (kernel = stride, no padding, dilation or groups): {conv}")
-        new = cls(conv.in_channels, conv.out_channels, k[0], bias=conv.bias is not None)
+        if (type(conv) is not nn.Conv2d or parametrize.is_parametrized(conv) or k[0] != k[1] or s != k
+                or conv.padding not in ((0, 0), "valid") or conv.dilation != (1, 1) or conv.groups != 1
+                or conv.padding_mode != "zeros"):
+            raise ValueError(f"not a plain patch embedding (a Conv2d with kernel = stride, no padding, dilation or "
+                             f"groups): {conv}")
+        with torch.device("meta"):  # no initialisation: it would draw from the global RNG for nothing
+            new = cls(conv.in_channels, conv.out_channels, k[0], bias=conv.bias is not None)
         new.weight, new.bias = conv.weight, conv.bias
         return new
 

@@ -240,13 +240,14 @@ class Pilot:
         if self.train_set is not None:
             return
         b = self.b
-        self.train_set = open_dataset(self.spec, split="train", image_size=b.image_size, limit=b.n_train)
-        if not getattr(self.train_set, "has_labels", True):
+        train_set = open_dataset(self.spec, split="train", image_size=b.image_size, limit=b.n_train)
+        if not getattr(train_set, "has_labels", True):
             # One placeholder class would make a feature network that has learnt nothing, and so meaningless FIDs.
             raise DatasetError(f"{self.spec}: the pilot needs class labels: it trains its feature network (for FID "
                                f"on data without a pretrained one) and the linear probe on them, and conditions "
                                f"the diffusion model on them. Give labelled images (class sub-folders, or arr_1 "
                                f"in an npz); the tokenizer and diffusion commands train on unlabelled data.")
+        self.train_set = train_set
         errors = []
         for split in HELD_OUT_SPLITS:  # the same order as every command's held-out default (test, then val)
             try:

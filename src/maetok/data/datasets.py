@@ -92,6 +92,14 @@ class ImageDataset(Dataset):
         return text
 
 
+def class_count(dataset) -> int:
+    """How many classes a dataset's labels name: 0 for unlabelled data, whose one placeholder class means
+    nothing (a class-conditional model must not be trained on it)."""
+    if not getattr(dataset, "has_labels", True):
+        return 0
+    return int(getattr(dataset, "num_classes", 0) or 0)
+
+
 class ArrayDataset(ImageDataset):
     """Images held as one uint8 (N, S, S, 3) array (in memory or memory-mapped) with int labels."""
 

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from ..train.checkpoint import atomic_write_bytes, save_safetensors
 from ..train.distributed import DistInfo, barrier
+from .datasets import class_count
 
 
 @torch.no_grad()
@@ -77,8 +78,7 @@ def cache_latents(tokenizer, dataset, out_dir: str | Path, batch_size: int = 64,
     meta = {"kind": "maetok-latent-cache", "count": n, "shards": shards, "flip": flip,
             "latent_shape": [tokenizer.config.latent_tokens, tokenizer.config.latent_dim],
             "latent_mean": tokenizer.config.latent_mean, "latent_std": tokenizer.config.latent_std,
-            # an unlabeled dataset's placeholder class is no class: 0 makes a conditional model refuse the cache
-            "num_classes": int(getattr(dataset, "num_classes", 0) or 0) if getattr(dataset, "has_labels", True) else 0,
+            "num_classes": class_count(dataset),  # 0 for unlabelled data: a conditional model refuses the cache
             "tokenizer_config": to_dict(tokenizer.config)}
     atomic_write_bytes(out / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
     if world > 1:

@@ -53,7 +53,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: TokenizerConfig, out_dim: int):
         super().__init__()
         W, N, L = cfg.enc_width, cfg.num_patches, cfg.latent_tokens
-        self.patch_embed = PatchConv2d(cfg.in_channels, W, cfg.patch_size)  # a Conv2d computed as a matmul
+        self.patch_embed = PatchConv2d(cfg.in_channels, W, cfg.patch_size)  # a Conv2d; a matmul on CUDA
         self.cls_token = nn.Parameter(torch.zeros(1, 1, W))
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + N, W) * 0.02)  # learned APE over [CLS, patches]
         self.mask_token = nn.Parameter(torch.zeros(1, 1, W)) if cfg.uses_mask else None

@@ -423,7 +423,7 @@ def _patch_embed_as_matmul(model: nn.Module) -> None:
     if isinstance(proj, nn.Conv2d) and not isinstance(proj, PatchConv2d):
         try:
             model.patch_embed.proj = PatchConv2d.from_conv(proj)
-        except ValueError:  # overlapping or padded patches: not a plain matmul
+        except ValueError:  # overlapping or padded patches, or a convolution that does more: keep it
             pass
 
 

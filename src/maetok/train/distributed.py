@@ -74,22 +74,13 @@ def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return x
 
 
-def all_reduce_max(value: float | torch.Tensor, info: DistInfo) -> float:
-    """The largest `value` over all ranks, on every rank: for decisions that every rank must take together.
-    A one-element tensor on the device is reduced where it is, with the host's one sync at the end."""
-    if isinstance(value, torch.Tensor):
-        return all_reduce_max_each(value.reshape(1), info)[0]
-    if not info.enabled:
-        return float(value)
-    return all_reduce_max_each(torch.tensor([float(value)], dtype=torch.float64, device=info.device), info)[0]
-
-
 def all_reduce_max_each(values: torch.Tensor, info: DistInfo) -> list[float]:
-    """Element-wise maxima of a 1-D tensor over all ranks, on every rank: several decisions agreed with one
-    collective and one host sync."""
+    """Element-wise maxima of `values` (flattened) over all ranks, on every rank: decisions that every rank must
+    take together, agreed with one collective and one host sync. Reduced on the group's device."""
+    values = values.detach().reshape(-1)
     if not info.enabled:
-        return [float(v) for v in values.detach().tolist()]
-    x = values.detach().to(device=info.device, dtype=torch.float64, copy=True)  # reduced in place
+        return [float(v) for v in values.tolist()]
+    x = values.to(device=info.device, dtype=torch.float64, copy=True)  # reduced in place
     dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return x.tolist()
 

@@ -553,14 +553,14 @@ class Trainer:
                 # Every rank must take the same branches: a rank's loss alone may be non-finite, and a signal may
                 # reach one rank only, or ranks at different steps. Both flags are agreed in that one sync; a
                 # signal that arrives later in the step is agreed at the next one.
-                signum = signal.Signals[self.signal_received].value if self.signal_received else 0
-                bad_anywhere, signum = all_reduce_max_each(  # float32: exact for these small integers, and MPS has it
-                    torch.stack([bad.float(), torch.full((), float(signum), device=bad.device)]), self.dist)
-                stop = signal.Signals(int(signum)).name if signum else None
+                local_signal = signal.Signals[self.signal_received].value if self.signal_received else 0
+                bad_anywhere, agreed_signal = all_reduce_max_each(  # float32: MPS has no float64
+                    torch.stack([bad.float(), torch.full((), float(local_signal), device=bad.device)]), self.dist)
+                stop = signal.Signals(int(agreed_signal)).name if agreed_signal else None
                 if bad_anywhere:
                     self._skip_step(out)
                     if stop:
-                        self._stop(stop)
+                        self._stop(stop, saved=False)
                         break
                     continue
                 self.bad_steps = 0
@@ -583,10 +583,13 @@ class Trainer:
                     t_last, n_last = time.perf_counter(), 0
                 if self.dist.is_main and (self.step % cfg.image_every == 0 or self.step == cfg.steps):
                     self.task.write_images(self.ema, self.step, self.out)
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                saved = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps
+                if saved:
                     self.save()
+                # One process needs no agreement: a signal that arrived after the check still stops it now.
+                stop = stop or (None if self.dist.enabled else self.signal_received)
                 if stop:
-                    self._stop(stop)
+                    self._stop(stop, saved)
                     break
         finally:
             progress.close()
@@ -600,11 +603,13 @@ class Trainer:
         return {"step": self.step, "finished": finished, "skipped_steps": self.skipped_steps,
                 "stopped_by": self.stop_requested, "world_size": self.dist.world}
 
-    def _stop(self, signal_name: str) -> None:
-        """The agreed stop: every rank stops after the same step; rank 0 writes the checkpoint."""
+    def _stop(self, signal_name: str, saved: bool) -> None:
+        """The agreed stop: every rank stops after the same step, with rank 0's checkpoint of it (unless the step
+        was just saved)."""
         self.stop_requested = signal_name
+        if not saved:
+            self.save()
         log.warning("received %s: wrote a checkpoint at step %d and stopped", signal_name, self.step)
-        self.save()
 
     def _skip_step(self, out: dict[str, Any]) -> None:
         """A non-finite loss or gradient: leave the weights alone, move on, and stop after too many in a row."""

@@ -99,6 +99,12 @@ class _Session:
             raise ConfigError(f"{self.out} is a {marker['run']} run; it cannot be resumed as a {self.kind} run")
         return resolve_resume_config(requested, self.out, marker)
 
+    def saved_config(self) -> dict[str, Any] | None:
+        """The config of the checkpoint a resumed run continues from (None for a new run)."""
+        if not self.run_dir.resuming:
+            return None
+        return saved_run_config(latest_checkpoint(self.out / "checkpoints"))
+
     def open_run(self, cfg) -> Path:
         source = config_source(cfg)
         marker = {"run": self.kind, "maetok_version": __version__,
@@ -132,9 +138,11 @@ class _Session:
 # Settings a resumed run may change: how long it runs, how often it reports and saves, and how it computes
 # (workers, compile, precision, activation checkpointing) -- not what it computes. Entries ending in "." are
 # prefixes. Anything else differing from the saved config is refused.
+# decoder_ft.init_from: a resumed stage 2 reads nothing from it (its checkpoint holds the weights and the config)
 RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.image_every", "train.ckpt_every", "train.keep_last",
                      "train.max_bad_steps", "train.compile", "train.precision", "data.num_workers",
-                     "data.cache_dir", "model.grad_checkpointing", "teacher_precision", "stats_batches", "sample.")
+                     "data.cache_dir", "model.grad_checkpointing", "teacher_precision", "stats_batches", "sample.",
+                     "decoder_ft.init_from")
 
 
 def _may_change_on_resume(key: str) -> bool:
@@ -163,6 +171,17 @@ def _same_targets_used(saved: list, requested: list) -> bool:
     return saved == [t for t in requested if not (t.get("optional") and t["name"] not in names)]
 
 
+def saved_run_config(ckpt: Path) -> dict[str, Any]:
+    """The run config a checkpoint was written with, as a dict; ConfigError if it cannot be read."""
+    try:
+        saved = yaml.safe_load(checkpoint_config(ckpt))
+    except (ValueError, yaml.YAMLError) as e:
+        raise ConfigError(f"{ckpt}: cannot read the run's saved config ({e})") from e
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{ckpt}: the run's saved config is not a mapping")
+    return saved
+
+
 def resolve_resume_config(requested, out: Path, marker: dict[str, Any] | None = None):
     """The config a run resumed from its latest checkpoint continues with: the config saved in the checkpoint,
     with the changes the request makes. From `load_config`, the request is the overrides, applied to the saved
@@ -172,9 +191,8 @@ def resolve_resume_config(requested, out: Path, marker: dict[str, Any] | None = 
     cls = type(requested)
     ckpt = latest_checkpoint(out / "checkpoints")
     try:
-        text = checkpoint_config(ckpt)
-        saved = from_dict(cls, yaml.safe_load(text))
-    except (ValueError, yaml.YAMLError) as e:  # ConfigError is a ValueError
+        saved = from_dict(cls, saved_run_config(ckpt))
+    except ValueError as e:  # ConfigError is a ValueError
         raise ConfigError(f"{ckpt}: cannot read the run's saved config ({e})") from e
     source = config_source(requested)
     started_from = (marker or {}).get("preset_path", "unknown")
@@ -229,16 +247,16 @@ def run_tokenizer(cfg: TokenizerRunConfig, out_dir: str | Path, resume: bool = F
 
         # A resumed run's weights come from its checkpoint, which also records stage 1's model config: stage 2
         # then needs nothing from decoder_ft.init_from, which may have moved since.
-        ckpt = latest_checkpoint(Path(out_dir) / "checkpoints") if resume else None
+        saved = session.saved_config()
         if cfg.stage == 2:  # before the resume check, so that compares the request as it was made the first time
-            cfg = stage2_config(cfg, checkpoint_config(ckpt) if ckpt is not None else None)
+            cfg = stage2_config(cfg, saved)
         cfg = session.config(cfg)
         torch.manual_seed(cfg.train.seed)
         dataset = _open_training_data(cfg.data, cfg.model.image_size)
         log.info("data: %s (%d images)", cfg.data.spec, len(dataset))
         check_global_batch(len(dataset), cfg.train.batch_size, info.world)  # before the run dir is made
         preview = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))])
-        task = TokenizerTask(cfg, info.device, preview, resuming=ckpt is not None)
+        task = TokenizerTask(cfg, info.device, preview, resuming=saved is not None)
         n_params = sum(p.numel() for p in task.model.parameters())
         log.info("tokenizer %s: %.2fM parameters (%s stage %d)", cfg.model.variant, n_params / 1e6,
                  "training" if cfg.stage == 1 else "decoder fine-tuning", cfg.stage)
@@ -284,6 +302,7 @@ def finalize_tokenizer(ema_model, dataset, cfg: TokenizerRunConfig, out: Path, d
 def run_diffusion(cfg, out_dir: str | Path, resume: bool = False, force: bool = False,
                   device: str = "auto") -> dict[str, Any]:
     """Train SiT / LightningDiT on a latent cache (or on images encoded online); saves `<out>/model` (EMA)."""
+    from ..data import class_count
     from ..data.latents import LatentDataset
     from ..tokenizer import MAETok
     from .diffusion_task import DiffusionTask
@@ -300,7 +319,7 @@ def run_diffusion(cfg, out_dir: str | Path, resume: bool = False, force: bool = 
         else:
             dataset = _open_training_data(cfg.data, tokenizer.config.image_size)
             mean, std = tokenizer.config.latent_mean, tokenizer.config.latent_std
-            num_classes = getattr(dataset, "num_classes", 0) if getattr(dataset, "has_labels", True) else 0
+            num_classes = class_count(dataset)
             shape = (tokenizer.config.latent_tokens, tokenizer.config.latent_dim)
         if shape != (cfg.model.num_tokens, cfg.model.in_channels):
             raise ConfigError(f"model.num_tokens/in_channels = {cfg.model.num_tokens}/{cfg.model.in_channels} but "
@@ -308,7 +327,7 @@ def run_diffusion(cfg, out_dir: str | Path, resume: bool = False, force: bool = 
         if cfg.model.num_classes and not num_classes:
             raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the data has no class labels; set "
                               f"model.num_classes=0 for an unconditional model")
-        if cfg.model.num_classes and num_classes and cfg.model.num_classes != num_classes:
+        if cfg.model.num_classes and cfg.model.num_classes != num_classes:
             raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the data has {num_classes} classes")
         check_global_batch(len(dataset), cfg.train.batch_size, info.world)  # before the run dir is made
         task = DiffusionTask(cfg, info.device, mean, std, tokenizer, num_classes)

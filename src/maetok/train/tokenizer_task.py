@@ -12,7 +12,6 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 
 from ..config import (ConfigError, TokenizerConfig, TokenizerRunConfig, config_source, from_dict, set_config_source,
                       to_dict)
@@ -48,20 +47,20 @@ def stage1_weights_dir(init_from: str) -> Path:
                       f"nor {src}/config.json){hint}")
 
 
-def stage2_config(cfg: TokenizerRunConfig, resumed_config: str | None = None) -> TokenizerRunConfig:
+def stage2_config(cfg: TokenizerRunConfig, resumed_config: dict[str, Any] | None = None) -> TokenizerRunConfig:
     """Stage 2 fine-tunes the stage-1 model, so its model config is stage 1's (decoder_ft.init_from), not the
     preset's. Model overrides that contradict it are refused: they could only fail to load or mislead.
 
-    `resumed_config`: the run config (YAML) of the stage-2 checkpoint being resumed. It records stage 1's model
-    config, so a resumed run does not need decoder_ft.init_from any more (its weights are in the checkpoint)."""
+    `resumed_config`: the run config of the stage-2 checkpoint being resumed. It records stage 1's model config,
+    so a resumed run does not need decoder_ft.init_from any more (its weights are in the checkpoint)."""
     if resumed_config is not None:
-        weights_dir = "the resumed checkpoint's config"
-        saved = yaml.safe_load(resumed_config)
-        if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+        source_name = "the checkpoint being resumed"
+        if not isinstance(resumed_config.get("model"), dict):
             raise ConfigError("the stage-2 checkpoint being resumed holds no model config")
-        stage1 = from_dict(TokenizerConfig, saved["model"], "checkpoint config: model")
+        stage1 = from_dict(TokenizerConfig, resumed_config["model"], "checkpoint config: model")
     else:
         weights_dir = stage1_weights_dir(cfg.decoder_ft.init_from)
+        source_name = f"decoder_ft.init_from={cfg.decoder_ft.init_from}"
         meta = json.loads((weights_dir / "config.json").read_text())
         if meta.get("kind") == CONFIG_KIND:
             stage1 = from_dict(TokenizerConfig, meta["config"], f"{weights_dir}/config.json:config")
@@ -80,8 +79,8 @@ def stage2_config(cfg: TokenizerRunConfig, resumed_config: str | None = None) ->
     if data_size_asked and cfg.data.image_size != stage1.image_size:
         conflicts.append(f"data.image_size: stage 1 has {stage1.image_size}, requested {cfg.data.image_size}")
     if conflicts:
-        raise ConfigError(f"stage 2 fine-tunes the model of decoder_ft.init_from={cfg.decoder_ft.init_from} and "
-                          f"takes its model config from there; these settings contradict it:\n  " +
+        raise ConfigError(f"stage 2 fine-tunes the stage-1 model and takes its model config from {source_name}; "
+                          f"these settings contradict it:\n  " +
                           "\n  ".join(conflicts) + "\nDrop them (stage 2 needs no model.* overrides).")
     model = {**have, **{k: asked[k] for k in STAGE2_FREE & explicit}}
     data = to_dict(cfg)
@@ -89,7 +88,7 @@ def stage2_config(cfg: TokenizerRunConfig, resumed_config: str | None = None) ->
     out = from_dict(TokenizerRunConfig, data)
     taken = {k: v for k, v in have.items() if k not in STAGE2_UNUSED and asked[k] != v}
     if taken:
-        log.info("stage 2: model config from %s (differs from the preset in %s)", weights_dir,
+        log.info("stage 2: model config from %s (differs from the preset in %s)", source_name,
                  ", ".join(f"{k}={v!r}" for k, v in sorted(taken.items())))
     return set_config_source(out, source)
 
@@ -164,9 +163,9 @@ class TokenizerTask(Task):
 
     def _init_stage2(self, load_stage1: bool = True) -> None:
         """Load stage-1 encoder + decoder, freeze the encoder; aux decoders are gone (not built)."""
-        weights_dir = "the checkpoint"
+        weights_from = "the checkpoint being resumed"
         if load_stage1:
-            weights_dir = stage1_weights_dir(self.cfg.decoder_ft.init_from)
+            weights_from = weights_dir = stage1_weights_dir(self.cfg.decoder_ft.init_from)
             stage1 = MAETok.from_pretrained(weights_dir)
             missing, unexpected = self.model.load_state_dict(stage1.state_dict(), strict=False)
             if unexpected or [k for k in missing if not k.startswith("aux_decoders.")]:
@@ -174,7 +173,7 @@ class TokenizerTask(Task):
                                   f"unexpected {unexpected[:5]}); use the same model config for both stages")
         self.model.encoder.requires_grad_(False)  # before the optimizer is built: it gets the decoder only
         log.info("stage 2: decoder fine-tuning from %s; encoder frozen; mask ratio %.2f -> 0 over %d steps",
-                 weights_dir, self.cfg.decoder_ft.mask_ratio_start, self.cfg.decoder_ft.anneal_steps)
+                 weights_from, self.cfg.decoder_ft.mask_ratio_start, self.cfg.decoder_ft.anneal_steps)
 
     # ----- Task protocol ------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
