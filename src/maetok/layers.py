@@ -147,8 +147,9 @@ class PatchConv2d(nn.Conv2d):
     On CUDA only: cuDNN's strided convolution took ~0.9 ms per call in a compiled maetok-b-128 step on an H200,
     far more than a matmul of its FLOPs should (`benchmarks/gpu.py --part micro` times the two). On the CPU
     oneDNN's convolution is as fast, and its rounding does not depend on the batch size (the matmul's does, so
-    sharded and single-process results would differ in the last bits), so the CPU keeps it. The matmul's output (B, C_out, H/p, W/p) is a view of a channels-last result, so
-    `flatten(2).transpose(1, 2)` (what every ViT does next) gives (B, N, C_out) with no copy."""
+    sharded and single-process results would differ in the last bits), so the CPU keeps it. The matmul's output
+    (B, C_out, H/p, W/p) is a view of a channels-last result, so `flatten(2).transpose(1, 2)` (what every ViT
+    does next) gives (B, N, C_out) with no copy."""
 
     def __init__(self, in_channels: int, out_channels: int, patch_size: int, bias: bool = True):
         super().__init__(in_channels, out_channels, patch_size, patch_size, bias=bias)

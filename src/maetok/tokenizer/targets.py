@@ -375,7 +375,8 @@ class TimmTarget(Target):
 def _options_how_to(target: str) -> str:
     """How a user sets a target's options: aux_targets is a list, so a dotted override replaces all of it."""
     return (f"in the run's YAML under model.aux_targets, or on the command line as the whole list, e.g. "
-            f"'model.aux_targets=[{{name: hog}}, {{name: {target}, options: {{weights: /path/to/model.safetensors}}}}]'")
+            f"'model.aux_targets=[{{name: hog}}, {{name: {target}, options: "
+            f"{{weights: /path/to/model.safetensors}}}}]'")
 
 
 def build_timm_target(target: str, options: dict, image_size: int, patch_size: int,

@@ -663,8 +663,11 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 
 def _batch_size(batch: Any) -> int:
-    first = batch[0] if isinstance(batch, (list, tuple)) else next(iter(batch.values())) if isinstance(batch, dict) else batch
-    return int(first.shape[0])
+    if isinstance(batch, (list, tuple)):
+        batch = batch[0]
+    elif isinstance(batch, dict):
+        batch = next(iter(batch.values()))
+    return int(batch.shape[0])
 
 
 def _scalars(out: dict[str, Any]) -> dict[str, float]:

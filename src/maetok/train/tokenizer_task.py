@@ -182,7 +182,9 @@ class TokenizerTask(Task):
     def mask_ratio(self, step: int) -> float | None:
         if self.cfg.stage == 2:
             ft = self.cfg.decoder_ft
-            return ft.mask_ratio_start * max(0.0, 1.0 - step / max(1, ft.anneal_steps)) if self.model.config.uses_mask else None
+            if not self.model.config.uses_mask:
+                return None
+            return ft.mask_ratio_start * max(0.0, 1.0 - step / max(1, ft.anneal_steps))
         return None  # stage 1: the model samples its own ratio per batch
 
     def training_step(self, model: nn.Module, batch: Any, step: int) -> dict[str, torch.Tensor]:
