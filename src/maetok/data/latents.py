@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from ..train.checkpoint import atomic_write_bytes, save_safetensors
 from ..train.distributed import DistInfo, barrier
-from .datasets import class_count
+from .datasets import check_labels, class_count
 
 
 @torch.no_grad()
@@ -108,10 +108,7 @@ class LatentDataset(Dataset):
             raise ValueError(f"{root}: meta.json says {self.meta['count']} items, shards hold {len(self.latents)}")
         self.num_classes = self.meta["num_classes"]
         if self.num_classes:
-            bad = (self.labels < 0) | (self.labels >= self.num_classes)
-            if bad.any():
-                raise ValueError(f"{root}: labels must lie in [0, {self.num_classes}) (meta.json's num_classes); "
-                                 f"found {self.labels[bad][:8].tolist()}")
+            check_labels(self.labels, self.num_classes, f"{root}: labels")
         self.mean, self.std = float(self.meta["latent_mean"]), float(self.meta["latent_std"])
 
     def __len__(self) -> int:

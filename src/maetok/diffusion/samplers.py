@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from maetok.config import SampleConfig
+from maetok.data.datasets import check_labels
 from maetok.diffusion.transport import velocity_to_score
 
 NoiseFn = Callable[[int, torch.Size], torch.Tensor]
@@ -73,12 +74,8 @@ def _prepare(model, noise, y, cfg_scale, null_label):
         raise ValueError(f"labels y must have shape ({noise.shape[0]},) to match the noise batch; got "
                          f"{tuple(y.shape)}")
     num_classes = getattr(getattr(model, "config", None), "num_classes", None)
-    if y is not None and isinstance(num_classes, int) and num_classes > 0 and y.numel():
-        # once per run (a compiled model skips its own per-call check)
-        low, high = int(y.min()), int(y.max())
-        if low < 0 or high > num_classes:
-            raise ValueError(f"labels must lie in [0, {num_classes}] ({num_classes} is the null label); got "
-                             f"values from {low} to {high}")
+    if y is not None and isinstance(num_classes, int) and num_classes > 0:
+        check_labels(y, num_classes, null_label=True)  # once per run: a compiled model skips its per-call check
     return noise.to(torch.float64), _input_dtype(model, noise), null_label
 
 

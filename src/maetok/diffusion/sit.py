@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from maetok import __version__
 from maetok.config import ConfigError, SiTConfig, from_dict, to_dict
+from maetok.data.datasets import check_labels
 from maetok.layers import (Attention, Mlp, RMSNorm, RoPE1D, SwiGLU, add_into, modulate, sincos_1d,
                            timestep_features)
 from maetok.nets.hub import load_safetensors_strict
@@ -219,9 +220,7 @@ class SiT(nn.Module):
         # diffusion training task on the host (it clears `check_label_values`) instead.
         if y.device.type == "meta" or torch.compiler.is_compiling() or not self.check_label_values:
             return
-        bad = (y < 0) | (y > n)
-        if bad.any():  # an out-of-range index would otherwise be a cryptic device-side assert on GPU
-            raise ValueError(f"labels must lie in [0, {n}] ({n} is the null label); got {y[bad][:8].tolist()}")
+        check_labels(y, n, null_label=True)
 
     # -- files -------------------------------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str | Path) -> Path:

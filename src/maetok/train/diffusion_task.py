@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..config import DiffusionRunConfig
+from ..data import check_labels
 from ..device import to_device
 from ..diffusion.sit import SiT
 from ..diffusion.transport import training_loss
@@ -50,11 +51,7 @@ class DiffusionTask(Task):
         n = self.cfg.model.num_classes
         if not n:
             return
-        y = torch.as_tensor(batch[-1])
-        bad = (y < 0) | (y >= n)
-        if bad.any():
-            raise ValueError(f"training labels must lie in [0, {n}) for model.num_classes={n}; the batch has "
-                             f"{y[bad][:8].tolist()}")
+        check_labels(torch.as_tensor(batch[-1]), n, "training labels")
 
     def training_step(self, model: nn.Module, batch: Any, step: int) -> dict[str, torch.Tensor]:
         x0, y = self.latents_from_batch(batch)

@@ -73,6 +73,7 @@ class _Session:
 
     def __init__(self, out_dir: str | Path, resume: bool, force: bool, kind: str, info, held: _Held):
         self.info, self.kind, self._held = info, kind, held
+        self._saved_config: dict[str, Any] | None = None
         refused = None
         try:
             self.run_dir = RunDir(Path(out_dir), resume, force, info.is_main)
@@ -97,13 +98,13 @@ class _Session:
         marker = read_run_marker(self.out)
         if marker and marker.get("run") not in (None, self.kind):
             raise ConfigError(f"{self.out} is a {marker['run']} run; it cannot be resumed as a {self.kind} run")
-        return resolve_resume_config(requested, self.out, marker)
+        return resolve_resume_config(requested, self.out, marker, self.saved_config())
 
     def saved_config(self) -> dict[str, Any] | None:
-        """The config of the checkpoint a resumed run continues from (None for a new run)."""
-        if not self.run_dir.resuming:
-            return None
-        return saved_run_config(latest_checkpoint(self.out / "checkpoints"))
+        """The config of the checkpoint a resumed run continues from (None for a new run); read once."""
+        if self._saved_config is None and self.run_dir.resuming:
+            self._saved_config = saved_run_config(latest_checkpoint(self.out / "checkpoints"))
+        return self._saved_config
 
     def open_run(self, cfg) -> Path:
         source = config_source(cfg)
@@ -182,16 +183,19 @@ def saved_run_config(ckpt: Path) -> dict[str, Any]:
     return saved
 
 
-def resolve_resume_config(requested, out: Path, marker: dict[str, Any] | None = None):
+def resolve_resume_config(requested, out: Path, marker: dict[str, Any] | None = None,
+                          saved_config: dict[str, Any] | None = None):
     """The config a run resumed from its latest checkpoint continues with: the config saved in the checkpoint,
-    with the changes the request makes. From `load_config`, the request is the overrides, applied to the saved
+    with the changes the request makes (`saved_config`: that config, when the caller has read it already).
+    From `load_config`, the request is the overrides, applied to the saved
     config (so a resume without overrides continues as it was) -- unless it explicitly names another preset
     than the run was started from, which is compared in full, as is a config built in code. Changes to RESUME_MAY_CHANGE
     are applied and logged; any other is refused with a ConfigError listing each."""
     cls = type(requested)
     ckpt = latest_checkpoint(out / "checkpoints")
+    data = saved_config if saved_config is not None else saved_run_config(ckpt)
     try:
-        saved = from_dict(cls, saved_run_config(ckpt))
+        saved = from_dict(cls, data)
     except ValueError as e:  # ConfigError is a ValueError
         raise ConfigError(f"{ckpt}: cannot read the run's saved config ({e})") from e
     source = config_source(requested)

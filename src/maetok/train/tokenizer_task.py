@@ -119,8 +119,7 @@ class TokenizerTask(Task):
             log.info("variant %s: auxiliary targets %s are not used", mcfg.variant,
                      [t.name for t in mcfg.aux_targets])
         self.target_fns = self._prepare_targets()
-        self.aux_losses = CompiledOrEager(TargetLosses({t.name: self.targets[t.name].loss for t in mcfg.aux_targets
-                                                        if t.name in self.targets}),
+        self.aux_losses = CompiledOrEager(TargetLosses({name: t.loss for name, t in self.targets.items()}),
                                           "the auxiliary losses", enabled=cfg.train.compile and bool(self.targets))
         aux_dims = {n: t.dim for n, t in self.targets.items()}
         self.model = MAETok(mcfg, aux_dims).to(device)
