@@ -97,6 +97,22 @@ def test_pilot_settings_take_overrides_on_the_budget_and_on_its_runs():
         pilot_settings("huge")
 
 
+def test_the_cifar_teacher_default_yields_to_a_tokenizer_override(tmp_path: Path, monkeypatch):
+    """On CIFAR-10 the pilot gives MAETok the ResNet teacher; an explicit `--tokenizer-set model.aux_targets=...`
+    (an ablation: HOG only) must replace it, not be replaced by it. Other variants get no teacher."""
+    from maetok.pilot import Pilot
+
+    monkeypatch.setattr(Pilot, "is_cifar10", lambda self: True)
+    names = lambda cfg: [t.name for t in cfg.model.aux_targets]  # noqa: E731
+    default = Pilot("shapes", ["maetok"], "smoke", tmp_path)
+    assert names(default.tokenizer_config("maetok", 1)) == ["hog", "resnet-cifar"]
+    hog_only = pilot_settings("smoke", tokenizer_set=["model.aux_targets=[{name: hog, weight: 1.0}]"])
+    ablation = Pilot("shapes", ["maetok"], "smoke", tmp_path, settings=hog_only)
+    assert names(ablation.tokenizer_config("maetok", 1)) == ["hog"]
+    assert names(ablation.tokenizer_config("maetok", 2, str(tmp_path / "maetok" / "tokenizer"))) == ["hog"]
+    assert default.tokenizer_config("ae", 1).model.variant == "ae"
+
+
 def _image_folder(root: Path, splits: dict[str, int], size: int = 32) -> Path:
     """An ImageNet-layout folder: two colour classes, `n` PNGs per class in each split."""
     from PIL import Image

@@ -370,11 +370,13 @@ class Pilot:
         b = self.b
         over = [f"model.variant={variant}", f"model.image_size={b.image_size}", f"data.image_size={b.image_size}",
                 f"data.spec={self.spec}", "data.split=train", f"data.limit={b.n_train}",
-                f"train.steps={b.tokenizer_steps}", f"loss.kl_weight={b.vae_kl_weight}", *b.tokenizer]
+                f"train.steps={b.tokenizer_steps}", f"loss.kl_weight={b.vae_kl_weight}"]
         if self.is_cifar10() and variant == "maetok":
             # Small-scale semantic teacher: the CIFAR ResNet-56 stands in for DINOv2/SigLIP (cannot be had here).
+            # A default, so it goes before the budget's overrides: `--tokenizer-set model.aux_targets=...` wins.
             over.append("model.aux_targets=[{name: hog, weight: 1.0}, {name: resnet-cifar, weight: 1.0, "
                         "options: {arch: resnet56, layer: layer2}}]")
+        over += b.tokenizer
         if stage == 2:
             over += ["stage=2", f"decoder_ft.init_from={init_from}", f"train.steps={b.decoder_ft_steps}",
                      f"decoder_ft.anneal_steps={max(1, b.decoder_ft_steps // 2)}", "train.optim.warmup_steps=0"]
