@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                  settings=pilot_settings(args.budget, args.overrides))
     base.open_data()
     base.build_feature_net()
-    base.ref_feats = base.features(base.real_batches(base.test_set, base.b.n_eval))
+    base.set_reference()
     result = {"machine": machine(args.device), "date": utc_now(), "settings": settings,
               # the rate the budget's own runs use (its override, else the preset's)
               "budget_lr": base.tokenizer_config(args.variants[0], 1).train.optim.lr,

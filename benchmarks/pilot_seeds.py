@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
                   settings=from_dict(PilotBudget, plan["settings"]))
     pilot.open_data()
     pilot.build_feature_net()
-    pilot.ref_feats = pilot.features(pilot.real_batches(pilot.test_set, pilot.b.n_eval))
+    pilot.set_reference()
     out = args.pilot / "seeds"
     results_path = out / "seeds.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}

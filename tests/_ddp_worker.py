@@ -320,6 +320,40 @@ def scenario_eval(out: Path, info: DistInfo, inputs: Path) -> None:
         _json(out / f"cli-{what}-{info.rank}.json", {"code": code, "stdout": printed.getvalue()})
 
 
+def pilot_evaluation(inputs: Path, out: Path, info: DistInfo | None) -> dict:
+    """The pilot's evaluation on a fixed tokenizer, SiT and feature network: the real-data floor, reconstruction
+    and generation, 13 images each (unequal shares), and how many images this process embedded."""
+    import shutil
+
+    from maetok.pilot import Pilot, pilot_settings
+    from maetok.tokenizer import MAETok
+
+    settings = pilot_settings("smoke", ["n_eval=13", "image_size=16", "sample_steps=3"])
+    pilot = Pilot("shapes", ["ae"], "smoke", out, dist=info, settings=settings)
+    vdir = out / "ae"
+    if info is None or info.is_main:
+        shutil.copytree(inputs / "sit", vdir / "diffusion" / "model")
+    if info is not None:
+        dist.barrier()
+    pilot.open_data()
+    pilot.feature_net = net = toy_feature_net()
+    embedded, embed = [0], net.embed
+
+    def counting_embed(images):
+        embedded[0] += len(images)
+        return embed(images)
+
+    net.embed = counting_embed
+    pilot.ref_feats = pilot.features(pilot.first(pilot.test_set, pilot.n_eval))
+    tok = MAETok.from_pretrained(inputs / "tok")
+    return {"floor": pilot.real_floor(), "recon": pilot.eval_reconstruction(tok, vdir),
+            "gen": pilot.eval_generation(vdir, tok, None, 1.5, vdir / "samples"), "embedded": embedded[0]}
+
+
+def scenario_pilot_eval(out: Path, info: DistInfo, inputs: Path) -> None:
+    _json(out / f"result-{info.rank}.json", pilot_evaluation(inputs, out, info))
+
+
 def scenario_latents(out: Path, info: DistInfo, inputs: Path) -> None:
     """A latent cache of 32 images in shards of 5: rank 0 encodes shards 0, 2, 4, 6 and rank 1 the others."""
     import contextlib
@@ -397,7 +431,8 @@ def scenario_refused_run_dir(out: Path, info: DistInfo, inputs: Path) -> None:
 # Control-flow scenarios last: if one deadlocks, the collective timeout breaks the group for what follows.
 SCENARIOS = {"tok_ae": scenario_tok_ae, "tok_gan": scenario_tok_gan, "tok_masks": scenario_tok_masks,
              "sit": scenario_sit, "diffusion_run": scenario_diffusion_run, "sample": scenario_sample,
-             "eval": scenario_eval, "latents": scenario_latents, "pilot_stage": scenario_pilot_stage,
+             "eval": scenario_eval, "pilot_eval": scenario_pilot_eval, "latents": scenario_latents,
+             "pilot_stage": scenario_pilot_stage,
              "refused_run_dir": scenario_refused_run_dir,
              "nan": scenario_nan, "sigterm": scenario_sigterm}
 

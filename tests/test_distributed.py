@@ -280,6 +280,26 @@ def test_sharded_evaluation_equals_single_process(ddp: DDPRun, tmp_path: Path):
         assert shared and shared == pytest.approx({k: api_result["metrics"][k] for k in shared}), what
 
 
+def test_pilot_evaluation_is_sharded_and_equals_single_process(ddp: DDPRun, tmp_path: Path):
+    """Under torchrun the pilot's evaluation stages split the work: each rank embeds its share of the references,
+    reconstructions and samples, and rank 0's metrics equal one process's."""
+    folder = ddp.check("pilot_eval")
+    results = [json.loads((folder / f"result-{r}.json").read_text()) for r in (0, 1)]
+    single = W.pilot_evaluation(ddp.inputs, tmp_path, None)
+    # Held-out reference, training floor, reconstructions, samples: 4 x 13 images, shares of 7 and 6.
+    assert single["embedded"] == 52 and [r["embedded"] for r in results] == [28, 24]
+    assert results[0]["floor"] == results[1]["floor"] and results[0]["recon"] == results[1]["recon"]
+    assert results[1]["gen"] == {}  # rank 0 computes the generation metrics from everyone's features
+    for kind in ("floor", "recon", "gen"):
+        got, want = results[0][kind], single[kind]
+        want.pop("sampling_images_per_s", None), got.pop("sampling_images_per_s", None)
+        assert got.keys() == want.keys() and got, kind
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (kind, key)
+    assert {"rfid[resnet20-cifar10-random]@13", "psnr@13", "ssim@13"} <= results[0]["recon"].keys()
+    assert (folder / "ae" / "reconstructions.png").is_file()
+
+
 def test_sharded_latent_cache_equals_single_process(ddp: DDPRun, tmp_path: Path):
     from maetok.data import open_dataset
     from maetok.data.latents import LatentDataset, cache_latents

@@ -27,11 +27,13 @@ TINY = ["model.image_size=16", "data.image_size=16", "model.patch_size=4", "mode
         "loss.gan.lecam_weight=0.01"]
 
 
-def _train(out: Path, steps: int, *extra: str, resume: bool = False) -> subprocess.Popen:
+def _train(out: Path, steps: int, *extra: str, resume: bool = False, new_session: bool = False) -> subprocess.Popen:
+    """`maetok tokenizer train` of the TINY model; `new_session`: in its own process group, as a job's."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "maetok.cli", "tokenizer", "train", "--config", "cpu-32", "--out", str(out),
            "--device", "cpu", *(["--resume"] if resume else []), *TINY, f"train.steps={steps}", *extra]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=new_session)
 
 
 def _final_state(out: Path) -> dict[str, torch.Tensor]:
@@ -157,7 +159,7 @@ def _toy_trainer(out: Path, steps: int, hook=None, **train):
 
     data = torch.utils.data.TensorDataset(torch.randn(32, 2, generator=torch.Generator().manual_seed(1)),
                                           torch.zeros(32))
-    cfg = TrainConfig(steps=steps, batch_size=4, log_every=1, ckpt_every=100, **train)
+    cfg = TrainConfig(steps=steps, batch_size=4, **{"log_every": 1, "ckpt_every": 100, **train})
     out.mkdir(parents=True, exist_ok=True)
     return Trainer(LinearTask(), cfg, data, out, cfg, DistInfo())
 
@@ -203,6 +205,71 @@ def test_a_signal_during_a_skipped_step_still_stops_with_a_checkpoint(tmp_path: 
     assert state["step"] == 3 and state["counters"]["skipped_steps"] == 1
 
 
+def test_a_skipped_last_step_still_writes_the_final_checkpoint(tmp_path: Path):
+    """Checkpoints, images and stops do not depend on whether the step was skipped: a non-finite last step of a
+    run that checkpoints only at its end must not leave it finished with no checkpoint."""
+    trainer = _toy_trainer(tmp_path, 4, lambda call, loss: loss * float("nan") if call == 4 else loss)
+    summary = trainer.fit()
+    assert summary["finished"] and summary["skipped_steps"] == 1
+    assert load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"))["step"] == 4
+
+
+def test_resume_continues_from_the_emergency_checkpoint(tmp_path: Path):
+    """The emergency checkpoint is what --resume reads (it is newer than the last regular one), and the learning
+    rate may change on resume: the way out the error message gives."""
+    trainer = _toy_trainer(tmp_path, 12, lambda call, loss: loss * float("nan") if call in (4, 5, 6) else loss,
+                           max_bad_steps=3, ckpt_every=2)
+    with pytest.raises(FloatingPointError, match=r"--resume continues from there(.|\n)*train.optim.lr="):
+        trainer.fit()
+    ckpt = latest_checkpoint(tmp_path / "checkpoints")
+    assert ckpt.name == "emergency-00000006.pt"  # steps 4-6 skipped; the last regular checkpoint is at step 4
+    good = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    resumed = _toy_trainer(tmp_path, 12, ckpt_every=2)
+    assert resumed.try_resume() and resumed.step == 6
+    assert all(torch.equal(resumed.model.state_dict()[k], v) for k, v in good.items())
+    assert resumed.fit()["finished"] and latest_checkpoint(tmp_path / "checkpoints").name == "ckpt-00000012.pt"
+
+
+def test_a_resumed_run_logs_each_step_once_and_clears_dead_temporaries(tmp_path: Path):
+    """Steps logged after the checkpoint a run resumes from are dropped from log.jsonl before they are logged
+    again; a temporary file a killed save left behind is removed."""
+    import json
+
+    _toy_trainer(tmp_path, 6, ckpt_every=2).fit()
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "ckpt-00000006.pt").unlink()  # as if killed between the step-6 log record and its checkpoint
+    (ckpts / "last").write_text("ckpt-00000004.pt")
+    (ckpts / ".ckpt-00000006.pt.tmp-12345").write_bytes(b"half a checkpoint")
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')  # a record cut short by the kill
+    resumed = _toy_trainer(tmp_path, 6, ckpt_every=2)
+    assert resumed.try_resume() and resumed.step == 4
+    resumed.fit()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert not list(ckpts.glob(".*.tmp-*"))
+
+
+def test_a_corrupt_latest_checkpoint_names_the_one_to_fall_back_on(tmp_path: Path):
+    _toy_trainer(tmp_path, 4, ckpt_every=2).fit()
+    (tmp_path / "checkpoints" / "ckpt-00000004.pt").write_bytes(b"truncated")
+    with pytest.raises(ValueError, match=r"ckpt-00000004.pt: cannot be loaded(.|\n)*delete it to resume from the "
+                                         r"one before \(ckpt-00000002.pt\)"):
+        _toy_trainer(tmp_path, 4, ckpt_every=2).try_resume()
+
+
+def test_a_checkpoint_records_the_dataset_size_and_warns_when_it_changed(tmp_path: Path, caplog):
+    trainer = _toy_trainer(tmp_path, 2)
+    trainer.fit()
+    state = load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"))
+    assert state["data_position"]["num_items"] == 32 and "cuda_device" not in state["rng"]
+    resumed = _toy_trainer(tmp_path, 2)
+    resumed.dataset = torch.utils.data.Subset(resumed.dataset, range(28))
+    with caplog.at_level("WARNING"):
+        resumed.try_resume()
+    assert "had 32 items when the checkpoint was written and has 28 now" in caplog.text
+
+
 def test_a_model_that_fails_to_compile_trains_eagerly(tmp_path: Path, failing_compile, caplog):
     weights = []
     for compile in (False, True):
@@ -214,13 +281,20 @@ def test_a_model_that_fails_to_compile_trains_eagerly(tmp_path: Path, failing_co
     torch.testing.assert_close(weights[1], weights[0], rtol=0, atol=0)  # the same steps, eagerly
 
 
-def test_sigterm_writes_a_final_checkpoint_and_exits_143(tmp_path: Path):
-    proc = _train(tmp_path / "run", 10_000, "train.ckpt_every=100000")
+@pytest.mark.parametrize("to", ["process", "job"])
+def test_sigterm_writes_a_final_checkpoint_and_exits_143(tmp_path: Path, to: str):
+    """`job`: a scheduler (Slurm's scancel, a time limit) signals every process of the job, DataLoader workers
+    included; a worker killed by it must not make the run crash instead of saving."""
+    workers = ["data.num_workers=2"] if to == "job" else []
+    proc = _train(tmp_path / "run", 10_000, "train.ckpt_every=100000", *workers, new_session=to == "job")
     deadline = time.time() + 120
     log = tmp_path / "run" / "log.jsonl"
     while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    if to == "job":
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     # Non-zero, as a process killed by it would exit: a job scheduler must not take a pre-empted run as finished.
     assert proc.returncode == 128 + signal.SIGTERM, out

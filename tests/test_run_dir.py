@@ -74,10 +74,10 @@ def test_resume_applies_allowed_changes_with_a_log_line(run: Path, caplog):
 def test_resume_refuses_conflicting_overrides_and_touches_nothing(run: Path):
     before = _snapshot(run)
     with pytest.raises(ConfigError) as e:
-        run_tokenizer(_cfg("train.batch_size=4", "train.optim.lr=1e-3", "train.seed=3", "train.steps=5"), run,
-                      resume=True, device="cpu")
+        run_tokenizer(_cfg("train.batch_size=4", "train.optim.weight_decay=0.5", "train.seed=3", "train.steps=5"),
+                      run, resume=True, device="cpu")
     msg = str(e.value)
-    for line in ("train.batch_size: saved 8, requested 4", "train.optim.lr: saved 0.0004, requested 0.001",
+    for line in ("train.batch_size: saved 8, requested 4", "train.optim.weight_decay: saved 0.0001, requested 0.5",
                  "train.seed: saved 0, requested 3"):
         assert line in msg
     assert "train.steps: saved" not in msg and "--force" in msg and "new run" in msg

@@ -232,6 +232,13 @@ class SampleConfig:
             raise ConfigError(f"{key}.cfg_scale={self.cfg_scale} must be >= 0")
         if not 0.0 < self.sde_t_min < 1.0:
             raise ConfigError(f"{key}.sde_t_min={self.sde_t_min} must lie in (0, 1)")
+        check_seed(self.seed, f"{key}.seed")
+
+
+def check_seed(seed: int, key: str) -> None:
+    """Seeds are mixed with steps and ranks into generator seeds; [0, 2^32) keeps every mix in range."""
+    if not 0 <= seed < 2**32:
+        raise ConfigError(f"{key}={seed} must lie in [0, 2^32)")
 
 
 # ==============================================================================================================
@@ -274,6 +281,8 @@ class OptimConfig:
             raise ConfigError(f"{key}.betas={list(self.betas)} must lie in [0, 1)")
         if self.warmup_steps < 0 or self.grad_clip < 0:
             raise ConfigError(f"{key}.warmup_steps and {key}.grad_clip must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"{key}.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
 
 
 @dataclass
@@ -294,6 +303,7 @@ class TrainConfig:
     def validate(self, key: str) -> None:
         if self.steps < 0 or self.batch_size <= 0:
             raise ConfigError(f"{key}.steps must be >= 0 and {key}.batch_size > 0")
+        check_seed(self.seed, f"{key}.seed")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"{key}.ema_decay={self.ema_decay} must lie in [0, 1)")
         if self.keep_last < 1 or self.ckpt_every < 1 or self.log_every < 1 or self.image_every < 1:
@@ -408,6 +418,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         raise ConfigError(f"{key} must be an integer, got {type(value).__name__}: {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # YAML's .nan / .inf: no setting here means anything with them
+                raise ConfigError(f"{key} must be a finite number, got {value!r}")
             return float(value)
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string; people write it anyway
             try:

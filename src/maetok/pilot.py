@@ -7,8 +7,9 @@ K (one PCA dimension for all), linear-probe accuracy, parameters, GFLOPs and thr
 `report.json`, PNG grids and plots.
 Every stage writes its result to disk before the next starts, so re-running with --resume continues.
 
-Under torchrun every rank runs the training stages (DDP), latent caching and generation (sharded); rank 0
-alone evaluates and writes the report while the others wait at a barrier.
+Under torchrun every rank runs the training stages (DDP), and shares latent caching, generation and the
+feature extraction of every FID (each rank its contiguous share); rank 0 alone computes the metrics from the
+gathered features, fits the latent analysis and writes the report while the others wait at a barrier.
 """
 from __future__ import annotations
 
@@ -143,8 +144,8 @@ def _jsonable(x: Any):
 class Stage:
     """Run `fn` once: its result (a dict) is stored under `key` in results.json; later runs reuse it.
 
-    Under torchrun, rank 0 runs a stage alone unless `every_rank` (training, latent caching, sampling), rank 0
-    alone writes the file, and no rank leaves a stage before all have finished it. Every rank reads the file when
+    Under torchrun, rank 0 runs a stage alone unless `every_rank` (training, latent caching, sampling,
+    evaluation), rank 0 alone writes the file, and no rank leaves a stage before all have finished it. Every rank reads the file when
     the Stage is made, at the same point of the pilot and before any rank may write it, so all ranks agree on
     which stages are still to run.
     """
@@ -325,20 +326,29 @@ class Pilot:
                 "why": "no pretrained feature network for this data: a small CNN trained on its training split"}
 
     def features(self, images, net=None) -> Any:
-        """Features under the pilot's feature net (or `net`) of a tensor/uint8 array or an iterable of batches.
-        The Inception network (~5 images/s on a CPU) shows a progress bar; the small networks finish at once."""
-        from .eval.features import extract_features
+        """Features under the pilot's feature net (or `net`) of a Dataset, uint8 NHWC array or float tensor. Under
+        torchrun every rank embeds a share and receives them all, in order. The Inception network (~5 images/s
+        on a CPU) shows a progress bar; the small networks finish at once."""
+        from .eval.features import features_of
 
         slow = net is not None and net.name == "inception"
-        return extract_features(net or self.feature_net, images, batch_size=256, progress=slow, device=self.device)
+        return features_of(net or self.feature_net, images, batch_size=256, progress=slow, dist=self.dist,
+                           num_workers=self.loader_workers)
 
-    def real_batches(self, dataset, n: int, batch_size: int = 256):
-        """The first `n` images of `dataset` in batches (with their labels): at 256 px and tens of thousands of
-        images they never all sit in memory at once. On a GPU, worker processes decode while it computes."""
-        from torch.utils.data import DataLoader, Subset
+    @property
+    def loader_workers(self) -> int:
+        """On a GPU, worker processes decode images while it computes; on a CPU they would compete with it."""
+        return 4 if self.device.type == "cuda" else 0
 
-        return DataLoader(Subset(dataset, range(min(n, len(dataset)))), batch_size=batch_size, shuffle=False,
-                          num_workers=4 if self.device.type == "cuda" else 0)
+    def first(self, dataset, n: int):
+        """The first `n` items of `dataset` (all of them when it is smaller)."""
+        from torch.utils.data import Subset
+
+        return Subset(dataset, range(min(n, len(dataset))))
+
+    def set_reference(self) -> None:
+        """Features of the held-out set under the feature network: every FID's reference (all ranks at once)."""
+        self.ref_feats = self.features(self.first(self.test_set, self.n_eval))
 
     def real_images(self, dataset, n: int) -> torch.Tensor:
         n = min(n, len(dataset))
@@ -349,13 +359,10 @@ class Pilot:
         CPU), shared by every variant's rFID and gFID."""
         from .eval.api import reference_features
 
-        if self._inception_ref is None:
-            from torch.utils.data import Subset
-
-            held_out = Subset(self.test_set, range(self.n_eval))
-            self._inception_ref, _ = reference_features(held_out, self.inception_net(), batch_size=64,
-                                                        stats_cache=self.out / "reference-inception.npz",
-                                                        progress=True)
+        if self._inception_ref is None:  # every rank calls this at the same point: the ranks share the work
+            self._inception_ref, _ = reference_features(self.first(self.test_set, self.n_eval), self.inception_net(),
+                                                        batch_size=64, stats_cache=self.out / "reference-inception.npz",
+                                                        progress=True, dist=self.dist)
         return self._inception_ref
 
     def inception_net(self):
@@ -399,7 +406,7 @@ class Pilot:
         tok_dir = self.train_tokenizer(variant, stage)
         tok = MAETok.from_pretrained(tok_dir / "model").to(self.device)
 
-        stage("reconstruction", lambda: self.eval_reconstruction(tok, vdir))
+        stage("reconstruction", lambda: self.eval_reconstruction(tok, vdir), every_rank=True)
         stage("latents", lambda: {  # under torchrun the ranks encode alternate shards
             "train": str(cache_latents(tok, self.train_set, vdir / "latents-train", flip=b.cache_flip,
                                        device=self.device, batch_size=256, dist=self.dist)),
@@ -449,38 +456,48 @@ class Pilot:
 
     @torch.no_grad()
     def eval_reconstruction(self, tok, vdir: Path) -> dict:
-        """rFID (+ Inception rFID), PSNR and SSIM of the held-out set, one batch at a time."""
-        from .data.images import save_image_grid
-        from .eval.features import concat_features
-        from .eval.fid import fid
-        from .eval.recon import psnr, ssim
+        """rFID (+ Inception rFID), PSNR and SSIM of the held-out set, one batch at a time; under torchrun each
+        rank reconstructs a contiguous share, and every rank returns the same result. Reconstructions are
+        rounded to uint8 levels first, as `maetok eval recon` does (and as generated samples are)."""
+        from torch.utils.data import DataLoader, Subset
+        from tqdm.auto import tqdm
 
-        feats, inception_feats, psnrs, ssims, grid = [], [], [], [], []
-        for x, _ in self.real_batches(self.test_set, self.n_eval):
+        from .data.images import save_image_grid
+        from .eval.features import extract_features, gather_features
+        from .eval.fid import fid
+        from .eval.recon import ReconstructionMetrics, to_uint8_levels
+        from .train.distributed import shard_range
+
+        nets = [self.feature_net] + ([self.inception_net()] if self.inception else [])
+        feats: list[list] = [[] for _ in nets]
+        meter, grid = ReconstructionMetrics(lpips=None), []
+        share = Subset(self.test_set, shard_range(self.n_eval, self.dist))
+        loader = DataLoader(share, batch_size=256, shuffle=False, num_workers=self.loader_workers)
+        for x, _ in tqdm(loader, desc="reconstruct", disable=not self.dist.is_main, dynamic_ncols=True):
             x = x.to(self.device)
-            recon = tok.decode(tok.encode(x)).clamp(-1, 1)
-            feats.append(self.features(recon))
-            if self.inception:
-                inception_feats.append(self.features(recon, self.inception_net()))
-            psnrs.append(psnr(recon, x).cpu())
-            ssims.append(ssim(recon, x).cpu())
-            if not grid:
+            recon = to_uint8_levels(tok.decode(tok.encode(x)).float())
+            meter.update(recon, x)
+            for net, net_feats in zip(nets, feats):
+                net_feats.append(extract_features(net, recon, batch_size=256, progress=False))
+            if not grid:  # rank 0's share starts at the first image
                 n = min(16, len(x))
                 grid = [t.cpu() for i in range(0, n, 8) for t in (x[i:i + 8], recon[i:i + 8])]
-        save_image_grid(torch.cat(grid), vdir / "reconstructions.png", nrow=8)
-        recon_feats = concat_features(feats)
-        out = {("r" + k): v for k, v in fid(recon_feats, self.ref_feats).items()}
-        count = recon_feats.n
-        out |= {f"psnr@{count}": torch.cat(psnrs).mean().item(), f"ssim@{count}": torch.cat(ssims).mean().item()}
+        if self.dist.enabled:
+            meter.all_gather(self.dist)
+        recon_feats = [gather_features(f, self.dist) for f in feats]
+        if self.dist.is_main:
+            save_image_grid(torch.cat(grid), vdir / "reconstructions.png", nrow=8)
+        out = {("r" + k): v for k, v in fid(recon_feats[0], self.ref_feats).items()}
+        out |= meter.compute()  # psnr@N, ssim@N
         if self.inception:
-            out |= {("r" + k): v for k, v in fid(concat_features(inception_feats), self.inception_reference()).items()}
+            out |= {("r" + k): v for k, v in fid(recon_feats[1], self.inception_reference()).items()}
         return out
 
     def eval_generation(self, vdir: Path, tok, dcfg: DiffusionRunConfig, scale: float, out_dir: Path) -> dict:
         from .config import SampleConfig, from_dict
         from .diffusion.generate import generate_to_dir
         from .diffusion.sit import SiT
-        from .eval.fid import fid, generation_metrics
+        from .eval.fid import fid, generation_metrics, load_adm_images
 
         b = self.b
         model = SiT.from_pretrained(vdir / "diffusion" / "model").to(self.device)
@@ -490,15 +507,17 @@ class Pilot:
         path = generate_to_dir(model, tok, self.n_eval, scfg, out_dir, balanced=True, batch_size=250,
                                device=self.device, progress=True)  # sharded across ranks under torchrun
         gen_s = time.perf_counter() - t0
-        if not self.dist.is_main:
+        # uint8 NHWC, memory-mapped: each rank reads only the share it embeds (50k images at 256 px are 10 GB)
+        images = load_adm_images(path, lazy=True)
+        feats = self.features(images)
+        inception = (self.features(images, self.inception_net()), self.inception_reference()) if self.inception \
+            else None
+        if not self.dist.is_main:  # the metrics below are cheap next to the features: rank 0 computes them
             return {}
-        with np.load(path) as z:
-            images = z["arr_0"]  # uint8 NHWC, converted to float one batch at a time
-        metrics = generation_metrics(self.features(images), self.ref_feats, kid_subsets=50)
+        metrics = generation_metrics(feats, self.ref_feats, kid_subsets=50)
         metrics = {("g" + k if k.startswith("fid") else k): v for k, v in metrics.items()}
-        if self.inception:
-            metrics |= {("g" + k): v for k, v in
-                        fid(self.features(images, self.inception_net()), self.inception_reference()).items()}
+        if inception:
+            metrics |= {("g" + k): v for k, v in fid(*inception).items()}
         metrics["sampling_images_per_s"] = len(images) / gen_s
         metrics["cfg_scale"] = scale
         return metrics
@@ -555,7 +574,7 @@ class Pilot:
         """FID of real training images against the held-out set at the same count: the best any model can do."""
         from .eval.fid import fid
 
-        real_train = self.features(self.real_batches(self.train_set, self.n_eval))
+        real_train = self.features(self.first(self.train_set, self.n_eval))
         return {("fid_train_vs_test" + k[3:]): v for k, v in fid(real_train, self.ref_feats).items()}
 
     def check_same_settings(self, plan: dict | None) -> None:
@@ -581,12 +600,11 @@ class Pilot:
         top("plan", lambda: {"data": self.spec, "variants": self.variants, "budget": self.budget_name,
                              "settings": to_dict(self.b), "device": str(self.device), "world_size": self.dist.world,
                              "torch": torch.__version__, "threads": torch.get_num_threads()})
-        top("feature_net", self.build_feature_net)
-        if self.dist.is_main:
-            if self.feature_net is None:
-                self.build_feature_net()
-            self.ref_feats = self.features(self.real_batches(self.test_set, self.n_eval))
-        top("real_floor", self.real_floor)
+        top("feature_net", self.build_feature_net)  # rank 0 trains it when there is no pretrained one
+        if self.feature_net is None:  # the other ranks, or a resumed pilot: load what rank 0 made
+            self.build_feature_net()
+        self.set_reference()
+        top("real_floor", self.real_floor, every_rank=True)
         per_variant = {v: self.run_variant(v) for v in self.variants}
         analysis = top("latent_analysis", self.latent_analysis)
         if not self.dist.is_main:

@@ -9,7 +9,7 @@ from .fid import (FeatureStats, fid, frechet_distance, generation_metrics, incep
                   metric_name, precision_recall, reference_stats)
 from .latent_analysis import (GMMResult, flatten_latents, gmm_analysis, linear_probe, pca_dim_for_variance,
                               plot_gmm_nll, shared_pca_dim, token_statistics)
-from .recon import ReconstructionMetrics, psnr, reconstruction_metrics, ssim
+from .recon import ReconstructionMetrics, psnr, reconstruction_metrics, ssim, to_uint8_levels
 
 __all__ = [
     "FeatureNet", "FeatureSet", "available_feature_nets", "build_feature_net", "extract_features",
@@ -18,5 +18,5 @@ __all__ = [
     "metric_name", "precision_recall", "reference_stats",
     "GMMResult", "flatten_latents", "gmm_analysis", "linear_probe", "pca_dim_for_variance", "plot_gmm_nll",
     "shared_pca_dim", "token_statistics",
-    "ReconstructionMetrics", "psnr", "reconstruction_metrics", "ssim",
+    "ReconstructionMetrics", "psnr", "reconstruction_metrics", "ssim", "to_uint8_levels",
 ]

@@ -27,11 +27,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..config import ConfigError
 from ..train.distributed import DistInfo, all_gather_list, barrier, resolve_device, shard_range
-from .features import (FeatureNet, FeatureSet, available_feature_nets, build_feature_net, concat_features,
-                       extract_features, features_of)
+from .features import (FeatureNet, FeatureSet, available_feature_nets, build_feature_net,
+                       extract_features, features_of, gather_features)
 from .fid import (FeatureStats, fid, inception_score, kid, load_adm_images, metric_name, precision_recall)
 from .latent_analysis import (gmm_analysis, linear_probe, pca_dim_for_variance, plot_gmm_nll, token_statistics)
-from .recon import ReconstructionMetrics
+from .recon import ReconstructionMetrics, to_uint8_levels
 
 log = logging.getLogger("maetok.eval")
 
@@ -306,12 +306,6 @@ def evaluate_generation(samples, reference, feature_net: FeatureNet | str = "inc
 # ==============================================================================================================
 # Reconstruction
 # ==============================================================================================================
-def _to_uint8_levels(images: torch.Tensor) -> torch.Tensor:
-    """Clamp and round to the 256 levels an image file holds: reconstructions are measured as they would be
-    saved, like generated samples (which are uint8), so rFID and gFID see the same kind of input."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
-
-
 @torch.no_grad()
 def evaluate_reconstruction(tokenizer, dataset: Dataset, feature_net: FeatureNet | str | None = None, *,
                             batch_size: int = 64, device: str | torch.device = "cpu", lpips="auto",
@@ -335,7 +329,7 @@ def evaluate_reconstruction(tokenizer, dataset: Dataset, feature_net: FeatureNet
     main = dist is None or dist.is_main
     for images, _ in tqdm(loader, desc="reconstruct", disable=not (progress and main), dynamic_ncols=True):
         x = images.to(device)
-        recon = _to_uint8_levels(tokenizer.decode(tokenizer.encode(x)).float())
+        recon = to_uint8_levels(tokenizer.decode(tokenizer.encode(x)).float())
         meter.update(recon, x)
         if net is not None:
             rec_feats.append(extract_features(net, recon, batch_size, progress=False))
@@ -343,15 +337,14 @@ def evaluate_reconstruction(tokenizer, dataset: Dataset, feature_net: FeatureNet
                 ref_feats.append(extract_features(net, x, batch_size, progress=False))
     if sharded:
         meter.all_gather(dist)
-        rec_feats, ref_feats = all_gather_list(rec_feats, dist), all_gather_list(ref_feats, dist)
     metrics: dict[str, Any] = dict(meter.compute())
     skipped = {"lpips": metrics.pop("lpips_skipped")} if "lpips_skipped" in metrics else {}
     out: dict[str, Any] = {"kind": "reconstruction", "num_images": len(dataset),
                            "image_size": int(tokenizer.config.image_size)}
     if net is not None:
-        evaluated = concat_features(rec_feats)
+        evaluated = gather_features(rec_feats, dist)  # every rank's, in rank order
         if ref is None:
-            ref = concat_features(ref_feats)
+            ref = gather_features(ref_feats, dist)
             if cache is not None:
                 _save_cache_once(cache, ref, cache_key, dist)
                 out["reference_cached_to"] = str(cache)

@@ -199,27 +199,35 @@ def extract_features(net: FeatureNet, images_or_iterable, batch_size: int = 64, 
 
 
 def features_of(net: FeatureNet, source, batch_size: int = 64, progress: bool = True,
-                dist: DistInfo | None = None) -> FeatureSet:
+                dist: DistInfo | None = None, num_workers: int = 0) -> FeatureSet:
     """Features of every image of `source`: a Dataset of (image, label) items, a uint8 NHWC array, a float NCHW
     tensor, or (not shardable) an iterable of batches. With `dist` of several torchrun ranks, each rank embeds a
-    contiguous share and every rank receives the whole set in order, so what follows runs the same everywhere."""
+    contiguous share and every rank receives the whole set in order, so what follows runs the same everywhere.
+    `num_workers`: DataLoader processes decoding a Dataset's images (worth it for JPEGs feeding a GPU)."""
     shardable = isinstance(source, (Dataset, np.ndarray, torch.Tensor))
     if dist is None or not dist.enabled or not shardable:
-        return _features(net, source, batch_size, progress)
+        return _features(net, source, batch_size, progress, num_workers)
     share = shard_range(len(source), dist)
     part = Subset(source, share) if isinstance(source, Dataset) else source[share.start:share.stop]
-    mine = [_features(net, part, batch_size, progress and dist.is_main)] if len(share) else []
-    # Sent as float32, which is what the networks compute in (extract_features widens to float64): lossless,
-    # and half the bytes of 50k x 2048 Inception features going to every rank.
+    mine = [_features(net, part, batch_size, progress and dist.is_main, num_workers)] if len(share) else []
+    return gather_features(mine, dist)
+
+
+def gather_features(parts: list[FeatureSet], dist: DistInfo | None) -> FeatureSet:
+    """Every rank's feature sets (one network; a rank may have none), concatenated in rank order, on every rank.
+    Sent as float32, which is what the networks compute in (extract_features widens to float64): lossless, and
+    half the bytes of 50k x 2048 Inception features going to every rank."""
+    if dist is None or not dist.enabled:
+        return concat_features(parts)
     narrow = [FeatureSet(f.features.astype(np.float32), None if f.logits is None else f.logits.astype(np.float32),
-                         f.net) for f in mine]
+                         f.net) for f in parts]
     full = concat_features(all_gather_list(narrow, dist))
     return FeatureSet(full.features.astype(np.float64),
                       None if full.logits is None else full.logits.astype(np.float64), full.net)
 
 
-def _features(net: FeatureNet, source, batch_size: int, progress: bool) -> FeatureSet:
+def _features(net: FeatureNet, source, batch_size: int, progress: bool, num_workers: int = 0) -> FeatureSet:
     if isinstance(source, Dataset):
-        loader = DataLoader(source, batch_size=batch_size, shuffle=False)
+        loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=num_workers)
         return extract_features(net, loader, batch_size, progress, total=len(source))
     return extract_features(net, source, batch_size, progress)

@@ -16,6 +16,13 @@ import torch.nn.functional as F
 from .fid import metric_name
 
 
+def to_uint8_levels(images: torch.Tensor) -> torch.Tensor:
+    """Clamp [-1, 1] images and round them to the 256 levels an image file holds. Reconstructions are measured
+    as they would be saved, like generated samples (which are uint8), so rFID and gFID see the same kind of
+    input; `maetok eval recon` and the pilot both measure them so."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
 def _resolve_range(target: torch.Tensor, value_range: tuple[float, float] | None) -> tuple[float, float]:
     lo, hi = value_range if value_range is not None else ((0.0, 255.0) if target.dtype == torch.uint8 else (-1.0, 1.0))
     tol = 1e-3 * (hi - lo)

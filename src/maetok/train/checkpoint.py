@@ -15,7 +15,10 @@ from typing import Any
 import torch
 
 CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
+# Written when too many non-finite steps in a row stop a run: the last good weights, at the step it stopped.
+EMERGENCY_RE = re.compile(r"^emergency-(\d{8})\.pt$")
 LAST = "last"
+TMP_GLOB = ".*.tmp-*"  # atomic_write_bytes's temporary files
 
 
 def _fsync_dir(path: Path) -> None:
@@ -60,15 +63,39 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict[str, Any], keep_last:
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The checkpoint `last` names; falls back to the newest complete ckpt-*.pt if `last` is missing."""
+    """The checkpoint to resume from: the one `last` names (the newest complete ckpt-*.pt if `last` is missing),
+    or an emergency checkpoint written after it (a run stopped by non-finite steps continues from where it
+    stopped, e.g. with a lower learning rate)."""
     ckpt_dir = Path(ckpt_dir)
+    latest = None
     pointer = ckpt_dir / LAST
     if pointer.is_file():
         target = ckpt_dir / pointer.read_text().strip()
         if target.is_file():
-            return target
-    found = sorted(p for p in ckpt_dir.glob("ckpt-*.pt") if CKPT_RE.match(p.name))
-    return found[-1] if found else None
+            latest = target
+    if latest is None:
+        found = sorted(p for p in ckpt_dir.glob("ckpt-*.pt") if CKPT_RE.match(p.name))
+        latest = found[-1] if found else None
+    emergency = sorted(p for p in ckpt_dir.glob("emergency-*.pt") if EMERGENCY_RE.match(p.name))
+    if emergency and (latest is None or checkpoint_step(emergency[-1]) > checkpoint_step(latest)):
+        return emergency[-1]
+    return latest
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step in a checkpoint's file name (ckpt-00000500.pt, emergency-00000500.pt); -1 for other names."""
+    match = CKPT_RE.match(path.name) or EMERGENCY_RE.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def remove_stale_temporaries(ckpt_dir: Path) -> list[str]:
+    """Delete the temporary files a killed save left behind (full-size, never used). Call only while holding the
+    run directory: a live save's temporary file looks the same."""
+    removed = []
+    for tmp in Path(ckpt_dir).glob(TMP_GLOB) if Path(ckpt_dir).is_dir() else []:
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp.name)
+    return removed
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

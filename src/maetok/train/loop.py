@@ -35,7 +35,8 @@ import yaml
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import ConfigError, OptimConfig, TrainConfig, dump_yaml
-from .checkpoint import code_version, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (code_version, latest_checkpoint, load_checkpoint, remove_stale_temporaries,
+                         save_checkpoint)
 from .distributed import DistInfo, all_reduce_max_each, all_reduce_mean
 
 log = logging.getLogger("maetok.train")
@@ -460,9 +461,12 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": {"kind": f"warmup+{self.cfg.optim.schedule}", "step": self.step},
             "task": self.task.state_dict(),
+            # This process's GPU only: a state per visible GPU could not be restored with fewer visible.
             "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-            "data_position": {"step": self.step, "seed": self.cfg.seed, "global_batch": self.cfg.batch_size},
+                    **({"cuda_device": torch.cuda.get_rng_state(self.dist.device)}
+                       if self.dist.device.type == "cuda" else {})},
+            "data_position": {"step": self.step, "seed": self.cfg.seed, "global_batch": self.cfg.batch_size,
+                              "num_items": len(self.dataset)},
             "counters": {"skipped_steps": self.skipped_steps},
             "config": dump_yaml(self.run_config),
             "code_version": code_version(),
@@ -471,13 +475,29 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        # The device decides fused / foreach (fused AdamW on a GPU), not the machine the checkpoint came from;
+        # set before loading, which places each state tensor where those flags need it.
+        flags = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in self.optimizer.param_groups]
+        saved = state["optimizer"]
+        self.optimizer.load_state_dict({**saved, "param_groups": [{**g, **f} for g, f in
+                                                                  zip(saved["param_groups"], flags)]})
         self.task.load_state_dict(state["task"])
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("counters", {}).get("skipped_steps", 0))
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        if self.dist.device.type == "cuda":
+            own = rng.get("cuda_device")
+            if own is None and rng.get("cuda"):  # older checkpoints: one state per GPU visible then
+                index = self.dist.device.index if self.dist.device.index is not None else torch.cuda.current_device()
+                own = rng["cuda"][index] if index < len(rng["cuda"]) else None
+            if own is not None:
+                torch.cuda.set_rng_state(own.cpu(), self.dist.device)
+        saved_items = state.get("data_position", {}).get("num_items")
+        if saved_items is not None and saved_items != len(self.dataset):
+            log.warning("the dataset had %d items when the checkpoint was written and has %d now: the batches "
+                        "from here on are not the ones the interrupted run would have seen", saved_items,
+                        len(self.dataset))
 
     def save(self, name: str | None = None) -> Path | None:
         if not self.dist.is_main:
@@ -489,10 +509,15 @@ class Trainer:
         if ckpt is None:
             return False
         # Read on the CPU: RNG states must stay CPU byte tensors; modules and optimizer copy to their device.
-        state = load_checkpoint(ckpt, map_location="cpu")
+        try:
+            state = load_checkpoint(ckpt, map_location="cpu")
+        except ValueError as e:
+            older = sorted(p.name for p in ckpt.parent.glob("*.pt") if p != ckpt)
+            hint = (f"; delete it to resume from the one before ({', '.join(older)})" if older else "")
+            raise ValueError(f"{e}{hint}") from e
         try:
             self.load_state_dict(state)
-        except (RuntimeError, KeyError, ValueError) as e:
+        except (RuntimeError, KeyError, ValueError, IndexError) as e:
             raise ConfigError(f"{ckpt} does not fit the model built from the run's config ({type(e).__name__}: "
                               f"{str(e)[:500]}); was the checkpoint written by another run or version?") from e
         log.info("resumed from %s at step %d", ckpt, self.step)
@@ -504,7 +529,7 @@ class Trainer:
                                    self.dist.rank, self.dist.world)
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                             pin_memory=self.dist.device.type == "cuda", collate_fn=self.collate,
-                            persistent_workers=self.num_workers > 0,
+                            persistent_workers=self.num_workers > 0, worker_init_fn=_leave_stop_signals_to_main,
                             generator=torch.Generator().manual_seed(self.cfg.seed))
         return iter(loader)
 
@@ -525,6 +550,9 @@ class Trainer:
         cfg, dev = self.cfg, self.dist.device
         if self.dist.is_main:
             (self.out / "config.yaml").write_text(dump_yaml(self.run_config))
+            for name in remove_stale_temporaries(self.out / "checkpoints"):
+                log.warning("removed %s, left by a save that was killed", name)
+            _trim_log(self.out / "log.jsonl", self.step)
         previous = self._install_signals() if _in_main_thread() else {}
         batches = self._loader()
         log_f = open(self.out / "log.jsonl", "a") if self.dist.is_main else None
@@ -558,29 +586,26 @@ class Trainer:
                     torch.stack([bad.float(), torch.full((), float(local_signal), device=bad.device)]), self.dist)
                 stop = signal.Signals(int(agreed_signal)).name if agreed_signal else None
                 if bad_anywhere:
-                    self._skip_step(out)
-                    if stop:
-                        self._stop(stop, saved=False)
-                        break
-                    continue
-                self.bad_steps = 0
-                self.optimizer.step()
-                ema_update(self.ema, self.model, ema_decay_at(self.step, cfg.ema_decay))
-                extra = self.task.after_step(batch, self.step, out)
-                self.step += 1
-                n_last += _batch_size(batch) * self.dist.world
+                    self._skip_step(out)  # no update, no log record; checkpoints, images and stops as below
+                else:
+                    self.bad_steps = 0
+                    self.optimizer.step()
+                    ema_update(self.ema, self.model, ema_decay_at(self.step, cfg.ema_decay))
+                    extra = self.task.after_step(batch, self.step, out)
+                    self.step += 1
+                    n_last += _batch_size(batch) * self.dist.world
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        dt = time.perf_counter() - t_last
+                        record = {"step": self.step, "lr": lr, "grad_norm": float(gnorm),
+                                  "images_per_s": n_last / max(dt, 1e-9), **_scalars(out), **extra}
+                        record = {k: (float(all_reduce_mean(torch.tensor(v), self.dist)) if k.startswith("loss")
+                                      else v) for k, v in record.items()}
+                        if log_f:
+                            log_f.write(json.dumps(record) + "\n")
+                            log_f.flush()
+                        progress.set_postfix(loss=f"{record['loss']:.4f}", ips=f"{record['images_per_s']:.1f}")
+                        t_last, n_last = time.perf_counter(), 0
                 progress.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    dt = time.perf_counter() - t_last
-                    record = {"step": self.step, "lr": lr, "grad_norm": float(gnorm),
-                              "images_per_s": n_last / max(dt, 1e-9), **_scalars(out), **extra}
-                    record = {k: (float(all_reduce_mean(torch.tensor(v), self.dist)) if k.startswith("loss") else v)
-                              for k, v in record.items()}
-                    if log_f:
-                        log_f.write(json.dumps(record) + "\n")
-                        log_f.flush()
-                    progress.set_postfix(loss=f"{record['loss']:.4f}", ips=f"{record['images_per_s']:.1f}")
-                    t_last, n_last = time.perf_counter(), 0
                 if self.dist.is_main and (self.step % cfg.image_every == 0 or self.step == cfg.steps):
                     self.task.write_images(self.ema, self.step, self.out)
                 saved = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps
@@ -623,7 +648,37 @@ class Trainer:
             path = self.save(name=f"emergency-{self.step:08d}.pt")
             raise FloatingPointError(
                 f"{self.bad_steps} consecutive non-finite steps (up to step {self.step}); the last good weights "
-                f"are saved in {path}. Lower the learning rate or check the data, then resume from it.")
+                f"are saved in {path}, and --resume continues from there. Lower the learning rate (e.g. --resume "
+                f"train.optim.lr={self.cfg.optim.lr / 4:g}) or the gradient clip, or check the data.")
+
+
+def _leave_stop_signals_to_main(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT and SIGTERM: a scheduler (Slurm's scancel, a time limit, pre-emption)
+    signals every process of the job, and a worker killed by it made the main process raise instead of writing
+    its checkpoint. The main process stops them when it is done."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log records past `step` (written after the checkpoint a run resumes from), so that the resumed run
+    does not log those steps twice."""
+    if not path.is_file():
+        return
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except ValueError:  # a line cut short by a killed process
+            return False
+
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and keep(line)]
+    if len(kept) != len(lines):
+        from .checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(path, lambda f: f.write("".join(kept).encode()))
+        log.info("log.jsonl: dropped %d records past step %d, the checkpoint resumed from", len(lines) - len(kept),
+                 step)
 
 
 def rank_step_seed(seed: int, step: int, rank: int) -> int:

@@ -140,8 +140,10 @@ class _Session:
 # (workers, compile, precision, activation checkpointing) -- not what it computes. Entries ending in "." are
 # prefixes. Anything else differing from the saved config is refused.
 # decoder_ft.init_from: a resumed stage 2 reads nothing from it (its checkpoint holds the weights and the config)
+# train.optim.lr and grad_clip: the way out of a run stopped by non-finite steps (its emergency checkpoint).
 RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.image_every", "train.ckpt_every", "train.keep_last",
-                     "train.max_bad_steps", "train.compile", "train.precision", "data.num_workers",
+                     "train.max_bad_steps", "train.optim.lr", "train.optim.grad_clip", "train.compile",
+                     "train.precision", "data.num_workers",
                      "data.cache_dir", "model.grad_checkpointing", "teacher_precision", "stats_batches", "sample.",
                      "decoder_ft.init_from")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -242,8 +243,18 @@ class TokenizerTask(Task):
         self.disc_opt.zero_grad(set_to_none=True)
         d_loss.backward()
         _average_grads_across_ranks(self.disc)  # one discriminator for all ranks, as DDP would keep it
-        self.disc_opt.step()
-        return {"loss_disc": float(d_loss.detach())}
+        # The loop guards the generator's step; this guards the discriminator's, which would otherwise put
+        # non-finite weights into every later checkpoint. The averaged gradients are the same on every rank, so
+        # all take the same branch; one host sync, as the logged loss needs anyway.
+        grads = [p.grad for p in self.disc.parameters() if p.grad is not None]
+        d_value, d_norm = torch.stack([d_loss.detach().float(),
+                                       torch.nn.utils.get_total_norm(grads).float()]).tolist()
+        if math.isfinite(d_norm):
+            self.disc_opt.step()
+        else:
+            self.disc_opt.zero_grad(set_to_none=True)
+            log.warning("step %d: non-finite discriminator gradient; discriminator step skipped", step)
+        return {"loss_disc": d_value}
 
     def state_dict(self) -> dict[str, Any]:
         if self.disc is None:
