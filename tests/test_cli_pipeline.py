@@ -161,7 +161,10 @@ def test_unlabelled_latents_train_an_unconditional_model_only(runs, tmp_path, ca
     capsys.readouterr()
     assert train("conditional")[0] == 2 and not (tmp_path / "conditional").exists()
     assert "no class labels; set model.num_classes=0" in capsys.readouterr().err
-    code, out = train("unconditional", "model.num_classes=0")
+    # sit-cpu's preview grids use guidance, which needs classes: refused before the run, with the fix named.
+    assert train("guided", "model.num_classes=0")[0] == 2 and not (tmp_path / "guided").exists()
+    assert "add sample.cfg_scale=1" in capsys.readouterr().err
+    code, out = train("unconditional", "model.num_classes=0", "sample.cfg_scale=1")
     assert code == 0 and json.loads(out)["finished"], out
 
 

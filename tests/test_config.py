@@ -63,6 +63,9 @@ def test_bad_values_name_the_key(override, message):
 def test_cfg_interval_reversed_is_refused():
     with pytest.raises(ConfigError, match="cfg_interval"):
         from_dict(SampleConfig, {"cfg_interval": [0.8, 0.2]})
+    # Below 1 the samplers (as the official ones) do not guide at all: refused rather than silently ignored.
+    with pytest.raises(ConfigError, match=r"cfg_scale=0.5 must be >= 1 \(1 = no guidance"):
+        from_dict(SampleConfig, {"cfg_scale": 0.5})
     with pytest.raises(ConfigError, match="needs `latents`"):
         load_config(DiffusionRunConfig, None, [])
 

@@ -457,6 +457,8 @@ def test_shapes_are_deterministic_balanced_and_varied():
     big = ShapesDataset("val", 64, length=3)
     check_item(big[2], 64)
     assert "shapes" in big.describe()
+    with pytest.raises(DatasetError, match=r"shapes: no split 'tset'; choose one of \['test', 'train', 'val'\]"):
+        open_dataset("shapes", "tset", 32)  # a typo must not give yet another random set
 
 
 def test_shapes_class_is_visible_in_the_image():
@@ -509,3 +511,27 @@ def test_shared_tiny_imagenet_zip(shared_dir):
     assert ds.num_classes == 200 and ds.class_names[0].startswith("n")
     assert [ds[i][1] for i in range(4)] == [0, 1, 2, 3]
     check_item(ds[3], 64)
+
+
+def test_an_unfinished_latent_cache_is_finished_only_with_the_same_request(tmp_path: Path):
+    """Shards are resumed by name: finishing a cache with another tokenizer (or other data) would mix them."""
+    from maetok.config import TokenizerConfig
+    from maetok.data.latents import LatentDataset, cache_latents
+    from maetok.tokenizer import MAETok
+
+    def tok(seed: int):
+        torch.manual_seed(seed)
+        return MAETok(TokenizerConfig(image_size=16, patch_size=4, latent_tokens=4, latent_dim=4, enc_width=32,
+                                      enc_depth=1, enc_heads=2, dec_width=32, dec_depth=1, dec_heads=2, aux_targets=[],
+                                      latent_std=1.0 + seed))
+    data = open_dataset("shapes", "train", 16, limit=12)
+    out = cache_latents(tok(0), data, tmp_path / "c", shard_size=5, flip=False, progress=False)
+    (out / "meta.json").unlink()  # as if killed before the end
+    (out / "shard-00002.safetensors").unlink()
+    with pytest.raises(DatasetError, match="unfinished latent cache of another request .differs in .'tokenizer_config'"):
+        cache_latents(tok(1), data, out, shard_size=5, flip=False, progress=False)
+    with pytest.raises(DatasetError, match=r"differs in \['count'"):
+        cache_latents(tok(0), open_dataset("shapes", "train", 16, limit=11), out, shard_size=5, flip=False,
+                      progress=False)
+    cache_latents(tok(0), data, out, shard_size=5, flip=False, progress=False)  # the same request: finished
+    assert len(LatentDataset(out)) == 12

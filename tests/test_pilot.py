@@ -16,10 +16,11 @@ import torch.nn.functional as F
 
 from conftest import free_port
 from maetok.cli import main
-from maetok.config import ConfigError
+from maetok.config import ConfigError, to_dict
 from maetok.eval import features as features_module
 from maetok.eval.features import FeatureNet
-from maetok.pilot import BUDGETS, pilot_settings
+from maetok.pilot import BUDGETS, pilot_settings, run_pilot
+from maetok.train.loop import RunDirExists
 
 
 def _check_report(out: Path, variants: list[str]) -> dict:
@@ -149,7 +150,18 @@ def test_pilot_refuses_typos_before_any_work_and_before_force_deletes(tmp_path: 
     other.mkdir()
     (other / "chapter1.tex").write_text("x")
     assert main([*base[:-1], str(other), "--force"]) == 2
+    assert main([*base[:-1], str(other)]) == 2
     assert (other / "chapter1.tex").is_file()
+    with pytest.raises(RunDirExists, match="is not a maetok pilot .no pilot_results.json.; choose another --out"):
+        run_pilot("shapes", ["ae"], "smoke", other)  # not "pass --force", which it would refuse
+
+
+def test_a_resumed_pilot_with_another_budget_names_both(tmp_path: Path):
+    from maetok.pilot import Pilot
+
+    pilot = Pilot("shapes", ["ae"], "quick", tmp_path)
+    with pytest.raises(ConfigError, match="it ran --budget smoke, this asks for --budget quick"):
+        pilot.check_same_settings({"data": "shapes", "budget": "smoke", "settings": to_dict(BUDGETS["smoke"])})
 
 
 def test_an_interrupted_pilot_exits_with_the_signal(tmp_path: Path, monkeypatch):
@@ -180,8 +192,9 @@ def test_pilot_names_the_real_count_when_the_held_out_split_is_small(tmp_path: P
     assert "fewer than n_eval=64" in caplog.text
     # A folder with no held-out split at all is refused with the folder named.
     train_only = _image_folder(tmp_path / "train-only", {"train": 4})
-    with pytest.raises(DatasetError, match="held-out split"):
+    with pytest.raises(DatasetError, match=r"needs a held-out split, a test/ or val/ folder") as e:
         run_pilot(str(train_only), ["ae"], "smoke", tmp_path / "p2")
+    assert "--split" not in str(e.value)  # the loaders' advice is for other commands: the pilot has no --split
     assert not (tmp_path / "p2").exists()
 
 

@@ -270,6 +270,20 @@ def test_a_checkpoint_records_the_dataset_size_and_warns_when_it_changed(tmp_pat
     assert "had 32 items when the checkpoint was written and has 28 now" in caplog.text
 
 
+def test_the_checkpoint_is_written_before_the_preview_images(tmp_path: Path):
+    """A preview grid that fails (a bad sampler setting, a full disk) must not cost the steps since the last
+    checkpoint: the step's checkpoint is already on disk when the images are drawn."""
+    trainer = _toy_trainer(tmp_path, 4, ckpt_every=2, image_every=2)
+
+    def failing_images(*args):
+        raise OSError("No space left on device")
+
+    trainer.task.write_images = failing_images
+    with pytest.raises(OSError, match="No space left"):
+        trainer.fit()
+    assert load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"))["step"] == 2
+
+
 def test_a_model_that_fails_to_compile_trains_eagerly(tmp_path: Path, failing_compile, caplog):
     weights = []
     for compile in (False, True):

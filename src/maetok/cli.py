@@ -7,13 +7,16 @@
     maetok pilot --data zip:../shared/data/cifar10-jpeg.zip --budget standard --out runs/pilot-cifar
     maetok demo                      # the quick pilot on built-in shapes (the README's main command)
 
-Every training command takes dotted `key=value` overrides after its options. Counts are `--num-samples`
-(`--num` still works alone, but not under torchrun, whose parser reads it as an abbreviation of --numa-binding).
+Every training command takes dotted `key=value` overrides after its options. Commands writing into --out refuse
+one that already holds their output (`latents cache` resumes an unfinished cache); --force replaces it. Counts are
+`--num-samples` (`--num` still works alone, but not under torchrun, whose parser reads it as an abbreviation of
+--numa-binding).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -40,13 +43,13 @@ def _count(minimum: int):
     return parse
 
 
-def _non_negative_float(text: str) -> float:
+def _guidance_scale(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a number >= 1, got {text!r}") from None
+    if not (value >= 1 and math.isfinite(value)):  # also refuses nan; below 1 the samplers would not guide
+        raise argparse.ArgumentTypeError(f"must be a number >= 1 (1 = no guidance), got {text}")
     return value
 
 
@@ -74,7 +77,10 @@ def _device_type(indexed: bool):
         if name in ("auto", "cpu"):
             return name
         if not ((family == "cuda" and (not index or (indexed and index.isdigit()))) or (indexed and name == "mps")):
-            raise argparse.ArgumentTypeError(f"unknown device {text!r}; choose {forms}")
+            hints = {"cuda": " (this command places its processes itself: choose the GPU with CUDA_VISIBLE_DEVICES)",
+                     "mps": " (this command runs on CUDA or the CPU)"}
+            hint = "" if indexed else hints.get(family, "")
+            raise argparse.ArgumentTypeError(f"unknown device {text!r}; choose {forms}{hint}")
         import torch
 
         if family == "cuda":
@@ -113,17 +119,34 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _add_run_args(p: argparse.ArgumentParser, default_config: str) -> None:
+def _finished_output(out_arg: str, names: tuple[str, ...], what: str, force: bool) -> list[str]:
+    """Refuse an --out that already holds this command's finished output (`names`), unless --force; returns the
+    names present. It only reads files, so under torchrun every rank that calls it before any rank writes
+    reaches the same decision (and raises together, instead of leaving the others waiting in a collective)."""
+    out = Path(out_arg).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file; {what} are written into a folder")
+    present = [name for name in names if (out / name).exists()]
+    if present and not force:
+        raise CLIError(f"--out {out} already holds {what} ({', '.join(present)}); choose another --out, or pass "
+                       f"--force to replace them")
+    return present
+
+
+def _add_run_args(p: argparse.ArgumentParser, default_config: str, example: str) -> None:
     p.add_argument("--config", default=None,
                    help=f"YAML file or preset name under configs/ (default {default_config}; --resume keeps the "
                         f"run's own)")
     p.set_defaults(default_config=default_config)
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with "
-                   "its saved config (overrides may change only train.steps, intervals, workers, compile, precision)")
+                   "its saved config (overrides may change only train.steps, intervals, workers, compile, precision, "
+                   "train.optim.lr and grad_clip); "
+                   "a missing --out starts a new run there (so one command line both starts and resumes a "
+                   "scheduled job), so check the path")
     p.add_argument("--force", action="store_true", help="delete the maetok run in --out and start over")
-    p.add_argument("--device", default="auto", type=_device_type(indexed=False), help="auto, cpu or cuda")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.latent_tokens=64")
+    p.add_argument("--device", default="auto", type=_device_type(indexed=False), help=TRAIN_DEVICE_HELP)
+    p.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
 
 
 def _train(a: argparse.Namespace, config_cls, run_fn) -> int:
@@ -160,6 +183,8 @@ def cmd_tokenizer_reconstruct(a: argparse.Namespace) -> int:
     from .eval.recon import psnr, ssim
     from .tokenizer import MAETok
 
+    # Before loading anything: a second run into the same folder would overwrite the first one's results.
+    _finished_output(a.out, RECON_FILES, "reconstructions", a.force)
     model = MAETok.from_pretrained(a.model)
     size = model.config.image_size
     split = a.split or held_out_split(a.images)  # no --split: test/, else val/
@@ -183,6 +208,9 @@ def cmd_tokenizer_reconstruct(a: argparse.Namespace) -> int:
     return 0
 
 
+RECON_FILES = ("reconstructions.png", "metrics.json")
+
+
 def cmd_convert(a: argparse.Namespace) -> int:
     out = Path(a.out)
     if out.is_file():
@@ -204,18 +232,53 @@ def cmd_convert(a: argparse.Namespace) -> int:
     return 0
 
 
+def _check_latent_out(a: argparse.Namespace) -> list[Path]:
+    """Refuse a finished cache in --out (meta.json: a diffusion run may be training on it, and would resume on
+    other data) unless --force; returns the cache files --force deletes. Shards without meta.json are an
+    unfinished cache, which is resumed as before: shards on disk are kept."""
+    out = Path(a.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file; a latent cache is a folder")
+    meta = out / "meta.json"
+    shards = sorted(out.glob("shard-*.safetensors")) if out.is_dir() else []
+    if meta.exists() and not a.force:
+        try:
+            count = f"{json.loads(meta.read_text())['count']} latents, "
+        except (OSError, ValueError, KeyError, TypeError):
+            count = ""  # an unreadable meta.json is still a cache's
+        raise CLIError(f"--out {out} already holds a finished latent cache ({count}meta.json + {len(shards)} "
+                       f"shard(s)), which a diffusion run trained on it reads again when resumed; choose another "
+                       f"--out, or pass --force to replace it")
+    if shards and not a.force and _is_main_process():
+        print(f"maetok: {out} holds an unfinished latent cache ({len(shards)} shard(s), no meta.json): "
+              f"resuming it, its shards kept as they are (--force starts over)", file=sys.stderr)
+    if not a.force:
+        return []
+    request = out / "request.json"  # what an unfinished cache was encoding (see cache_latents)
+    return ([meta] if meta.exists() else []) + shards + ([request] if request.exists() else [])
+
+
 def cmd_latents_cache(a: argparse.Namespace) -> int:
     from .data import open_dataset
     from .data.latents import cache_latents
     from .tokenizer import MAETok
 
-    from .train.distributed import cleanup, init_distributed, resolve_device
+    from .train.distributed import barrier, cleanup, init_distributed, resolve_device
 
+    stale = _check_latent_out(a)  # every rank, before any rank writes (no rank writes before init_distributed)
     tok = MAETok.from_pretrained(a.tokenizer)
     ds = open_dataset(a.data, split=a.split, image_size=tok.config.image_size, limit=a.limit)
     # Under torchrun the ranks encode alternate shards (each on its own device); alone, the device as given.
     info = init_distributed(a.device)
     try:
+        if a.force:
+            # Deleted only now that the tokenizer and data have loaded, meta.json first (no half-replaced cache
+            # passes for a finished one). Old shards would otherwise be kept as if encoded from this data. The
+            # barrier keeps every rank from looking for its shards before rank 0 has deleted them.
+            if info.is_main:
+                for path in stale:
+                    path.unlink(missing_ok=True)
+            barrier(info)
         out = cache_latents(tok, ds, a.out, batch_size=a.batch_size, flip=not a.no_flip,
                             device=info.device if info.enabled else resolve_device(a.device), dist=info)
     finally:
@@ -239,10 +302,21 @@ def cmd_sample(a: argparse.Namespace) -> int:
     from .tokenizer import MAETok
     from .train.distributed import resolve_device
 
+    # Every rank, before the work: under torchrun only rank 0 writes, after a collective every rank joins, so no
+    # rank can see another's new files here. With --force the files are overwritten when the samples are written.
+    _finished_output(a.out, ("samples.npz", "samples.png", SETTINGS_FILE), "samples", a.force)
     low, high = a.interval
     cfg = from_dict(SampleConfig, {"sampler": a.sampler, "steps": a.steps, "cfg_scale": a.cfg,
                                    "cfg_interval": [low, high], "seed": a.seed})
-    model, tok = SiT.from_pretrained(a.model), MAETok.from_pretrained(a.tokenizer)
+    model = SiT.from_pretrained(a.model)
+    if not model.config.num_classes:  # an unconditional model: no labels, so nothing to guide or balance
+        if a.cfg != 1.0:
+            raise CLIError(f"--cfg {a.cfg:g}: classifier-free guidance needs a class-conditional model, but --model "
+                           f"{a.model} is unconditional (num_classes=0); use --cfg 1")
+        if a.balanced:
+            raise CLIError(f"--balanced: --model {a.model} is unconditional (num_classes=0), so there are no "
+                           f"classes to balance; leave out --balanced")
+    tok = MAETok.from_pretrained(a.tokenizer)
     check_compatible(model, tok, f"--model {a.model}", f"--tokenizer {a.tokenizer}")  # before any sampling
     where = {"model": _recorded_path(a.model), "tokenizer": _recorded_path(a.tokenizer),
              "batch_size": a.batch_size}  # batch size and process count fix the SDE sampler's noise
@@ -274,6 +348,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 def cmd_analyze(a: argparse.Namespace) -> int:
     from .eval.api import analyze_command
 
+    _finished_output(a.out, ("analysis.json", "gmm_nll.png"), "analysis results", a.force)
     print(json.dumps(analyze_command(a), indent=2))
     return 0
 
@@ -317,6 +392,33 @@ def cmd_demo(a: argparse.Namespace) -> int:
 SPLIT_HELP = "held-out split folder to read (default: test/, or val/ when there is no test/)"
 NUM_ALIAS_HELP = "; --num is the old spelling (it clashes with torchrun's --numa-binding under torchrun)"
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
+# Training and the pilot place each process themselves (cuda:LOCAL_RANK under torchrun, else the first GPU), so
+# they refuse cuda:N (which they would ignore) and mps.
+TRAIN_DEVICE_HELP = ("auto, cpu or cuda (not cuda:N or mps: choose the GPU with CUDA_VISIBLE_DEVICES; under "
+                     "torchrun each rank uses cuda:LOCAL_RANK)")
+
+
+CONVERT_MODES = """\
+Convert an official MAETok checkpoint into a maetok weights folder (config.json + model.safetensors).
+
+modes:
+  official-tokenizer  an official MAETok tokenizer -> a folder that MAETok.from_pretrained and --tokenizer read
+      maetok convert official-tokenizer --src path/to/MAETok/maetok-b-128 --out weights/maetok-b-128
+  official-sit        an official SiT / LightningDiT trained on MAETok latents -> a folder for sample --model
+      maetok convert official-sit --src path/to/sit-xl --out weights/sit-xl
+  either: --weights FILE when --src holds several weight files, --config FILE when it has no config.json;
+  --force writes into a non-empty --out
+"""
+
+EVAL_MODES = """\
+Evaluate samples (gen) or a tokenizer's reconstructions (recon) against reference images (--ref).
+
+modes:
+  gen    FID/KID/IS/precision/recall of --samples (.npz with arr_0, or an image folder) against --ref
+      maetok eval gen --samples runs/samples/samples.npz --ref shapes --num-samples 1000 --features inception
+  recon  rFID/PSNR/SSIM of --tokenizer, reconstructing the --ref images
+      maetok eval recon --tokenizer runs/tok/model --ref shapes --features resnet56-cifar10
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tok = sub.add_parser("tokenizer", help="train and use tokenizers").add_subparsers(dest="action", required=True)
     p = tok.add_parser("train", help="train a tokenizer (MAETok, AE, VAE, MAE) or fine-tune its decoder")
-    _add_run_args(p, "cpu-32")
+    _add_run_args(p, "cpu-32", "model.latent_tokens=64 train.steps=2000")
     p.set_defaults(fn=cmd_tokenizer_train)
     p = tok.add_parser("reconstruct", help="encode+decode images; writes a side-by-side PNG grid and PSNR/SSIM")
     p.add_argument("--model", required=True, type=_checkpoint(hub=True),
@@ -335,11 +437,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help=SPLIT_HELP)
     p.add_argument("--num-samples", "--num", dest="num_samples", type=_count(1), default=32, metavar="N",
                    help="images to reconstruct" + NUM_ALIAS_HELP)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder for reconstructions.png and metrics.json")
+    p.add_argument("--force", action="store_true", help="replace the reconstructions already in --out (without "
+                                                        "it, an --out holding them is refused)")
     p.set_defaults(fn=cmd_tokenizer_reconstruct)
 
-    p = sub.add_parser("convert", help="convert official MAETok checkpoints into maetok's format")
-    p.add_argument("what", choices=["official-tokenizer", "official-sit"])
+    p = sub.add_parser("convert", help="convert official MAETok checkpoints into maetok's format",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description=CONVERT_MODES)
+    p.add_argument("what", choices=["official-tokenizer", "official-sit"], help="what to convert (see above)")
     p.add_argument("--src", required=True, help="folder with config.json and model.safetensors / pytorch_model.bin")
     p.add_argument("--out", required=True)
     p.add_argument("--weights", default=None, help="weights file, if not in --src")
@@ -352,17 +457,21 @@ def build_parser() -> argparse.ArgumentParser:
                                      "under torchrun the ranks share the shards")
     p.add_argument("--tokenizer", required=True, type=_checkpoint(hub=True), help="tokenizer folder or hub id")
     p.add_argument("--data", required=True, help="data spec: folder, zip:FILE, cifar:DIR, npz:FILE or shapes")
-    p.add_argument("--split", default="train")
+    p.add_argument("--split", default="train", help="split folder of --data to encode (default train; e.g. test "
+                                                     "for held-out latents for `maetok analyze --test-latents`)")
     p.add_argument("--limit", type=_count(0), default=0, help="images to encode (0 = all)")
     p.add_argument("--batch-size", type=_count(1), default=64)
     p.add_argument("--no-flip", action="store_true", help="do not also cache horizontally flipped images")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="cache folder; one holding shards but no meta.json (an "
+                                                "interrupted cache) is resumed")
+    p.add_argument("--force", action="store_true", help="delete the latent cache in --out, finished or not, and "
+                                                        "encode again (without it, a finished cache is refused)")
     p.add_argument("--device", default="auto", type=_device_type(indexed=True), help=DEVICE_HELP)
     p.set_defaults(fn=cmd_latents_cache)
 
     dif = sub.add_parser("diffusion", help="train SiT / LightningDiT").add_subparsers(dest="action", required=True)
     p = dif.add_parser("train", help="train a diffusion model on a latent cache or on images encoded online")
-    _add_run_args(p, "sit-cpu")
+    _add_run_args(p, "sit-cpu", "model.num_tokens=64 model.in_channels=12 train.steps=2000")
     p.set_defaults(fn=cmd_diffusion_train)
 
     p = sub.add_parser("sample", help="sample images: PNG grid + ADM-compatible .npz (sharded under torchrun)")
@@ -370,24 +479,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, type=_checkpoint(hub=True), help="tokenizer folder or hub id")
     p.add_argument("--num-samples", "--num", dest="num_samples", type=_count(1), default=64, metavar="N",
                    help="images to generate" + NUM_ALIAS_HELP)
-    p.add_argument("--cfg", type=_non_negative_float, default=1.0, help="guidance scale (1 = none)")
+    p.add_argument("--cfg", type=_guidance_scale, default=1.0,
+                   help="classifier-free guidance scale (1 = none; guidance needs a class-conditional model)")
     p.add_argument("--interval", type=_interval, default=(0.0, 1.0), metavar="LOW,HIGH",
                    help="guidance interval in t, 0 <= LOW < HIGH <= 1 (t=0 data, t=1 noise); default 0,1")
     p.add_argument("--sampler", default="heun", choices=["euler", "heun", "sde"])
     p.add_argument("--steps", type=_count(1), default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--balanced", action="store_true", help="N/num_classes samples per class")
+    p.add_argument("--balanced", action="store_true",
+                   help="labels 0, 1, ..., K-1, 0, 1, ... (K classes): counts per class as equal as possible "
+                        "(they differ by at most one, the lower classes getting the extra); without it labels "
+                        "are drawn uniformly at random. Needs a class-conditional model")
     p.add_argument("--batch-size", type=_count(1), default=64)
     p.add_argument("--compile", action="store_true",
                    help="run the diffusion model through torch.compile (a GPU speed-up for many samples; it "
                         "compiles once per batch shape, and runs eagerly if compilation fails)")
     p.add_argument("--out", required=True, help="folder for samples.npz, samples.png and sampling.json")
+    p.add_argument("--force", action="store_true", help="replace the samples already in --out (without it, an "
+                                                        "--out holding them is refused)")
     p.add_argument("--device", default="auto", type=_device_type(indexed=True), help=DEVICE_HELP)
     p.set_defaults(fn=cmd_sample)
 
     p = sub.add_parser("eval", help="FID/KID/IS/PR of samples, or rFID/PSNR/SSIM of a tokenizer (runs as it is "
-                                    "under torchrun: the ranks share the feature extraction)")
-    p.add_argument("what", choices=["gen", "recon"])
+                                    "under torchrun: the ranks share the feature extraction)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description=EVAL_MODES)
+    p.add_argument("what", choices=["gen", "recon"], help="what to evaluate (see above)")
     p.add_argument("--samples", help="gen: .npz with arr_0 (uint8 NHWC), or an image folder")
     p.add_argument("--tokenizer", type=_checkpoint(hub=True), help="recon: tokenizer weights folder or hub id")
     p.add_argument("--ref", required=True, help="reference: data spec, ADM .npz batch or cached stats .npz")
@@ -405,8 +521,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="latent-space analysis: GMM NLL per K, linear probe, token statistics")
     p.add_argument("--latents", nargs="+", required=True, help="NAME=CACHE_DIR (train) pairs, one per tokenizer")
     p.add_argument("--test-latents", nargs="*", default=[], help="NAME=CACHE_DIR (held-out) pairs")
-    p.add_argument("--ks", default="1,2,4,8,16,32")
-    p.add_argument("--out", required=True)
+    p.add_argument("--ks", default="1,2,4,8,16,32", help="comma-separated GMM component counts K to fit (default "
+                                                          "1,2,4,8,16,32; a K above the number of latents is dropped)")
+    p.add_argument("--out", required=True, help="folder for analysis.json and gmm_nll.png")
+    p.add_argument("--force", action="store_true", help="replace the analysis already in --out (without it, an "
+                                                        "--out holding one is refused)")
     p.set_defaults(fn=cmd_analyze)
 
     p = sub.add_parser("pilot", help="train AE/VAE/MAETok + the same diffusion model on each; one report")
@@ -417,10 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception", action="store_true", help="also compute Inception FIDs (slow on CPU)")
     p.add_argument("--resume", action="store_true", help="continue a pilot in --out")
     p.add_argument("--force", action="store_true", help="delete --out and start over")
-    p.add_argument("--device", default="auto", type=_device_type(indexed=False), help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", type=_device_type(indexed=False), help=TRAIN_DEVICE_HELP)
     p.add_argument("--collective-timeout", type=_positive_seconds, default=None, metavar="SECONDS",
-                   help="under torchrun: how long a rank may wait for the others (rank 0 evaluates alone while "
-                        "they wait); default 12 hours")
+                   help="under torchrun: how long a rank may wait for the others (rank 0 computes the metrics and "
+                        "the latent analysis alone while they wait); default 12 hours")
     p.add_argument("--tokenizer-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override for every tokenizer run, after the budget's own (repeatable)")
     p.add_argument("--diffusion-set", action="append", default=[], metavar="KEY=VALUE",

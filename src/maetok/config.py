@@ -228,8 +228,10 @@ class SampleConfig:
             raise ConfigError(f"{key}.cfg_interval={list(self.cfg_interval)} must satisfy 0 <= low <= high <= 1")
         if self.steps < 1:
             raise ConfigError(f"{key}.steps={self.steps} must be >= 1")
-        if self.cfg_scale < 0:
-            raise ConfigError(f"{key}.cfg_scale={self.cfg_scale} must be >= 0")
+        if self.cfg_scale < 1:
+            # As the official samplers, guidance applies only above 1: a smaller scale would silently mean none.
+            raise ConfigError(f"{key}.cfg_scale={self.cfg_scale} must be >= 1 (1 = no guidance; the samplers "
+                              f"guide only above 1, as the official ones)")
         if not 0.0 < self.sde_t_min < 1.0:
             raise ConfigError(f"{key}.sde_t_min={self.sde_t_min} must lie in (0, 1)")
         check_seed(self.seed, f"{key}.seed")
@@ -301,8 +303,10 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def validate(self, key: str) -> None:
-        if self.steps < 0 or self.batch_size <= 0:
-            raise ConfigError(f"{key}.steps must be >= 0 and {key}.batch_size > 0")
+        if self.steps < 0:
+            raise ConfigError(f"{key}.steps={self.steps} must be >= 0")
+        if self.batch_size <= 0:
+            raise ConfigError(f"{key}.batch_size={self.batch_size} must be > 0")
         check_seed(self.seed, f"{key}.seed")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"{key}.ema_decay={self.ema_decay} must lie in [0, 1)")
@@ -345,6 +349,10 @@ class DiffusionRunConfig:
     def validate(self, key: str) -> None:
         if not self.latents and not self.tokenizer:
             raise ConfigError("diffusion training needs `latents` (a latent cache) or `tokenizer` (to encode online)")
+        if self.model.num_classes == 0 and self.sample.cfg_scale != 1.0:
+            # Found here, not when the first preview grid is sampled hundreds of steps in.
+            raise ConfigError(f"sample.cfg_scale={self.sample.cfg_scale}: guidance needs a class-conditional model "
+                              f"and model.num_classes=0; add sample.cfg_scale=1")
 
 
 # ==============================================================================================================

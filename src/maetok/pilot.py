@@ -238,7 +238,7 @@ class Pilot:
     # ----- data and the feature network ------------------------------------------------------------------------
     def open_data(self) -> None:
         from .data import DatasetError, open_dataset
-        from .data.datasets import HELD_OUT_SPLITS
+        from .data.datasets import HELD_OUT_SPLITS, SplitNotFoundError
 
         if self.train_set is not None:
             return
@@ -251,16 +251,22 @@ class Pilot:
                                f"the diffusion model on them. Give labelled images (class sub-folders, or arr_1 "
                                f"in an npz); the tokenizer and diffusion commands train on unlabelled data.")
         self.train_set = train_set
-        errors = []
+        errors: list[DatasetError] = []
         for split in HELD_OUT_SPLITS:  # the same order as every command's held-out default (test, then val)
             try:
                 self.test_set = open_dataset(self.spec, split=split, image_size=b.image_size, limit=b.n_eval)
                 break
             except DatasetError as e:  # try the next split name, report both if neither works
-                errors.append(str(e))
+                errors.append(e)
         else:
+            if all(isinstance(e, SplitNotFoundError) for e in errors):
+                # The loaders' own advice (--split ...) is for the other commands: the pilot has no --split.
+                found = sorted({s for e in errors for s in e.available}) or "no split folders"
+                raise DatasetError(f"{self.spec}: the pilot needs a held-out split, a test/ or val/ folder of class "
+                                   f"folders beside train/ (DIR/train/<class>/..., DIR/test/<class>/...); it found "
+                                   f"{found}")
             raise DatasetError(f"{self.spec}: the pilot needs a held-out split (a test/ or val/ folder beside "
-                               f"train/) and found none: " + "; ".join(errors))
+                               f"train/): " + "; ".join(dict.fromkeys(str(e) for e in errors)))
         self.num_classes = int(getattr(self.train_set, "num_classes", 0) or 0)
         if len(self.test_set) < self.b.n_eval:
             # Every metric is labelled with the count it was computed on: the held-out set's size, not n_eval.
@@ -589,8 +595,11 @@ class Pilot:
         if plan.get("data") != self.spec:
             diff["data"] = (plan.get("data"), self.spec)
         if diff:
-            raise ConfigError(f"pilot {self.out} was started with other settings {diff} (as (before, now)); resume "
-                              f"it with the same ones, or start over with --force (deletes it) or a new --out")
+            budget = plan.get("budget")
+            why = (f"it ran --budget {budget}, this asks for --budget {self.budget_name}; "
+                   if budget and budget != self.budget_name else "")
+            raise ConfigError(f"pilot {self.out} was started with other settings ({why}{diff} as (before, now)); "
+                              f"resume it with the same ones, or start over with --force (deletes it) or a new --out")
 
     def run(self) -> Path | None:
         """The report's path (None on ranks other than 0)."""
@@ -696,12 +705,12 @@ def run_pilot(data_spec: str, variants: list[str], budget: str, out: Path, resum
         existing = out.exists() and any(out.iterdir())
         barrier(dist)  # every rank looks before rank 0 deletes or creates anything
         if existing and not resume:
+            if not (out / "pilot_results.json").is_file():  # --force deletes a pilot, never someone's folder
+                raise RunDirExists(f"{out} is not empty and is not a maetok pilot (no pilot_results.json); "
+                                   f"choose another --out")
             if not force:
                 raise RunDirExists(f"pilot directory {out} already exists; pass --resume to continue it or --force "
                                    f"to delete it and start over")
-            if not (out / "pilot_results.json").is_file():  # --force deletes a pilot, never someone's folder
-                raise RunDirExists(f"--force would delete {out}, which is not a maetok pilot (no "
-                                   f"pilot_results.json); choose another --out")
             if dist.is_main:
                 shutil.rmtree(out)
         if dist.is_main:

@@ -473,13 +473,18 @@ def _resolve(location: str, spec: str) -> Path:
     path = Path(location).expanduser()
     if path.exists():
         return path.resolve()
+    where = ""
     if not path.is_absolute():
         from ..nets.hub import shared_data_dir
 
         shared = shared_data_dir()
         if shared is not None and (shared / path).exists():
             return (shared / path).resolve()
-    raise DatasetError(f"dataset {spec!r}: {path} does not exist. Specs: shapes | /path/to/image_folder | "
+        if shared is not None and (shared / path.name).exists():  # ../shared/data/X given from another folder
+            return (shared / path.name).resolve()
+        where = f" (relative to the current folder {Path.cwd()}" + (
+            f", nor in the shared data folder {shared})" if shared is not None else ")")
+    raise DatasetError(f"dataset {spec!r}: {path} does not exist{where}. Specs: shapes | /path/to/image_folder | "
                        f"zip:/path/file.zip | cifar:/path/to/cifar-10-batches-py | npz:/path/file.npz")
 
 
@@ -503,6 +508,11 @@ def open_dataset(spec: str, split: str = "train", image_size: int = 32, random_f
         raise DatasetError(f"decode={decode!r}: choose auto, eager or lazy")
     kind, location = parse_spec(spec)
     if kind == "shapes":
+        from .shapes import SPLIT_SIZES
+
+        if split not in SPLIT_SIZES:  # any other name would silently give yet another random set
+            raise SplitNotFoundError(f"shapes: no split {split!r}; choose one of {sorted(SPLIT_SIZES)}",
+                                     sorted(SPLIT_SIZES))
         return ShapesDataset(split, image_size, limit, random_flip)
     path = _resolve(location, spec)
     explicit_cache = cache_dir is not None

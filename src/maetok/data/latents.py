@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from ..train.checkpoint import atomic_write_bytes, save_safetensors
 from ..train.distributed import DistInfo, barrier
-from .datasets import check_labels, class_count
+from .datasets import DatasetError, check_labels, class_count
 
 
 @torch.no_grad()
@@ -31,12 +31,30 @@ def cache_latents(tokenizer, dataset, out_dir: str | Path, batch_size: int = 64,
     finished with any number of ranks."""
     from tqdm.auto import tqdm
 
+    from ..config import to_dict
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer.to(device).eval()
     n = len(dataset)
     shards = []
     rank, world = (dist.rank, dist.world) if dist is not None and dist.enabled else (0, 1)
+    # Shards are resumed by name, so an unfinished cache records what it encodes: finishing it with another
+    # tokenizer or other data would silently mix the two. Every rank compares; only rank 0 writes it, and
+    # only when absent (a rank reading it meanwhile finds the same request).
+    request = {"count": n, "shard_size": shard_size, "flip": flip, "tokenizer_config": to_dict(tokenizer.config),
+               "data": {"source": str(getattr(dataset, "where", type(dataset).__name__)),
+                        "split": getattr(dataset, "split", None), "image_size": getattr(dataset, "image_size", None)}}
+    request = json.loads(json.dumps(request))  # as it reads back (tuples become lists)
+    request_path = out / "request.json"
+    if request_path.is_file():
+        before = json.loads(request_path.read_text())
+        if before != request:
+            changed = sorted(k for k in set(before) | set(request) if before.get(k) != request.get(k))
+            raise DatasetError(f"{out} holds an unfinished latent cache of another request (differs in {changed}); "
+                             f"finish it with the same tokenizer and data, or start over (--force)")
+    elif rank == 0:
+        atomic_write_bytes(request_path, lambda f: f.write(json.dumps(request, indent=2).encode()))
     mine = sum(min(shard_size, n - start) for s, start in enumerate(range(0, n, shard_size)) if s % world == rank)
     bar = tqdm(total=mine, desc="encode latents", disable=not progress or rank != 0, dynamic_ncols=True)
     for s, start in enumerate(range(0, n, shard_size)):
@@ -73,8 +91,6 @@ def cache_latents(tokenizer, dataset, out_dir: str | Path, batch_size: int = 64,
         if rank != 0:
             barrier(dist)  # returns once rank 0 has written meta.json
             return out
-    from ..config import to_dict
-
     meta = {"kind": "maetok-latent-cache", "count": n, "shards": shards, "flip": flip,
             "latent_shape": [tokenizer.config.latent_tokens, tokenizer.config.latent_dim],
             "latent_mean": tokenizer.config.latent_mean, "latent_std": tokenizer.config.latent_std,

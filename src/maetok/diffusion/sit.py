@@ -242,15 +242,21 @@ class SiT(nn.Module):
         cfg_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
         for p in (cfg_path, weights_path):
             if not p.is_file():
+                hint = (f"; a training run keeps its weights in {path / 'model'}"
+                        if (path / "model" / CONFIG_FILE).is_file() else "")
                 raise FileNotFoundError(f"{p} not found: SiT.from_pretrained needs a directory with "
-                                        f"{CONFIG_FILE} and {WEIGHTS_FILE} (as written by save_pretrained)")
+                                        f"{CONFIG_FILE} and {WEIGHTS_FILE} (as written by save_pretrained){hint}")
         try:
             data = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{cfg_path}: not valid JSON ({e})") from e
-        if not isinstance(data, dict) or data.pop("kind", None) != "sit":
-            raise ConfigError(f"{cfg_path}: not a maetok SiT config (expected \"kind\": \"sit\"); official "
-                              f"checkpoints must first go through maetok.diffusion.convert_official_sit")
+        kind = data.pop("kind", None) if isinstance(data, dict) else None
+        if kind == "maetok-tokenizer":
+            raise ConfigError(f"{path} holds a tokenizer, not a SiT diffusion model; give the folder of a diffusion "
+                              f"run's model (e.g. runs/sit/model)")
+        if kind != "sit":
+            raise ConfigError(f"{cfg_path}: not a maetok SiT config (expected \"kind\": \"sit\"); convert an "
+                              f"official checkpoint first: maetok convert official-sit --src ... --out ...")
         data.pop("maetok_version", None)
         try:
             cfg = from_dict(SiTConfig, data)

@@ -191,8 +191,10 @@ def resolve_checkpoint_dir(path_or_hub_id: str | Path) -> Path:
     p = Path(path_or_hub_id).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
+            hint = f"; a training run keeps its weights in {p / 'model'}" if (p / "model" / "config.json").is_file() \
+                else ""
             raise FileNotFoundError(f"{p} has no config.json (expected a save_pretrained folder or an official "
-                                    f"MAETok checkpoint folder)")
+                                    f"MAETok checkpoint folder){hint}")
         return p
     from ..nets.hub import hub_download, local_path_reason
 

@@ -324,6 +324,9 @@ class MAETok(nn.Module):
 
         src = resolve_checkpoint_dir(path_or_hub_id)
         meta = json.loads((src / "config.json").read_text())
+        if meta.get("kind") == "sit":
+            raise ConfigError(f"{src} holds a SiT diffusion model (kind: sit), not a tokenizer; give the folder "
+                              f"of a tokenizer run's model (e.g. runs/tok/model)")
         if meta.get("kind") != CONFIG_KIND:
             model, _ = load_official_tokenizer(src)
             return model.to(map_location).eval()

@@ -606,11 +606,11 @@ class Trainer:
                         progress.set_postfix(loss=f"{record['loss']:.4f}", ips=f"{record['images_per_s']:.1f}")
                         t_last, n_last = time.perf_counter(), 0
                 progress.update(1)
+                saved = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps
+                if saved:  # before the preview images: a failure there must not cost the steps since the last one
+                    self.save()
                 if self.dist.is_main and (self.step % cfg.image_every == 0 or self.step == cfg.steps):
                     self.task.write_images(self.ema, self.step, self.out)
-                saved = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps
-                if saved:
-                    self.save()
                 # One process needs no agreement: a signal that arrived after the check still stops it now.
                 stop = stop or (None if self.dist.enabled else self.signal_received)
                 if stop:

@@ -322,6 +322,14 @@ def run_diffusion(cfg, out_dir: str | Path, resume: bool = False, force: bool = 
             dataset = LatentDataset(cfg.latents)
             mean, std, num_classes = dataset.mean, dataset.std, dataset.num_classes
             shape = tuple(dataset.meta["latent_shape"])
+            if tokenizer is not None and "tokenizer_config" in dataset.meta:
+                # The tokenizer decodes the preview grids and is saved with the model for `maetok sample`: one that
+                # did not make the cache would decode these latents into nonsense (or fail at the first grid).
+                diff = config_differences(dataset.meta["tokenizer_config"], tokenizer.config)
+                if diff:
+                    shown = "; ".join(f"{k}: cache {a!r}, tokenizer {b!r}" for k, a, b in diff[:6])
+                    raise ConfigError(f"tokenizer={cfg.tokenizer} did not make the latent cache {cfg.latents} "
+                                      f"({shown}); give the tokenizer the cache was encoded with")
         else:
             dataset = _open_training_data(cfg.data, tokenizer.config.image_size)
             mean, std = tokenizer.config.latent_mean, tokenizer.config.latent_std

@@ -174,6 +174,11 @@ class TokenizerTask(Task):
         self.model.encoder.requires_grad_(False)  # before the optimizer is built: it gets the decoder only
         log.info("stage 2: decoder fine-tuning from %s; encoder frozen; mask ratio %.2f -> 0 over %d steps",
                  weights_from, self.cfg.decoder_ft.mask_ratio_start, self.cfg.decoder_ft.anneal_steps)
+        if self.cfg.decoder_ft.anneal_steps > self.cfg.train.steps:
+            # The decoder would never be fine-tuned on unmasked latents, which is what inference gives it.
+            log.warning("decoder_ft.anneal_steps=%d exceeds train.steps=%d: the mask ratio never reaches 0 "
+                        "(set decoder_ft.anneal_steps to at most train.steps, e.g. half of it)",
+                        self.cfg.decoder_ft.anneal_steps, self.cfg.train.steps)
 
     # ----- Task protocol ------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
