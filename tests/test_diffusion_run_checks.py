@@ -59,3 +59,50 @@ def test_a_model_folder_of_the_other_kind_or_a_run_folder_is_named_as_such(tmp_p
         MAETok.from_pretrained(tmp_path / "tok")
     with pytest.raises(FileNotFoundError, match="a training run keeps its weights in .*sit/model"):
         SiT.from_pretrained(tmp_path / "sit")
+
+
+def test_an_older_cache_of_the_same_tokenizer_is_accepted(tmp_path: Path):
+    """A cache written before a tokenizer config field existed records no value for it: the field's default is
+    what that tokenizer had. grad_checkpointing does not change the latents at all."""
+    import json
+
+    tok = _tokenizer(tmp_path / "tok", latent_tokens=4)
+    cache = cache_latents(MAETok.from_pretrained(tok), open_dataset("shapes", image_size=16, limit=16),
+                          tmp_path / "latents", flip=False, progress=False)
+    meta = json.loads((cache / "meta.json").read_text())
+    del meta["tokenizer_config"]["grad_checkpointing"]
+    (cache / "meta.json").write_text(json.dumps(meta))
+    over = [f"latents={cache}", f"tokenizer={tok}", "model.num_tokens=4", "model.in_channels=4", *SIT]
+    assert run_diffusion(load_config(DiffusionRunConfig, "sit-cpu", over), tmp_path / "run", device="cpu")["finished"]
+
+
+def test_a_run_saved_under_looser_rules_resumes_once_its_config_is_fixed(tmp_path: Path, monkeypatch, capsys):
+    """A run started before a validation rule existed (here: guidance with an unconditional model) must still
+    resume; the rule applies to what it continues with, and the message names the fix, an allowed change."""
+    import json
+
+    import maetok.train.run as run_module
+    from maetok.cli import main
+
+    tok = _tokenizer(tmp_path / "tok", latent_tokens=4)
+    cache = cache_latents(MAETok.from_pretrained(tok), open_dataset("shapes", image_size=16, limit=16),
+                          tmp_path / "latents", flip=False, progress=False)
+    over = [f"latents={cache}", "model.num_tokens=4", "model.in_channels=4", "model.num_classes=0", *SIT]
+    run = tmp_path / "run"
+    cfg = load_config(DiffusionRunConfig, "sit-cpu", [*over, "sample.cfg_scale=1"])
+    assert run_diffusion(cfg, run, device="cpu")["finished"]
+    saved = run_module.saved_run_config
+
+    def as_an_older_version_saved_it(ckpt):
+        data = saved(ckpt)
+        data["sample"]["cfg_scale"] = 1.5
+        return data
+
+    monkeypatch.setattr(run_module, "saved_run_config", as_an_older_version_saved_it)
+    yaml_path = run / "config.yaml"  # what the command line resumes from
+    yaml_path.write_text(yaml_path.read_text().replace("cfg_scale: 1.0", "cfg_scale: 1.5"))
+    resume = ["diffusion", "train", "--out", str(run), "--resume", "--device", "cpu", "train.steps=3"]
+    assert main(resume) == 2
+    assert "add sample.cfg_scale=1" in capsys.readouterr().err
+    assert main([*resume, "sample.cfg_scale=1"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 3

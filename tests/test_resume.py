@@ -225,7 +225,7 @@ def test_resume_continues_from_the_emergency_checkpoint(tmp_path: Path):
     assert ckpt.name == "emergency-00000006.pt"  # steps 4-6 skipped; the last regular checkpoint is at step 4
     good = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     resumed = _toy_trainer(tmp_path, 12, ckpt_every=2)
-    assert resumed.try_resume() and resumed.step == 6
+    assert resumed.try_resume() and resumed.step == 6 and resumed.bad_steps == 0  # a new streak count
     assert all(torch.equal(resumed.model.state_dict()[k], v) for k, v in good.items())
     assert resumed.fit()["finished"] and latest_checkpoint(tmp_path / "checkpoints").name == "ckpt-00000012.pt"
 

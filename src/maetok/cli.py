@@ -180,7 +180,7 @@ def cmd_tokenizer_reconstruct(a: argparse.Namespace) -> int:
     from .data import open_dataset
     from .data.datasets import held_out_split
     from .data.images import save_image_grid
-    from .eval.recon import psnr, ssim
+    from .eval.recon import psnr, ssim, to_uint8_levels
     from .tokenizer import MAETok
 
     # Before loading anything: a second run into the same folder would overwrite the first one's results.
@@ -191,7 +191,8 @@ def cmd_tokenizer_reconstruct(a: argparse.Namespace) -> int:
     ds = open_dataset(a.images, split=split, image_size=size, limit=a.num_samples)
     x = torch.stack([ds[i][0] for i in range(min(a.num_samples, len(ds)))])
     with torch.no_grad():
-        recon = torch.cat([model.decode(model.encode(b)) for b in x.split(16)]).clamp(-1, 1)
+        # Rounded to the 8-bit levels the PNG holds, as `eval recon` and the pilot measure reconstructions.
+        recon = to_uint8_levels(torch.cat([model.decode(model.encode(b)) for b in x.split(16)]))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     nrow = min(8, x.shape[0])

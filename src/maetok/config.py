@@ -7,6 +7,7 @@ allowed, before any work starts. The resolved config is saved (YAML) in every ru
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import types
@@ -368,6 +369,21 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+_validating = True
+
+
+@contextlib.contextmanager
+def without_validation():
+    """`from_dict` checks keys and types but skips the `validate` rules inside: for reading a config saved by an
+    older version whose rules were looser (a resumed run); what is built from it is validated as usual."""
+    global _validating
+    before, _validating = _validating, False
+    try:
+        yield
+    finally:
+        _validating = before
+
+
 def from_dict(cls: type, data: Any, key: str = "") -> Any:
     """Build dataclass `cls` from a plain dict, checking every key and type; validates bottom-up."""
     if not isinstance(data, dict):
@@ -380,7 +396,7 @@ def from_dict(cls: type, data: Any, key: str = "") -> Any:
         raise ConfigError(f"unknown config key {where}{unknown[0]}; allowed keys here: {sorted(names)}")
     kwargs = {name: _coerce(hints[name], value, f"{key}.{name}" if key else name) for name, value in data.items()}
     obj = cls(**kwargs)
-    if hasattr(obj, "validate"):
+    if hasattr(obj, "validate") and _validating:
         obj.validate(key or "config")
     return obj
 

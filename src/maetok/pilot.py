@@ -610,7 +610,10 @@ class Pilot:
                              "settings": to_dict(self.b), "device": str(self.device), "world_size": self.dist.world,
                              "torch": torch.__version__, "threads": torch.get_num_threads()})
         top("feature_net", self.build_feature_net)  # rank 0 trains it when there is no pretrained one
-        if self.feature_net is None:  # the other ranks, or a resumed pilot: load what rank 0 made
+        if self.dist.is_main and self.feature_net is None:  # a resumed pilot (trains it if it went missing)
+            self.build_feature_net()
+        barrier(self.dist)
+        if self.feature_net is None:  # the other ranks load what rank 0 has: no two ranks train and save it
             self.build_feature_net()
         self.set_reference()
         top("real_floor", self.real_floor, every_rank=True)

@@ -480,8 +480,8 @@ def _resolve(location: str, spec: str) -> Path:
         shared = shared_data_dir()
         if shared is not None and (shared / path).exists():
             return (shared / path).resolve()
-        if shared is not None and (shared / path.name).exists():  # ../shared/data/X given from another folder
-            return (shared / path.name).resolve()
+        if shared is not None and "shared" in path.parts and (shared / path.name).exists():
+            return (shared / path.name).resolve()  # ../shared/data/X, given from another folder
         where = f" (relative to the current folder {Path.cwd()}" + (
             f", nor in the shared data folder {shared})" if shared is not None else ")")
     raise DatasetError(f"dataset {spec!r}: {path} does not exist{where}. Specs: shapes | /path/to/image_folder | "

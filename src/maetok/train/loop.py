@@ -467,7 +467,7 @@ class Trainer:
                        if self.dist.device.type == "cuda" else {})},
             "data_position": {"step": self.step, "seed": self.cfg.seed, "global_batch": self.cfg.batch_size,
                               "num_items": len(self.dataset)},
-            "counters": {"skipped_steps": self.skipped_steps},
+            "counters": {"skipped_steps": self.skipped_steps, "bad_steps_in_a_row": self.bad_steps},
             "config": dump_yaml(self.run_config),
             "code_version": code_version(),
         }
@@ -484,6 +484,8 @@ class Trainer:
         self.task.load_state_dict(state["task"])
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("counters", {}).get("skipped_steps", 0))
+        # Checkpoints are written on skipped steps too: a streak of them continues counting towards max_bad_steps.
+        self.bad_steps = int(state.get("counters", {}).get("bad_steps_in_a_row", 0))
         rng = state["rng"]
         torch.set_rng_state(rng["torch"].cpu())
         if self.dist.device.type == "cuda":
@@ -645,9 +647,10 @@ class Trainer:
                     {k: v for k, v in _scalars(out).items()}, self.bad_steps)
         self.step += 1
         if self.bad_steps >= self.cfg.max_bad_steps:
+            streak, self.bad_steps = self.bad_steps, 0  # a run resumed from here (after a fix) counts anew
             path = self.save(name=f"emergency-{self.step:08d}.pt")
             raise FloatingPointError(
-                f"{self.bad_steps} consecutive non-finite steps (up to step {self.step}); the last good weights "
+                f"{streak} consecutive non-finite steps (up to step {self.step}); the last good weights "
                 f"are saved in {path}, and --resume continues from there. Lower the learning rate (e.g. --resume "
                 f"train.optim.lr={self.cfg.optim.lr / 4:g}) or the gradient clip, or check the data.")
 

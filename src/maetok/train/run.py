@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from .. import __version__
-from ..config import (ConfigError, TokenizerRunConfig, apply_overrides, config_source, from_dict, set_config_source,
-                      to_dict)
+from ..config import (ConfigError, TokenizerConfig, TokenizerRunConfig, apply_overrides, config_source, from_dict,
+                      set_config_source, to_dict, without_validation)
 from .checkpoint import checkpoint_config, latest_checkpoint
 from .distributed import cleanup, init_distributed
 from .loop import RunDir, RunDirExists, Trainer, check_global_batch, check_run_flags, read_run_marker
@@ -197,7 +197,8 @@ def resolve_resume_config(requested, out: Path, marker: dict[str, Any] | None = 
     ckpt = latest_checkpoint(out / "checkpoints")
     data = saved_config if saved_config is not None else saved_run_config(ckpt)
     try:
-        saved = from_dict(cls, data)
+        with without_validation():  # rules added since it was saved apply to what the run continues with
+            saved = from_dict(cls, data)
     except ValueError as e:  # ConfigError is a ValueError
         raise ConfigError(f"{ckpt}: cannot read the run's saved config ({e})") from e
     source = config_source(requested)
@@ -325,7 +326,16 @@ def run_diffusion(cfg, out_dir: str | Path, resume: bool = False, force: bool = 
             if tokenizer is not None and "tokenizer_config" in dataset.meta:
                 # The tokenizer decodes the preview grids and is saved with the model for `maetok sample`: one that
                 # did not make the cache would decode these latents into nonsense (or fail at the first grid).
-                diff = config_differences(dataset.meta["tokenizer_config"], tokenizer.config)
+                # Read through the config class, so that fields added since the cache was written take their
+                # defaults; grad_checkpointing does not change the latents.
+                try:
+                    with without_validation():
+                        cached = from_dict(TokenizerConfig, dataset.meta["tokenizer_config"])
+                    diff = [d for d in config_differences(cached, tokenizer.config) if d[0] != "grad_checkpointing"]
+                except ValueError as e:
+                    log.warning("%s: cannot read the tokenizer config the cache records (%s); not compared with "
+                                "tokenizer=%s", cfg.latents, e, cfg.tokenizer)
+                    diff = []
                 if diff:
                     shown = "; ".join(f"{k}: cache {a!r}, tokenizer {b!r}" for k, a, b in diff[:6])
                     raise ConfigError(f"tokenizer={cfg.tokenizer} did not make the latent cache {cfg.latents} "

@@ -241,6 +241,9 @@ class TokenizerTask(Task):
         real, fake = outputs["_images"], outputs["_recon"]
         if gan.diffaug:
             real, fake = diff_augment(real), diff_augment(fake)
+        # LeCAM moves its running means in its forward: kept to be put back if this step is skipped (a NaN there
+        # would otherwise poison every later step).
+        lecam_before = None if self.lecam is None else {k: v.clone() for k, v in self.lecam.state_dict().items()}
         logits_real, logits_fake = self.disc(real), self.disc(fake)
         d_loss = hinge_d_loss(logits_real, logits_fake)
         if self.lecam is not None:
@@ -252,12 +255,16 @@ class TokenizerTask(Task):
         # non-finite weights into every later checkpoint. The averaged gradients are the same on every rank, so
         # all take the same branch; one host sync, as the logged loss needs anyway.
         grads = [p.grad for p in self.disc.parameters() if p.grad is not None]
-        d_value, d_norm = torch.stack([d_loss.detach().float(),
-                                       torch.nn.utils.get_total_norm(grads).float()]).tolist()
+        # One multi-tensor kernel (torch.nn.utils.get_total_norm is newer than the torch we support).
+        d_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).float() if grads \
+            else torch.zeros((), device=d_loss.device)
+        d_value, d_norm = torch.stack([d_loss.detach().float(), d_norm]).tolist()
         if math.isfinite(d_norm):
             self.disc_opt.step()
         else:
             self.disc_opt.zero_grad(set_to_none=True)
+            if lecam_before is not None:
+                self.lecam.load_state_dict(lecam_before)
             log.warning("step %d: non-finite discriminator gradient; discriminator step skipped", step)
         return {"loss_disc": d_value}
 
