@@ -145,9 +145,9 @@ class Stage:
     """Run `fn` once: its result (a dict) is stored under `key` in results.json; later runs reuse it.
 
     Under torchrun, rank 0 runs a stage alone unless `every_rank` (training, latent caching, sampling,
-    evaluation), rank 0 alone writes the file, and no rank leaves a stage before all have finished it. Every rank reads the file when
-    the Stage is made, at the same point of the pilot and before any rank may write it, so all ranks agree on
-    which stages are still to run.
+    evaluation), rank 0 alone writes the file, and no rank leaves a stage before all have finished it. Every
+    rank reads the file when the Stage is made, at the same point of the pilot and before any rank may write
+    it, so all ranks agree on which stages are still to run.
     """
 
     def __init__(self, results_path: Path, dist: DistInfo):

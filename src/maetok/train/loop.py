@@ -35,8 +35,8 @@ import yaml
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import ConfigError, OptimConfig, TrainConfig, dump_yaml
-from .checkpoint import (code_version, latest_checkpoint, load_checkpoint, remove_stale_temporaries,
-                         save_checkpoint)
+from .checkpoint import (atomic_write_bytes, code_version, latest_checkpoint, load_checkpoint,
+                         remove_stale_temporaries, save_checkpoint)
 from .distributed import DistInfo, all_reduce_max_each, all_reduce_mean
 
 log = logging.getLogger("maetok.train")
@@ -668,6 +668,7 @@ def _trim_log(path: Path, step: int) -> None:
     does not log those steps twice."""
     if not path.is_file():
         return
+
     def keep(line: str) -> bool:
         try:
             return json.loads(line).get("step", 0) <= step
@@ -677,8 +678,6 @@ def _trim_log(path: Path, step: int) -> None:
     lines = path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if line.strip() and keep(line)]
     if len(kept) != len(lines):
-        from .checkpoint import atomic_write_bytes
-
         atomic_write_bytes(path, lambda f: f.write("".join(kept).encode()))
         log.info("log.jsonl: dropped %d records past step %d, the checkpoint resumed from", len(lines) - len(kept),
                  step)
