@@ -119,18 +119,23 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _finished_output(out_arg: str, names: tuple[str, ...], what: str, force: bool) -> list[str]:
-    """Refuse an --out that already holds this command's finished output (`names`), unless --force; returns the
-    names present. It only reads files, so under torchrun every rank that calls it before any rank writes
-    reaches the same decision (and raises together, instead of leaving the others waiting in a collective)."""
+def _out_folder(out_arg: str, what: str) -> Path:
+    """--out as a folder path; refused when it names a file."""
     out = Path(out_arg).expanduser()
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} is a file; {what} are written into a folder")
+    return out
+
+
+def _finished_output(out_arg: str, names: tuple[str, ...], what: str, force: bool) -> None:
+    """Refuse an --out that already holds this command's finished output (`names`), unless --force. It only
+    reads files, so under torchrun every rank that calls it before any rank writes reaches the same decision
+    (and raises together, instead of leaving the others waiting in a collective)."""
+    out = _out_folder(out_arg, what)
     present = [name for name in names if (out / name).exists()]
     if present and not force:
         raise CLIError(f"--out {out} already holds {what} ({', '.join(present)}); choose another --out, or pass "
                        f"--force to replace them")
-    return present
 
 
 def _add_run_args(p: argparse.ArgumentParser, default_config: str, example: str) -> None:
@@ -237,11 +242,12 @@ def _check_latent_out(a: argparse.Namespace) -> list[Path]:
     """Refuse a finished cache in --out (meta.json: a diffusion run may be training on it, and would resume on
     other data) unless --force; returns the cache files --force deletes. Shards without meta.json are an
     unfinished cache, which is resumed as before: shards on disk are kept."""
-    out = Path(a.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} is a file; a latent cache is a folder")
-    meta = out / "meta.json"
-    shards = sorted(out.glob("shard-*.safetensors")) if out.is_dir() else []
+    from .data.latents import META, cache_files
+
+    out = _out_folder(a.out, "latent caches")
+    files = cache_files(out)
+    meta = out / META
+    shards = [p for p in files if p.name.startswith("shard-")]
     if meta.exists() and not a.force:
         try:
             count = f"{json.loads(meta.read_text())['count']} latents, "
@@ -253,10 +259,7 @@ def _check_latent_out(a: argparse.Namespace) -> list[Path]:
     if shards and not a.force and _is_main_process():
         print(f"maetok: {out} holds an unfinished latent cache ({len(shards)} shard(s), no meta.json): "
               f"resuming it, its shards kept as they are (--force starts over)", file=sys.stderr)
-    if not a.force:
-        return []
-    request = out / "request.json"  # what an unfinished cache was encoding (see cache_latents)
-    return ([meta] if meta.exists() else []) + shards + ([request] if request.exists() else [])
+    return files if a.force else []
 
 
 def cmd_latents_cache(a: argparse.Namespace) -> int:

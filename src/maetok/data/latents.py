@@ -19,6 +19,19 @@ from ..train.distributed import DistInfo, barrier
 from .datasets import DatasetError, check_labels, class_count
 
 
+META, REQUEST = "meta.json", "request.json"
+
+
+def cache_files(out_dir: str | Path) -> list[Path]:
+    """The files of the latent cache in `out_dir` (none for a folder without one): meta.json first, which alone
+    makes it a finished cache, then the shards and the record of an unfinished cache's request."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    return [p for p in (out / META,) if p.is_file()] + sorted(out.glob("shard-*.safetensors")) + \
+        [p for p in (out / REQUEST,) if p.is_file()]
+
+
 @torch.no_grad()
 def cache_latents(tokenizer, dataset, out_dir: str | Path, batch_size: int = 64, flip: bool = True,
                   shard_size: int = 10_000, device: str | torch.device = "cpu", progress: bool = True,
@@ -46,7 +59,7 @@ def cache_latents(tokenizer, dataset, out_dir: str | Path, batch_size: int = 64,
                "data": {"source": str(getattr(dataset, "where", type(dataset).__name__)),
                         "split": getattr(dataset, "split", None), "image_size": getattr(dataset, "image_size", None)}}
     request = json.loads(json.dumps(request))  # as it reads back (tuples become lists)
-    request_path = out / "request.json"
+    request_path = out / REQUEST
     if request_path.is_file():
         before = json.loads(request_path.read_text())
         if before != request:
@@ -96,7 +109,7 @@ def cache_latents(tokenizer, dataset, out_dir: str | Path, batch_size: int = 64,
             "latent_mean": tokenizer.config.latent_mean, "latent_std": tokenizer.config.latent_std,
             "num_classes": class_count(dataset),  # 0 for unlabelled data: a conditional model refuses the cache
             "tokenizer_config": to_dict(tokenizer.config)}
-    atomic_write_bytes(out / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    atomic_write_bytes(out / META, lambda f: f.write(json.dumps(meta, indent=2).encode()))
     if world > 1:
         barrier(dist)
     return out
@@ -111,7 +124,7 @@ class LatentDataset(Dataset):
 
     def __init__(self, cache_dir: str | Path):
         root = Path(cache_dir)
-        meta_path = root / "meta.json"
+        meta_path = root / META
         if not meta_path.is_file():
             raise FileNotFoundError(f"{root} is not a latent cache (no meta.json); create one with "
                                     f"`maetok latents cache`")

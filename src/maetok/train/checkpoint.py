@@ -92,7 +92,7 @@ def remove_stale_temporaries(ckpt_dir: Path) -> list[str]:
     """Delete the temporary files a killed save left behind (full-size, never used). Call only while holding the
     run directory: a live save's temporary file looks the same."""
     removed = []
-    for tmp in Path(ckpt_dir).glob(TMP_GLOB) if Path(ckpt_dir).is_dir() else []:
+    for tmp in Path(ckpt_dir).glob(TMP_GLOB):  # nothing for a folder that does not exist yet
         tmp.unlink(missing_ok=True)
         removed.append(tmp.name)
     return removed
