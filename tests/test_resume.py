@@ -252,10 +252,36 @@ def test_a_resumed_run_logs_each_step_once_and_clears_dead_temporaries(tmp_path:
 
 def test_a_corrupt_latest_checkpoint_names_the_one_to_fall_back_on(tmp_path: Path):
     _toy_trainer(tmp_path, 4, ckpt_every=2).fit()
-    (tmp_path / "checkpoints" / "ckpt-00000004.pt").write_bytes(b"truncated")
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "ckpt-00000004.pt").write_bytes(b"truncated")
+    (ckpts / "ckpt-00000004.pt.sha256").unlink()  # as a checkpoint written before digests
     with pytest.raises(ValueError, match=r"ckpt-00000004.pt: cannot be loaded(.|\n)*delete it to resume from the "
                                          r"one before \(ckpt-00000002.pt\)"):
         _toy_trainer(tmp_path, 4, ckpt_every=2).try_resume()
+
+
+def test_a_flipped_byte_in_a_checkpoint_is_caught_by_its_digest(tmp_path: Path):
+    """torch's zip reader does not check CRCs: without the digest a flipped byte in a tensor loads silently."""
+    _toy_trainer(tmp_path, 4, ckpt_every=2).fit()
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("*.sha256")) == ["ckpt-00000002.pt.sha256", "ckpt-00000004.pt.sha256"]
+    path = ckpts / "ckpt-00000004.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"ckpt-00000004.pt: its bytes changed since it was written(.|\n)*"
+                                         r"delete it to resume from the one before \(ckpt-00000002.pt\)"):
+        _toy_trainer(tmp_path, 4, ckpt_every=2).try_resume()
+    path.unlink()  # the advice works: the run resumes from the checkpoint before
+    resumed = _toy_trainer(tmp_path, 4, ckpt_every=2)
+    assert resumed.try_resume() and resumed.step == 2
+
+
+def test_pruned_checkpoints_take_their_digests_with_them(tmp_path: Path):
+    for step in range(1, 5):
+        save_checkpoint(tmp_path, step, {"step": step}, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt-00000003.pt", "ckpt-00000003.pt.sha256", "ckpt-00000004.pt", "ckpt-00000004.pt.sha256", "last"]
 
 
 def test_a_checkpoint_records_the_dataset_size_and_warns_when_it_changed(tmp_path: Path, caplog):

@@ -24,7 +24,7 @@ from maetok.config import ConfigError, SiTConfig, from_dict, to_dict
 from maetok.data.datasets import check_labels
 from maetok.layers import (Attention, Mlp, RMSNorm, RoPE1D, SwiGLU, add_into, modulate, sincos_1d,
                            timestep_features)
-from maetok.nets.hub import load_safetensors_strict
+from maetok.nets.hub import load_safetensors_strict, training_run_hint
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -242,10 +242,8 @@ class SiT(nn.Module):
         cfg_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
         for p in (cfg_path, weights_path):
             if not p.is_file():
-                hint = (f"; a training run keeps its weights in {path / 'model'}"
-                        if (path / "model" / CONFIG_FILE).is_file() else "")
-                raise FileNotFoundError(f"{p} not found: SiT.from_pretrained needs a directory with "
-                                        f"{CONFIG_FILE} and {WEIGHTS_FILE} (as written by save_pretrained){hint}")
+                raise FileNotFoundError(f"{p} not found: SiT.from_pretrained needs a directory with {CONFIG_FILE} "
+                                        f"and {WEIGHTS_FILE} (as written by save_pretrained){training_run_hint(path)}")
         try:
             data = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as e:

@@ -77,6 +77,13 @@ def hub_download(repo_id: str, filename: str, what: str) -> Path:
             f"On an offline machine, download it elsewhere and pass the local path instead.") from e
 
 
+def training_run_hint(folder: Path) -> str:
+    """"; a training run keeps its weights in FOLDER/model" when `folder` is a run folder given where its model
+    folder was meant (the commonest wrong path), else ""."""
+    return f"; a training run keeps its weights in {folder / 'model'}" if (folder / "model" / "config.json").is_file() \
+        else ""
+
+
 def load_safetensors_strict(model: torch.nn.Module, path: str | Path) -> None:
     """Load a safetensors state dict, naming missing/unexpected keys and shape mismatches in the error."""
     path = Path(path)

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..config import ConfigError, TokenizerConfig
+from ..nets.hub import hub_download, local_path_reason, training_run_hint
 
 # timm ViT sizes by name fragment: (width, depth, heads)
 VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16),
@@ -191,12 +192,9 @@ def resolve_checkpoint_dir(path_or_hub_id: str | Path) -> Path:
     p = Path(path_or_hub_id).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
-            hint = f"; a training run keeps its weights in {p / 'model'}" if (p / "model" / "config.json").is_file() \
-                else ""
             raise FileNotFoundError(f"{p} has no config.json (expected a save_pretrained folder or an official "
-                                    f"MAETok checkpoint folder){hint}")
+                                    f"MAETok checkpoint folder){training_run_hint(p)}")
         return p
-    from ..nets.hub import hub_download, local_path_reason
 
     if p.exists():
         raise FileNotFoundError(f"{path_or_hub_id}: not a checkpoint folder")

@@ -3,9 +3,12 @@
 A crash mid-write leaves the previous checkpoint and `last` intact: the data goes to a temporary file that is
 flushed and fsynced before an atomic rename, and `last` is itself replaced atomically afterwards.
 Loading uses `torch.load(weights_only=True)`: tensors and plain containers only, nothing is executed.
+Each checkpoint has a `<name>.sha256` beside it (`sha256sum -c` reads it) that loading checks: torch's zip
+reader does not verify its CRCs, so a flipped byte in a tensor would otherwise load as silently wrong weights.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -19,6 +22,7 @@ CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
 EMERGENCY_RE = re.compile(r"^emergency-(\d{8})\.pt$")
 LAST = "last"
 TMP_GLOB = ".*.tmp-*"  # atomic_write_bytes's temporary files
+DIGEST_SUFFIX = ".sha256"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -54,12 +58,49 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict[str, Any], keep_last:
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / (name or f"ckpt-{step:08d}.pt")
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
+    digest = hashlib.sha256()
+    atomic_write_bytes(path, lambda f: torch.save(state, _HashingWriter(f, digest)))
+    # Written after the checkpoint, before `last` moves: a crash in between leaves a checkpoint without its
+    # digest, which loads unchecked (as checkpoints from before digests did).
+    atomic_write_bytes(digest_path(path), lambda f: f.write(f"{digest.hexdigest()}  {path.name}\n".encode()))
     if name is None:
         atomic_write_bytes(ckpt_dir / LAST, lambda f: f.write(path.name.encode()))
         for old in sorted(p for p in ckpt_dir.iterdir() if CKPT_RE.match(p.name))[:-keep_last]:
             old.unlink()
+            digest_path(old).unlink(missing_ok=True)
     return path
+
+
+class _HashingWriter:
+    """A write-only file that hashes what passes through it, so the digest costs no second read of the file."""
+
+    def __init__(self, file, digest):
+        self.file, self.digest = file, digest
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def digest_path(path: Path) -> Path:
+    return path.with_name(path.name + DIGEST_SUFFIX)
+
+
+def verify_digest(path: Path) -> None:
+    """Raise ValueError when `path` no longer has the SHA-256 recorded beside it when it was written. A
+    checkpoint without a digest file (written before digests, or by a save killed between the two files) passes."""
+    recorded_file = digest_path(path)
+    if not recorded_file.is_file():
+        return
+    recorded = recorded_file.read_text().split()
+    with open(path, "rb") as f:
+        actual = hashlib.file_digest(f, "sha256").hexdigest()
+    if not recorded or recorded[0] != actual:
+        raise ValueError(f"{path}: its bytes changed since it was written (SHA-256 {actual[:16]}..., "
+                         f"{recorded_file.name} records {(recorded or ['nothing'])[0][:16]}...): the file is corrupt")
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -99,6 +140,7 @@ def remove_stale_temporaries(ckpt_dir: Path) -> list[str]:
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    verify_digest(Path(path))
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
