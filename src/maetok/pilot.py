@@ -466,7 +466,7 @@ class Pilot:
         rank reconstructs a contiguous share, and every rank returns the same result. Reconstructions are
         rounded to uint8 levels first, as `maetok eval recon` does (and as generated samples are)."""
         from torch.utils.data import DataLoader, Subset
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
         from .data.images import save_image_grid
         from .eval.features import extract_features, gather_features
@@ -479,7 +479,7 @@ class Pilot:
         meter, grid = ReconstructionMetrics(lpips=None), []
         share = Subset(self.test_set, shard_range(self.n_eval, self.dist))
         loader = DataLoader(share, batch_size=256, shuffle=False, num_workers=self.loader_workers)
-        for x, _ in tqdm(loader, desc="reconstruct", disable=not self.dist.is_main, dynamic_ncols=True):
+        for x, _ in progress_bar(loader, desc="reconstruct", disable=not self.dist.is_main):
             x = x.to(self.device)
             recon = to_uint8_levels(tok.decode(tok.encode(x)).float())
             meter.update(recon, x)

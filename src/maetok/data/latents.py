@@ -42,7 +42,7 @@ def cache_latents(tokenizer, dataset, out_dir: str | Path, batch_size: int = 64,
     written by rank 0 once every shard is on disk. Every rank must see the same `out_dir` (a shared filesystem
     across nodes). Shard names depend only on (len(dataset), shard_size), so an interrupted cache can be
     finished with any number of ranks."""
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     from ..config import to_dict
 
@@ -69,7 +69,7 @@ def cache_latents(tokenizer, dataset, out_dir: str | Path, batch_size: int = 64,
     elif rank == 0:
         atomic_write_bytes(request_path, lambda f: f.write(json.dumps(request, indent=2).encode()))
     mine = sum(min(shard_size, n - start) for s, start in enumerate(range(0, n, shard_size)) if s % world == rank)
-    bar = tqdm(total=mine, desc="encode latents", disable=not progress or rank != 0, dynamic_ncols=True)
+    bar = progress_bar(total=mine, desc="encode latents", disable=not progress or rank != 0)
     for s, start in enumerate(range(0, n, shard_size)):
         name = f"shard-{s:05d}.safetensors"
         shards.append(name)

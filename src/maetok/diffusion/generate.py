@@ -56,7 +56,7 @@ def generate(model, tokenizer, num: int, cfg: SampleConfig, labels: torch.Tensor
     """This rank's share: (indices, uint8 images NHWC). Sample i belongs to rank i % world.
     compile: run the diffusion model through torch.compile (eagerly if compilation fails), with static shapes:
     it compiles once per batch shape (guided steps double the batch; the last chunk may be smaller)."""
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     from ..train.loop import CompiledOrEager
 
@@ -66,7 +66,7 @@ def generate(model, tokenizer, num: int, cfg: SampleConfig, labels: torch.Tensor
     mine = torch.arange(rank, num, world)
     shape = (model.config.num_tokens, model.config.in_channels)
     out = []
-    for chunk in tqdm(mine.split(batch_size), desc=f"sample[{rank}]", disable=not progress, dynamic_ncols=True):
+    for chunk in progress_bar(mine.split(batch_size), desc=f"sample[{rank}]", disable=not progress):
         noise = initial_noise(chunk, shape, cfg.seed).to(device)
         y = labels[chunk].to(device) if labels is not None else None
         gen = torch.Generator(device).manual_seed(cfg.seed * 7919 + int(chunk[0]))  # SDE increments

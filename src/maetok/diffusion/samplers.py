@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from maetok.config import SampleConfig
 from maetok.data.datasets import check_labels
@@ -83,7 +83,7 @@ def _prepare(model, noise, y, cfg_scale, null_label):
 def _ode(model, noise, y, steps, cfg_scale, cfg_interval, null_label, heun, progress):
     x, dtype, null_label = _prepare(model, noise, y, cfg_scale, null_label)
     t_grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
-    for i in tqdm(range(steps), desc="heun" if heun else "euler", disable=not progress):
+    for i in progress_bar(range(steps), desc="heun" if heun else "euler", disable=not progress):
         t_cur, t_next = t_grid[i], t_grid[i + 1]
         guided = _guided(t_cur, cfg_scale, cfg_interval)
         d_cur = _combine(_call(model, x, t_cur, y, null_label, guided, dtype)[0], guided, cfg_scale)
@@ -139,7 +139,7 @@ def euler_maruyama(model, noise: torch.Tensor, y: torch.Tensor | None = None, *,
             raise ValueError(f"SDE noise for step {i} has shape {tuple(eps.shape)}; expected {tuple(x.shape)}")
         return eps.to(device=x.device, dtype=torch.float64)
 
-    for i in tqdm(range(steps), desc="sde", disable=not progress):
+    for i in progress_bar(range(steps), desc="sde", disable=not progress):
         t_cur, t_next = t_grid[i], t_grid[i + 1]
         dt = t_next - t_cur
         w = 2.0 * t_cur

@@ -315,7 +315,7 @@ def evaluate_reconstruction(tokenizer, dataset: Dataset, feature_net: FeatureNet
     with the reason when its weights are missing) and, with a feature network, rFID of the reconstructions
     against the originals (reference statistics from `stats_cache` when it exists and matches `cache_key`).
     `dist`: under torchrun each rank reconstructs a contiguous share, and every rank returns the same result."""
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     tokenizer = tokenizer.to(device).eval()
     net = resolve_feature_net(feature_net, device) if feature_net is not None else None
@@ -327,7 +327,7 @@ def evaluate_reconstruction(tokenizer, dataset: Dataset, feature_net: FeatureNet
     share = Subset(dataset, shard_range(len(dataset), dist)) if sharded else dataset
     loader = DataLoader(share, batch_size=batch_size, shuffle=False)
     main = dist is None or dist.is_main
-    for images, _ in tqdm(loader, desc="reconstruct", disable=not (progress and main), dynamic_ncols=True):
+    for images, _ in progress_bar(loader, desc="reconstruct", disable=not (progress and main)):
         x = images.to(device)
         recon = to_uint8_levels(tokenizer.decode(tokenizer.encode(x)).float())
         meter.update(recon, x)

@@ -52,7 +52,7 @@ class SmallCNN(nn.Module):
 def train_classifier(train_set, test_set, num_classes: int, steps: int = 600, batch_size: int = 64,
                      lr: float = 2e-3, seed: int = 0, progress: bool = True) -> tuple[SmallCNN, float]:
     """Train on `train_set` ((image, label) pairs), return the model and its held-out top-1 accuracy."""
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -66,7 +66,7 @@ def train_classifier(train_set, test_set, num_classes: int, steps: int = 600, ba
     loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=g, drop_last=True)
     it = iter(loader)
     model.train()
-    for _ in tqdm(range(steps), desc="feature classifier", disable=not progress, dynamic_ncols=True):
+    for _ in progress_bar(range(steps), desc="feature classifier", disable=not progress):
         try:
             x, y = next(it)
         except StopIteration:

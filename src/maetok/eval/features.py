@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..nets.resnet_cifar import ResNetCifar
 from ..train.distributed import DistInfo, all_gather_list, shard_range
@@ -182,7 +182,7 @@ def extract_features(net: FeatureNet, images_or_iterable, batch_size: int = 64, 
     if single:
         total = len(images_or_iterable)
     feats, logits = [], []
-    with tqdm(total=total, disable=not progress, unit="img", desc=f"features[{net.name}]") as bar:
+    with progress_bar(total=total, disable=not progress, unit="img", desc=f"features[{net.name}]") as bar:
         for batch in batches:
             if isinstance(batch, (tuple, list)):  # (images, labels) from a DataLoader
                 batch = batch[0]

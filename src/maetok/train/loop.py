@@ -704,9 +704,9 @@ def _in_main_thread() -> bool:
 
 
 def _progress(total: int, start: int, enabled: bool):
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
-    return tqdm(total=total, initial=start, disable=not enabled, desc="train", dynamic_ncols=True)
+    return progress_bar(total=total, initial=start, disable=not enabled, desc="train")
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
