@@ -239,6 +239,7 @@ def test_sharded_sampling_equals_single_process(ddp: DDPRun, tmp_path: Path, sam
         assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
         assert len({a["arr_0"][i].tobytes() for i in range(11)}) == 11  # no sample written twice or left blank
     assert (folder / "samples.png").is_file()
+    assert not list(folder.glob(".shard-*"))  # rank 0 assembled the ranks' shares and removed them
 
 
 # ==============================================================================================================

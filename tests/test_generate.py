@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from maetok.config import SampleConfig, TokenizerRunConfig, load_config
+from maetok.config import ConfigError, SampleConfig, TokenizerRunConfig, load_config
 from maetok.diffusion import SiT, sit_config
 from maetok.diffusion.generate import generate, generate_to_dir
 from maetok.tokenizer import MAETok
@@ -66,3 +66,33 @@ def test_compiled_sampling_gives_the_eager_images():
     _, compiled = generate(sit, tok, 6, CFG, labels, batch_size=4, progress=False, compile=True)
     diff = np.abs(eager.astype(int) - compiled.astype(int))
     assert diff.max() <= 2 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+
+
+def test_the_sde_converts_velocity_to_score_on_the_path_the_model_was_trained_on(tmp_path, monkeypatch):
+    """The score the SDE needs depends on the interpolant; the model folder records it and sampling uses it."""
+    import maetok.diffusion.generate as gen_module
+
+    sit, tok = _models()
+    sit.transport_path = "cosine"
+    sit.save_pretrained(tmp_path / "sit")
+    loaded = SiT.from_pretrained(tmp_path / "sit")
+    assert loaded.transport_path == "cosine"
+    assert json.loads((tmp_path / "sit" / "config.json").read_text())["transport_path"] == "cosine"
+    paths = []
+    real_sample = gen_module.sample
+    monkeypatch.setattr(gen_module, "sample", lambda *a, **kw: paths.append(kw["path"]) or real_sample(*a, **kw))
+    generate(loaded, tok, 2, SampleConfig("sde", steps=3, seed=1), torch.arange(2), progress=False)
+    assert paths == ["cosine"]
+
+
+def test_a_model_folder_without_a_recorded_path_is_read_as_linear(tmp_path):
+    sit, _ = _models()
+    sit.save_pretrained(tmp_path / "sit")
+    config = json.loads((tmp_path / "sit" / "config.json").read_text())
+    del config["transport_path"]  # as saved before the path was recorded
+    (tmp_path / "sit" / "config.json").write_text(json.dumps(config))
+    assert SiT.from_pretrained(tmp_path / "sit").transport_path == "linear"
+    config["transport_path"] = "vp"
+    (tmp_path / "sit" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"transport_path='vp' is not one of \['linear', 'cosine'\]"):
+        SiT.from_pretrained(tmp_path / "sit")

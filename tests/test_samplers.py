@@ -239,8 +239,27 @@ def test_unconditional_model_samples(sampler):
         sample(model, torch.randn(3, 8, 4), None, SampleConfig(sampler, steps=3, cfg_scale=2.0))
 
 
+def test_sde_with_the_cosine_path_needs_the_cosine_score():
+    """Exact velocity of Gaussian data on the cosine path: only the matching score lands on the data."""
+    std = 0.5
+
+    def velocity(x, t, y=None):  # E[v | x_t] for x0 ~ N(0, std^2), eps ~ N(0, 1) on the cosine path
+        t = t.reshape(-1, 1, 1).double()
+        a, s = torch.cos(torch.pi / 2 * t), torch.sin(torch.pi / 2 * t)
+        da, ds = -torch.pi / 2 * s, torch.pi / 2 * a
+        return (da * a * std**2 + ds * s) / (a**2 * std**2 + s**2) * x
+
+    noise = torch.randn(4000, 2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    right = euler_maruyama(velocity, noise, steps=100, path="cosine", generator=torch.Generator().manual_seed(1))
+    wrong = euler_maruyama(velocity, noise, steps=100, path="linear", generator=torch.Generator().manual_seed(1))
+    assert abs(right.std().item() - std) < 0.03
+    assert abs(wrong.std().item() - std) > 0.1
+
+
 def test_sampler_input_errors():
     model = SiT(sit_config("tiny", in_channels=4, num_tokens=8, num_classes=3)).eval()
+    with pytest.raises(ConfigError, match="the sde sampler needs at least 2 steps"):
+        sample(model, torch.randn(2, 8, 4), torch.tensor([0, 1]), SampleConfig("sde", steps=1))
     with pytest.raises(ValueError, match=r"\(2,\)"):
         sample(model, torch.randn(2, 8, 4), torch.tensor([0, 1, 2]), SampleConfig("euler", steps=2))
     with pytest.raises(ConfigError, match="cfg_interval"):

@@ -152,6 +152,12 @@ def test_convert_infers_sizes_and_reports_unused(sit_dir, tmp_path):
     report = convert_official_sit(tmp_path / "w.safetensors", tmp_path / "b", config={"kind": "sit", "heads": 4})
     assert report.unused_keys == ["projectors.0.0.weight"]
     assert (report.config.depth, report.config.num_classes, report.config.num_tokens) == (2, 1000, 16)
+    # The class count was assumed (the last of 1001 rows as the null label), and the report says so: a table
+    # trained without label dropout has the same shape as this one with a class fewer.
+    assert any("num_classes=1000 read off the label table's 1001 rows" in n for n in report.notes)
+    assert "give num_classes in the config" in report.summary()
+    given = convert_official_sit(tmp_path / "w.safetensors", tmp_path / "c", config=sit_dir / "config.json")
+    assert not any("label table" in n for n in given.notes)
 
 
 def test_convert_errors_name_key_and_shapes(sit_dir, tmp_path):

@@ -171,3 +171,22 @@ def test_tiny_sit_learns_toy_latents(variant, cos_weight, one_thread):
     after = eval_loss()
     print(f"{variant}: eval mse {before:.3f} -> {after:.3f}")
     assert after < 0.3 * before
+
+
+def test_low_precision_latents_are_mixed_at_the_time_the_model_is_told():
+    """bf16 latents: x_t must be mixed at the float32 t the model receives, not at t rounded to bf16."""
+    seen = {}
+
+    def model(x_t, t, y):
+        seen["x_t"], seen["t"] = x_t, t
+        return torch.zeros_like(x_t)
+
+    x0 = torch.randn(64, 4, 3).bfloat16()
+    gen = torch.Generator().manual_seed(0)
+    training_loss(model, x0, None, TransportConfig(), generator=gen)
+    gen = torch.Generator().manual_seed(0)
+    t = sample_time(64, TransportConfig(), gen)
+    eps = torch.randn(x0.shape, generator=gen)
+    assert seen["x_t"].dtype == torch.float32 and torch.equal(seen["t"], t)
+    want = (1 - t.double()[:, None, None]) * x0.double() + t.double()[:, None, None] * eps.double()
+    assert (seen["x_t"].double() - want).abs().max() < 1e-6

@@ -229,6 +229,9 @@ class SampleConfig:
             raise ConfigError(f"{key}.cfg_interval={list(self.cfg_interval)} must satisfy 0 <= low <= high <= 1")
         if self.steps < 1:
             raise ConfigError(f"{key}.steps={self.steps} must be >= 1")
+        if self.sampler == "sde" and self.steps < 2:
+            # One SDE step is only the deterministic last step, taken at t = 1: it returns minus the noise.
+            raise ConfigError(f"{key}.steps={self.steps}: the sde sampler needs at least 2 steps")
         if self.cfg_scale < 1:
             # As the official samplers, guidance applies only above 1: a smaller scale would silently mean none.
             raise ConfigError(f"{key}.cfg_scale={self.cfg_scale} must be >= 1 (1 = no guidance; the samplers "

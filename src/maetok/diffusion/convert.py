@@ -208,15 +208,24 @@ def infer_config_from_shapes(shapes: dict[str, tuple[int, ...]], heads: int | No
             "class_dropout": class_dropout}
 
 
-def _resolve_config(shapes: dict[str, tuple[int, ...]], config: Any) -> tuple[SiTConfig, str]:
+def _resolve_config(shapes: dict[str, tuple[int, ...]], config: Any) -> tuple[SiTConfig, str, list[str]]:
+    """The SiTConfig, where it came from, and notes on what was assumed rather than read."""
     given, source = _read_config(config)
     inferred = infer_config_from_shapes(shapes, heads=given.get("heads"),
                                         class_dropout=given.get("class_dropout", 0.1))
     fields = {**inferred, **given} if given else inferred
     try:
-        return from_dict(SiTConfig, fields), source
+        cfg = from_dict(SiTConfig, fields)
     except ConfigError as e:
         raise ConversionError(f"config ({source}) is not a valid SiTConfig: {e}") from e
+    notes = []
+    if "num_classes" not in given and cfg.num_classes:
+        # A table without a null row (trained without label dropout) has the same shape as one of a model with
+        # one class fewer: only the config can tell them apart, and guidance would use a real class as "null".
+        notes.append(f"num_classes={cfg.num_classes} read off the label table's {cfg.num_classes + 1} rows, taking "
+                     f"the last as the null (guidance) label; if the checkpoint was trained without label dropout, "
+                     f"it has no null row: give num_classes in the config")
+    return cfg, source, notes
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -267,7 +276,8 @@ def convert_official_sit(src_dir_or_file: str | Path, out_dir: str | Path, weigh
         raise FileNotFoundError(f"{src} does not exist")
     state, notes, used_ema = load_official_state_dict(weights_path)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    cfg, config_source = _resolve_config(shapes, config)
+    cfg, config_source, assumed = _resolve_config(shapes, config)
+    notes += assumed
     expected = {k: tuple(v.shape) for k, v in build_meta(cfg).state_dict().items()}
     unused = check_shapes(expected, shapes, str(weights_path), cfg)
 

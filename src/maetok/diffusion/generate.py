@@ -61,6 +61,7 @@ def generate(model, tokenizer, num: int, cfg: SampleConfig, labels: torch.Tensor
     from ..train.loop import CompiledOrEager
 
     check_compatible(model, tokenizer)
+    transport_path = getattr(model, "transport_path", "linear")  # what the SDE's score conversion assumes
     model = CompiledOrEager(model.to(device).eval(), "the diffusion model", enabled=compile, dynamic=False)
     tokenizer = tokenizer.to(device).eval()
     mine = torch.arange(rank, num, world)
@@ -70,7 +71,7 @@ def generate(model, tokenizer, num: int, cfg: SampleConfig, labels: torch.Tensor
         noise = initial_noise(chunk, shape, cfg.seed).to(device)
         y = labels[chunk].to(device) if labels is not None else None
         gen = torch.Generator(device).manual_seed(cfg.seed * 7919 + int(chunk[0]))  # SDE increments
-        x = sample(model, noise, y, cfg, generator=gen).float()
+        x = sample(model, noise, y, cfg, generator=gen, path=transport_path).float()
         images = tokenizer.decode(tokenizer.denormalize(x))
         out.append(to_uint8(images))
     return mine, (np.concatenate(out) if out else np.zeros((0, tokenizer.config.image_size,
@@ -140,18 +141,36 @@ def generate_to_dir(model, tokenizer, num: int, cfg: SampleConfig, out_dir: Path
         path = write_samples(out_dir, imgs, labels)
         record()
         return path
-    parts = [None] * info.world
-    dist.all_gather_object(parts, (idx, imgs))  # images are small uint8; fine for evaluation-sized runs
+    # Each rank leaves its share in the output folder and rank 0 assembles them. Gathering the images through the
+    # process group instead would copy all of them to every rank (50k samples at 256 px are 10 GB; under NCCL
+    # through every GPU too). So --out must be on a filesystem every rank sees, as for the latent cache.
+    from ..train.checkpoint import atomic_write_bytes
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(_shard_file(out_dir, info.rank, info.world),
+                       lambda f: np.savez(f, indices=idx.numpy(), images=imgs))
+    dist.barrier()
     path = out_dir / "samples.npz"
     if info.is_main:
         full = np.zeros((num, *imgs.shape[1:]), np.uint8)
-        seen = torch.zeros(num, dtype=torch.long)
-        for i, im in parts:
-            full[i.numpy()] = im
-            seen[i] += 1
+        seen = np.zeros(num, dtype=np.int64)
+        for rank in range(info.world):
+            shard = _shard_file(out_dir, rank, info.world)
+            if not shard.is_file():
+                raise FileNotFoundError(f"rank {rank}'s samples ({shard}) are not in {out_dir}: sampling under "
+                                        f"torchrun needs --out on a filesystem that every rank sees")
+            with np.load(shard) as part:
+                full[part["indices"]] = part["images"]
+                np.add.at(seen, part["indices"], 1)
         if not bool((seen == 1).all()):
             raise RuntimeError("sharded sampling did not produce every sample exactly once")
         path = write_samples(out_dir, full, labels)
         record()
+        for shard in out_dir.glob(".shard-*-of-*.npz"):  # these, and any a killed run left
+            shard.unlink(missing_ok=True)
     dist.barrier()  # no rank returns before the file exists
     return path
+
+
+def _shard_file(out_dir: Path, rank: int, world: int) -> Path:
+    return out_dir / f".shard-{rank:05d}-of-{world:05d}.npz"

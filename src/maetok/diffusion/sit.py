@@ -25,6 +25,7 @@ from maetok.data.datasets import check_labels
 from maetok.layers import (Attention, Mlp, RMSNorm, RoPE1D, SwiGLU, add_into, modulate, sincos_1d,
                            timestep_features)
 from maetok.nets.hub import load_safetensors_strict, training_run_hint
+from maetok.diffusion.transport import PATHS
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -134,6 +135,9 @@ class SiT(nn.Module):
         cfg.validate("model")
         self.config = cfg
         self.check_label_values = True  # range-check label values at every call (a host sync on a GPU)
+        # The interpolant the velocity was trained on (transport.path). The network does not depend on it, but
+        # the SDE sampler's velocity-to-score conversion does, so it is saved with the weights.
+        self.transport_path = "linear"
         lightning = cfg.variant == "lightningdit"
         self.x_embedder = nn.Linear(cfg.in_channels, cfg.hidden)
         self.t_embedder = TimestepEmbedder(cfg.hidden)
@@ -227,7 +231,8 @@ class SiT(nn.Module):
         """Write config.json (the SiTConfig plus a kind/version marker) and model.safetensors into out_dir."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        meta = {"kind": "sit", "maetok_version": __version__, **to_dict(self.config)}
+        meta = {"kind": "sit", "maetok_version": __version__, "transport_path": self.transport_path,
+                **to_dict(self.config)}
         (out_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         from ..train.checkpoint import save_safetensors
@@ -256,11 +261,15 @@ class SiT(nn.Module):
             raise ConfigError(f"{cfg_path}: not a maetok SiT config (expected \"kind\": \"sit\"); convert an "
                               f"official checkpoint first: maetok convert official-sit --src ... --out ...")
         data.pop("maetok_version", None)
+        transport_path = data.pop("transport_path", "linear")  # folders saved before it was recorded: the default
+        if transport_path not in PATHS:
+            raise ConfigError(f"{cfg_path}: transport_path={transport_path!r} is not one of {list(PATHS)}")
         try:
             cfg = from_dict(SiTConfig, data)
         except ConfigError as e:
             raise ConfigError(f"{cfg_path}: {e}") from e
         model = cls(cfg)
+        model.transport_path = transport_path
         load_safetensors_strict(model, weights_path)
         # Eval mode, as MAETok.from_pretrained: in train mode the forward drops class labels at random (CFG
         # training), so two calls on the same input would differ. Training code calls .train() itself.

@@ -20,8 +20,9 @@ PATHS = ("linear", "cosine")
 
 
 def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(B,) -> (B, 1, ..., 1) so a per-sample time broadcasts over every token and channel."""
-    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    """(B,) -> (B, 1, ..., 1) so a per-sample time broadcasts over every token and channel. At least float32:
+    a bf16 t would mix x_t at a time up to 2e-3 away from the one the model is told."""
+    t = torch.as_tensor(t, dtype=torch.promote_types(like.dtype, torch.float32), device=like.device)
     return t.reshape(-1, *([1] * (like.dim() - 1))) if t.dim() else t
 
 
@@ -85,6 +86,8 @@ def training_loss(model, x0: torch.Tensor, y: torch.Tensor | None, cfg: Transpor
     loss = mse(v, v_target) + cos_loss_weight * cos, with cos = mean over tokens of 1 - cos(v, v_target) along
     the channel axis (LightningDiT's velocity-direction term). `cos` is always returned, as a diagnostic.
     """
+    if x0.dtype in (torch.bfloat16, torch.float16):
+        x0 = x0.float()  # x_t and the target in float32; autocast still runs the model in low precision
     gen_device = generator.device if generator is not None else x0.device
     t = sample_time(x0.shape[0], cfg, generator, x0.device)
     eps = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)

@@ -26,6 +26,7 @@ class DiffusionTask(Task):
         self.mean, self.std = latent_mean, latent_std
         self.tokenizer = tokenizer.to(device).eval().requires_grad_(False) if tokenizer is not None else None
         self.model = SiT.from_config(cfg.model).to(device)
+        self.model.transport_path = cfg.transport.path  # saved with the weights (and the EMA copy's), for the SDE
         # The labels are checked on the host in `check_batch`; SiT's own per-call check would sync the device at
         # every step.
         self.model.check_label_values = False
@@ -65,7 +66,7 @@ class DiffusionTask(Task):
         shape = (n, self.cfg.model.num_tokens, self.cfg.model.in_channels)
         noise = torch.randn(shape, generator=g).to(self.device)
         y = labels.to(self.device) if labels is not None else None
-        x = sample(model.eval(), noise, y, self.cfg.sample).float()
+        x = sample(model.eval(), noise, y, self.cfg.sample, path=self.cfg.transport.path).float()
         z = x * self.std + self.mean
         return self.tokenizer.decode(z).clamp(-1, 1)
 
