@@ -78,6 +78,10 @@ def test_the_sde_converts_velocity_to_score_on_the_path_the_model_was_trained_on
     loaded = SiT.from_pretrained(tmp_path / "sit")
     assert loaded.transport_path == "cosine"
     assert json.loads((tmp_path / "sit" / "config.json").read_text())["transport_path"] == "cosine"
+    from maetok.diffusion import convert_official_sit
+
+    convert_official_sit(tmp_path / "sit", tmp_path / "again")  # a conversion of a maetok folder keeps it too
+    assert SiT.from_pretrained(tmp_path / "again").transport_path == "cosine"
     paths = []
     real_sample = gen_module.sample
     monkeypatch.setattr(gen_module, "sample", lambda *a, **kw: paths.append(kw["path"]) or real_sample(*a, **kw))

@@ -233,6 +233,13 @@ def test_extract_features_streams_resizes_and_names():
     np.testing.assert_allclose(streamed.logits, whole.logits, rtol=1e-5, atol=1e-6)
 
 
+def test_extract_features_refuses_float_images_outside_minus_one_to_one():
+    net = build_feature_net("resnet20-cifar10", pretrained=False)
+    images = _smooth_images(4, 0, size=32)
+    with pytest.raises(ValueError, match=r"float images must lie in \[-1, 1\]; this batch spans \[0.3\d*, 25\d\]"):
+        extract_features(net, (images + 1) * 127.5, progress=False)
+
+
 def test_random_init_network_ranks_degraded_images_worse():
     net = build_feature_net("resnet20-cifar10", pretrained=False)
     ref = extract_features(net, _smooth_images(64, 0), 64, progress=False)

@@ -53,6 +53,25 @@ def test_mask_ratio_distribution_is_truncated_normal():
     assert abs(sample_mask_ratio(MaskConfig(ratio_min=0.3, ratio_max=0.3), g) - 0.3) < 1e-12
 
 
+@pytest.mark.parametrize("mean", [0.75, 0.25])
+def test_mask_ratio_with_the_mean_outside_the_range_is_still_the_truncated_normal(mean: float):
+    """N(mean, 0.02) truncated to [0.4, 0.6], the mean 7.5 standard deviations out: the mass piles up at the near
+    end (a uniform draw, the old fallback, would have mean 0.5). Expected mean in closed form:
+    mean + std * (pdf(a) - pdf(b)) / P(a <= Z <= b), the probability from the tail the range lies in."""
+    std = 0.02
+    cfg = MaskConfig(ratio_mean=mean, ratio_std=std)
+    g = torch.Generator().manual_seed(0)
+    ratios = torch.tensor([sample_mask_ratio(cfg, g) for _ in range(2000)], dtype=torch.float64)
+    assert ratios.min() >= 0.4 and ratios.max() <= 0.6
+    a, b = (0.4 - mean) / std, (0.6 - mean) / std
+    pdf = lambda z: math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+    tail = lambda z: 0.5 * math.erfc(z / math.sqrt(2))  # P(Z > z), precise far out in the upper tail
+    mass = tail(a) - tail(b) if a > 0 else tail(-b) - tail(-a)
+    expected = mean + std * (pdf(a) - pdf(b)) / mass
+    assert abs(expected - (0.5974 if mean > 0.6 else 0.4026)) < 1e-4  # scipy.stats.truncnorm's mean
+    assert abs(ratios.mean().item() - expected) < 2e-4
+
+
 def test_mask_counts_and_positions_are_random_per_sample():
     g = torch.Generator().manual_seed(1)
     mask = random_patch_mask(64, 64, 0.45, generator=g)

@@ -140,3 +140,19 @@ def test_official_config_from_model_names_and_bad_weights(parity_dir: Path, tmp_
     shutil.copy(parity_dir / "tokenizer_tiny" / "model.safetensors", tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="enc_width=768 but the weights imply 64"):
         load_official_tokenizer(tmp_path)
+
+
+def test_a_key_for_a_part_the_model_lacks_is_an_error_not_an_unused_key(parity_dir: Path, tmp_path: Path):
+    """A checkpoint with qk-norm maps its norm weights to names our model (no qk-norm) does not have: loading
+    without them would encode and decode wrongly, so the conversion refuses it and names the key."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    state = load_file(str(parity_dir / "tokenizer_tiny" / "model.safetensors"))
+    state["encoder.model.blocks.0.attn.q_norm.weight"] = torch.ones(16)
+    shutil.copy(parity_dir / "tokenizer_tiny" / "config.json", tmp_path / "config.json")
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"'encoder.model.blocks.0.attn.q_norm.weight' \(16,\) would load into "
+                                         r"'encoder.blocks.0.attn.q_norm.weight', which the model built"):
+        load_official_tokenizer(tmp_path)

@@ -112,6 +112,21 @@ def test_stage2_takes_the_model_config_from_init_from(stage1: Path, tmp_path: Pa
                       tmp_path / "ft-none", device="cpu")
 
 
+def test_stage2_from_released_official_weights_needs_no_masking(parity_dir: Path, tmp_path: Path):
+    """Released official files have no encoder mask token: masked stage-2 inputs would meet an untrained,
+    all-zero token in the frozen encoder, so stage 2 asks for mask_ratio_start=0, and then trains."""
+    official = parity_dir / "tokenizer_tiny"
+    over = ["stage=2", f"decoder_ft.init_from={official}", "train.steps=1", "data.limit=8", "train.batch_size=8",
+            "stats_batches=1", "decoder_ft.anneal_steps=1"]
+    with pytest.raises(ConfigError, match="no trained encoder mask token(.|\n)*decoder_ft.mask_ratio_start=0"):
+        run_tokenizer(load_config(TokenizerRunConfig, "cpu-32", over), tmp_path / "masked", device="cpu")
+    assert not (tmp_path / "masked").exists()
+    cfg = load_config(TokenizerRunConfig, "cpu-32", over + ["decoder_ft.mask_ratio_start=0"])
+    assert run_tokenizer(cfg, tmp_path / "unmasked", device="cpu")["finished"]
+    records = [json.loads(line) for line in (tmp_path / "unmasked" / "log.jsonl").read_text().splitlines()]
+    assert all(r.get("mask_ratio", 0.0) == 0.0 for r in records)
+
+
 def test_optional_teacher_without_weights_trains_without_it(tmp_path: Path, caplog):
     missing = str(tmp_path / "no-such-resnet.safetensors")
     aux = (f"model.aux_targets=[{{name: hog, weight: 1.0}}, {{name: resnet-cifar, weight: 1.0, optional: true, "

@@ -161,7 +161,13 @@ class DecoderFinetuneConfig:
     """Stage 2: encoder frozen, auxiliary decoders dropped, mask ratio annealed linearly from `start` to 0."""
     init_from: str = ""                 # stage-1 run directory or weights directory
     mask_ratio_start: float = 0.6
-    anneal_steps: int = 1000
+    anneal_steps: int = 1000            # 0: no masking at all
+
+    def validate(self, key: str) -> None:
+        if not 0.0 <= self.mask_ratio_start <= 1.0:
+            raise ConfigError(f"{key}.mask_ratio_start={self.mask_ratio_start} must lie in [0, 1]")
+        if self.anneal_steps < 0:
+            raise ConfigError(f"{key}.anneal_steps={self.anneal_steps} must be >= 0")
 
 
 # ==============================================================================================================

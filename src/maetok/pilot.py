@@ -466,12 +466,12 @@ class Pilot:
         rank reconstructs a contiguous share, and every rank returns the same result. Reconstructions are
         rounded to uint8 levels first, as `maetok eval recon` does (and as generated samples are)."""
         from torch.utils.data import DataLoader, Subset
-        from .progress import progress_bar
 
         from .data.images import save_image_grid
         from .eval.features import extract_features, gather_features
         from .eval.fid import fid
         from .eval.recon import ReconstructionMetrics, to_uint8_levels
+        from .progress import progress_bar
         from .train.distributed import shard_range
 
         nets = [self.feature_net] + ([self.inception_net()] if self.inception else [])

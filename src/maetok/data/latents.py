@@ -42,9 +42,8 @@ def cache_latents(tokenizer, dataset, out_dir: str | Path, batch_size: int = 64,
     written by rank 0 once every shard is on disk. Every rank must see the same `out_dir` (a shared filesystem
     across nodes). Shard names depend only on (len(dataset), shard_size), so an interrupted cache can be
     finished with any number of ranks."""
-    from ..progress import progress_bar
-
     from ..config import to_dict
+    from ..progress import progress_bar
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

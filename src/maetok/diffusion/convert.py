@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from maetok.config import ConfigError, SiTConfig, from_dict
 from maetok.diffusion.sit import SiT
+from maetok.diffusion.transport import PATHS
 from maetok.layers import sincos_1d
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -170,7 +171,7 @@ def _read_config(config: Any) -> tuple[dict[str, Any], str]:
             raise ConversionError(f"{where}: cannot read config JSON ({e})") from e
     if not isinstance(config, dict):
         raise ConversionError(f"{where}: config must be a JSON object, got {type(config).__name__}")
-    if config.get("kind") == "sit":
+    if config.get("kind") == "sit":  # transport_path is not a SiTConfig field: the converted model keeps it
         return {k: v for k, v in config.items() if k not in ("kind", "maetok_version")}, where
     if "constructor_kwargs" in config:
         return config_from_official_kwargs(config["constructor_kwargs"], config), f"{where} constructor_kwargs"
@@ -208,9 +209,10 @@ def infer_config_from_shapes(shapes: dict[str, tuple[int, ...]], heads: int | No
             "class_dropout": class_dropout}
 
 
-def _resolve_config(shapes: dict[str, tuple[int, ...]], config: Any) -> tuple[SiTConfig, str, list[str]]:
-    """The SiTConfig, where it came from, and notes on what was assumed rather than read."""
+def _resolve_config(shapes: dict[str, tuple[int, ...]], config: Any) -> tuple[SiTConfig, str, list[str], str]:
+    """The SiTConfig, where it came from, notes on what was assumed rather than read, and the transport path."""
     given, source = _read_config(config)
+    transport_path = given.pop("transport_path", "linear")  # official SiT checkpoints: the linear path
     inferred = infer_config_from_shapes(shapes, heads=given.get("heads"),
                                         class_dropout=given.get("class_dropout", 0.1))
     fields = {**inferred, **given} if given else inferred
@@ -225,7 +227,9 @@ def _resolve_config(shapes: dict[str, tuple[int, ...]], config: Any) -> tuple[Si
         notes.append(f"num_classes={cfg.num_classes} read off the label table's {cfg.num_classes + 1} rows, taking "
                      f"the last as the null (guidance) label; if the checkpoint was trained without label dropout, "
                      f"it has no null row: give num_classes in the config")
-    return cfg, source, notes
+    if transport_path not in PATHS:
+        raise ConversionError(f"config ({source}): transport_path={transport_path!r} is not one of {list(PATHS)}")
+    return cfg, source, notes, transport_path
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -276,7 +280,7 @@ def convert_official_sit(src_dir_or_file: str | Path, out_dir: str | Path, weigh
         raise FileNotFoundError(f"{src} does not exist")
     state, notes, used_ema = load_official_state_dict(weights_path)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    cfg, config_source, assumed = _resolve_config(shapes, config)
+    cfg, config_source, assumed, transport_path = _resolve_config(shapes, config)
     notes += assumed
     expected = {k: tuple(v.shape) for k, v in build_meta(cfg).state_dict().items()}
     unused = check_shapes(expected, shapes, str(weights_path), cfg)
@@ -292,6 +296,7 @@ def convert_official_sit(src_dir_or_file: str | Path, out_dir: str | Path, weigh
 
     model = SiT(cfg)
     model.load_state_dict({k: state[k] for k in expected}, strict=True)
+    model.transport_path = transport_path
     model.save_pretrained(out_dir)
     return ConversionReport(source=str(src), weights_file=str(weights_path), out_dir=str(out_dir), config=cfg,
                             config_source=config_source, used_ema=used_ema, converted_keys=len(expected),

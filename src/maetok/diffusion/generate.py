@@ -57,7 +57,6 @@ def generate(model, tokenizer, num: int, cfg: SampleConfig, labels: torch.Tensor
     compile: run the diffusion model through torch.compile (eagerly if compilation fails), with static shapes:
     it compiles once per batch shape (guided steps double the batch; the last chunk may be smaller)."""
     from ..progress import progress_bar
-
     from ..train.loop import CompiledOrEager
 
     check_compatible(model, tokenizer)

@@ -19,11 +19,11 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import torch
-from ..progress import progress_bar
 
 from maetok.config import SampleConfig
 from maetok.data.datasets import check_labels
 from maetok.diffusion.transport import velocity_to_score
+from maetok.progress import progress_bar
 
 NoiseFn = Callable[[int, torch.Size], torch.Tensor]
 

@@ -3,7 +3,8 @@
 The official config (`ModelArgs`) sits at the top level of the hub's `config.json`, or under `official_ModelArgs`
 (with explicit `encoder`/`decoder` width, depth, heads) in the parity fixtures. Widths and depths otherwise come
 from the timm model names (vit_base = 768 wide, 12 deep, 12 heads), and are cross-checked against the weights.
-Every official key is either mapped, or reported as unused; nothing is dropped silently.
+Every official key is mapped, or is a known training-only key (reported as unused); any other key is an error,
+so nothing is dropped silently.
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ KEY_MAP: list[tuple[str, str]] = [
     (r"decoder\.to_pixel\.model\.(weight|bias)", r"decoder.head.\1"),
 ]
 # Present in official files but never used by encode/decode (see the fixture README).
+# Needed only for training with masking: a converted model without masking leaves it out.
+DROPPABLE = {"encoder.mask_token"}
 KNOWN_UNUSED = (r"decoder\.model\.pos_embed", r"decoder\.model\.patch_embed\..*", r"projection\..*",
                 r"repa_model\..*", r"decoder\.model\.cls_token")
 
@@ -150,12 +153,18 @@ def convert_state_dict(official: dict[str, torch.Tensor], cfg: TokenizerConfig):
     new_state: dict[str, torch.Tensor] = {}
     for key, value in official.items():
         ours = map_official_key(key)
-        if ours is None or ours not in own:
-            if ours is None and not any(re.fullmatch(p, key) for p in KNOWN_UNUSED):
-                raise ValueError(f"official key {key!r} {tuple(value.shape)} has no counterpart in maetok; "
-                                 f"this checkpoint is not an AEModel of the supported family")
+        if any(re.fullmatch(p, key) for p in KNOWN_UNUSED) or (ours in DROPPABLE and ours not in own):
             report.unused.append(key)
             continue
+        if ours is None:
+            raise ValueError(f"official key {key!r} {tuple(value.shape)} has no counterpart in maetok; "
+                             f"this checkpoint is not an AEModel of the supported family")
+        if ours not in own:
+            # e.g. blocks.0.attn.q_norm.weight: a part the model built from this config lacks. Dropping it would
+            # load without error and encode / decode wrongly.
+            raise ValueError(f"official key {key!r} {tuple(value.shape)} would load into {ours!r}, which the "
+                             f"model built from this config does not have; the checkpoint uses an option "
+                             f"(such as qk-norm) that maetok's config does not describe")
         if tuple(own[ours].shape) != tuple(value.shape):
             raise ValueError(f"official key {key!r} has shape {tuple(value.shape)}, but {ours!r} needs "
                              f"{tuple(own[ours].shape)}")

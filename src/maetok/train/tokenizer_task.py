@@ -171,6 +171,12 @@ class TokenizerTask(Task):
             if unexpected or [k for k in missing if not k.startswith("aux_decoders.")]:
                 raise ConfigError(f"{weights_dir}: stage-1 weights do not fit this model (missing {missing[:5]}, "
                                   f"unexpected {unexpected[:5]}); use the same model config for both stages")
+            mask_token = self.model.encoder.mask_token
+            if mask_token is not None and self.cfg.decoder_ft.mask_ratio_start > 0 and not mask_token.any():
+                # Still at its all-zero init: the frozen encoder would see masked inputs it was never trained on.
+                raise ConfigError(f"{weights_dir}: the stage-1 weights hold no trained encoder mask token (released "
+                                  f"official checkpoints leave it out), so stage 2 cannot mask its inputs; set "
+                                  f"decoder_ft.mask_ratio_start=0 to fine-tune the decoder on unmasked latents")
         self.model.encoder.requires_grad_(False)  # before the optimizer is built: it gets the decoder only
         log.info("stage 2: decoder fine-tuning from %s; encoder frozen; mask ratio %.2f -> 0 over %d steps",
                  weights_from, self.cfg.decoder_ft.mask_ratio_start, self.cfg.decoder_ft.anneal_steps)
@@ -189,7 +195,9 @@ class TokenizerTask(Task):
             ft = self.cfg.decoder_ft
             if not self.model.config.uses_mask:
                 return None
-            return ft.mask_ratio_start * max(0.0, 1.0 - step / max(1, ft.anneal_steps))
+            if ft.anneal_steps <= 0:
+                return 0.0
+            return ft.mask_ratio_start * max(0.0, 1.0 - step / ft.anneal_steps)
         return None  # stage 1: the model samples its own ratio per batch
 
     def training_step(self, model: nn.Module, batch: Any, step: int) -> dict[str, torch.Tensor]:
