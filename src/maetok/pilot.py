@@ -84,7 +84,8 @@ _TINY_SIT = ["model.hidden=128", "model.depth=4", "model.heads=2", "train.batch_
              "train.ckpt_every=500"]
 
 BUDGETS: dict[str, PilotBudget] = {
-    # ~10 minutes on 2 CPU cores (13 with one thread) for three variants on the built-in shapes.
+    # ~10 minutes on 2 CPU cores (13 with one thread) for three variants on the built-in shapes. VAE KL weight
+    # 1e-4 (the default): the best VAE gFID of 1e-4, 1e-5, 1e-6 here (benchmarks/results/vae-kl-quick).
     "quick": PilotBudget(n_train=5000, tokenizer=_TINY_TOK, diffusion=_TINY_SIT, tokenizer_steps=1500,
                          decoder_ft_steps=200, diffusion_steps=800),
     # ~60 minutes on 2 CPU cores on CIFAR-10 (one thread, the other core free): the small-scale reproduction of
