@@ -106,3 +106,20 @@ def test_a_run_saved_under_looser_rules_resumes_once_its_config_is_fixed(tmp_pat
     assert "add sample.cfg_scale=1" in capsys.readouterr().err
     assert main([*resume, "sample.cfg_scale=1"]) == 0
     assert json.loads(capsys.readouterr().out)["step"] == 3
+
+
+def test_a_run_records_its_transport_path_with_the_model_and_warns_about_an_unclipped_cosine_loss(
+        tmp_path: Path, caplog):
+    """`maetok sample` reads the path from the model folder: the SDE's velocity-to-score conversion needs it."""
+    import json
+
+    tok = _tokenizer(tmp_path / "tok", latent_tokens=4)
+    cache = cache_latents(MAETok.from_pretrained(tok), open_dataset("shapes", image_size=16, limit=16),
+                          tmp_path / "latents", flip=False, progress=False)
+    cfg = load_config(DiffusionRunConfig, "sit-cpu", [
+        f"latents={cache}", f"tokenizer={tok}", "model.num_tokens=4", "model.in_channels=4", *SIT,
+        "transport.path=cosine", "transport.cos_loss_weight=0.1", "train.optim.grad_clip=0", "sample.sampler=sde"])
+    with caplog.at_level("WARNING"):
+        assert run_diffusion(cfg, tmp_path / "run", device="cpu")["finished"]
+    assert "without gradient clipping" in caplog.text
+    assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["transport_path"] == "cosine"

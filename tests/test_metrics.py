@@ -442,3 +442,15 @@ def test_uncompressed_sample_batches_are_read_lazily(tmp_path):
     assert not isinstance(packed, np.memmap) and np.array_equal(packed, images)
     assert not isinstance(load_adm_images(tmp_path / "plain.npz"), np.memmap)
     torch.testing.assert_close(uint8_to_images(lazy[2:5]), uint8_to_images(images[2:5]))
+
+
+def test_generation_report_gives_each_inception_score_split_at_least_two_samples():
+    from maetok.eval.api import generation_report
+
+    rng = np.random.default_rng(0)
+    evaluated = FeatureSet(rng.normal(size=(6, 4)), rng.normal(size=(6, 10)) * 3, "net")
+    reference = FeatureSet(rng.normal(size=(6, 4)), None, "net")
+    metrics, skipped = generation_report(evaluated, reference)
+    # 3 splits of 2, not 6 splits of one image each (which would score exactly 1)
+    assert metrics["is[net]@6"] == inception_score(evaluated, splits=3)["is[net]@6"] > 1.0
+    assert "is" not in skipped

@@ -268,7 +268,8 @@ def generation_report(evaluated: FeatureSet, reference: FeatureSet | FeatureStat
         why = "the reference is statistics only (mu/sigma); this metric needs reference features"
         skipped["kid"] = skipped["precision_recall"] = why
     if evaluated.logits is not None:
-        metrics |= _try(skipped, "is", inception_score, evaluated, splits=min(is_splits, evaluated.n))
+        # At least two samples per split (FID above needs two in all): one image alone scores exactly 1.
+        metrics |= _try(skipped, "is", inception_score, evaluated, splits=min(is_splits, evaluated.n // 2))
     else:
         skipped["is"] = f"feature net {evaluated.net!r} has no classifier logits"
     return metrics, skipped
