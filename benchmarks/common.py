@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from maetok.eval.cost import count_flops as maetok_count_flops
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -100,32 +101,10 @@ def median_seconds(fn: Callable[[], object], reps: int, warmup: int = 1, device=
 # --------------------------------------------------------------------------------------------------------------
 # FLOPs
 # --------------------------------------------------------------------------------------------------------------
-def _sdpa_cpu_fwd(q, k, v, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(q, k, v)
-
-
-def _sdpa_cpu_bwd(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out, q, k, v)
-
-
-def _custom_flop_mapping() -> dict:
-    # torch's counter knows the CUDA attention kernels but not the CPU flash kernel, which the CPU SDPA dispatches
-    # to: without these entries every attention matmul on CPU would count as zero.
-    aten = torch.ops.aten
-    mapping = {}
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu_fwd
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _sdpa_cpu_bwd
-    return mapping
-
-
 def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs (2 per multiply-add) of the matmuls, convolutions and attention that one real call of `fn` runs.
-    Elementwise work (norms, activations, the optimizer) is not counted, as is usual for MFU."""
-    with FlopCounterMode(display=False, custom_mapping=_custom_flop_mapping()) as counter:
-        fn()
-    return counter.get_total_flops()
+    """FLOPs (2 per multiply-add) of the matmuls, convolutions and attention that one real call of `fn` runs,
+    with autograd as the call itself sets it (a training step's backward is counted)."""
+    return maetok_count_flops(fn, grad=torch.is_grad_enabled())
 
 
 # --------------------------------------------------------------------------------------------------------------

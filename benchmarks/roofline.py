@@ -36,7 +36,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import RESULTS_DIR, _custom_flop_mapping, machine, machine_line, markdown_table, utc_now, write_json
+from maetok.eval.cost import flop_formulas
+
+from common import RESULTS_DIR, machine, machine_line, markdown_table, utc_now, write_json
 
 MATMUL_LIKE = ("mm", "addmm", "bmm", "baddbmm", "convolution", "attention")
 CATEGORIES = [  # first match wins; matched against the operator's name
@@ -72,7 +74,7 @@ class OpRecorder(TorchDispatchMode):
         self.phase = "forward+backward"
         # torch's formulas (2 FLOPs per multiply-add), plus the CPU attention kernel they lack, exactly as
         # benchmarks/common.count_flops counts them
-        self.formulas = FlopCounterMode(display=False, custom_mapping=_custom_flop_mapping()).flop_registry
+        self.formulas = FlopCounterMode(display=False, custom_mapping=flop_formulas()).flop_registry
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

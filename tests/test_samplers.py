@@ -268,3 +268,16 @@ def test_sampler_input_errors():
         euler_maruyama(model, torch.randn(2, 8, 4), torch.tensor([0, 1]), steps=3, noise_fn=[torch.zeros(2, 8, 4)])
     with pytest.warns(UserWarning, match="training mode"):
         sample(model.train(), torch.randn(2, 8, 4), torch.tensor([0, 1]), SampleConfig("euler", steps=1))
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "sde"])
+@pytest.mark.parametrize("cfg_scale, interval", [(1.0, (0.0, 1.0)), (2.0, (0.0, 1.0)), (1.9, (0.0, 0.75))])
+def test_forward_passes_per_sample_counts_what_the_sampler_runs(sampler, cfg_scale, interval):
+    from maetok.diffusion.samplers import forward_passes_per_sample
+
+    model = SiT(sit_config("tiny", in_channels=4, num_tokens=8, num_classes=3)).eval()
+    rows = []
+    model.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    cfg = SampleConfig(sampler, steps=5, cfg_scale=cfg_scale, cfg_interval=interval)
+    sample(model, torch.randn(3, 8, 4), torch.tensor([0, 1, 2]), cfg)
+    assert forward_passes_per_sample(cfg) == sum(rows) // 3

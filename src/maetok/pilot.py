@@ -521,7 +521,10 @@ class Pilot:
             else None
         if not self.dist.is_main:  # the metrics below are cheap next to the features: rank 0 computes them
             return {}
-        metrics = generation_metrics(feats, self.ref_feats, kid_subsets=50)
+        # KID subsets of at most half the samples: subsets as large as the sets would all be the same draw, and
+        # the reported spread a meaningless 0.
+        metrics = generation_metrics(feats, self.ref_feats, kid_subsets=50,
+                                     kid_subset_size=min(1000, max(2, len(images) // 2)))
         metrics = {("g" + k if k.startswith("fid") else k): v for k, v in metrics.items()}
         if inception:
             metrics |= {("g" + k): v for k, v in fid(*inception).items()}
@@ -530,26 +533,40 @@ class Pilot:
         return metrics
 
     def measure_cost(self, tok, vdir: Path, dcfg: DiffusionRunConfig) -> dict:
+        from .config import SampleConfig
+        from .diffusion.samplers import forward_passes_per_sample
         from .diffusion.sit import SiT
         from .eval.cost import count_flops, count_params, throughput
 
+        b = self.b
         sit = SiT.from_pretrained(vdir / "diffusion" / "model").to(self.device).eval()
         x = self.real_images(self.test_set, 64).to(self.device)
         z = tok.encode(x[:1]).detach()
         t, y = torch.full((1,), 0.5, device=self.device), torch.zeros(1, dtype=torch.long, device=self.device)
         xb = x[:64]
         zb = tok.encode(xb).detach()
+        decode_gflops = count_flops(lambda: tok.decode(z)) / 1e9
+        sit_gflops = count_flops(lambda: sit(tok.normalize(z), t, y if sit.null_label else None)) / 1e9
+        # What one image costs to generate with the pilot's sampler: every forward pass (two where guided) and
+        # the decode.
+        generation = {}
+        for name, scale in (("nocfg", 1.0), ("cfg", b.cfg_scale)):
+            scfg = SampleConfig(sampler=b.sampler, steps=b.sample_steps, cfg_scale=scale,
+                                cfg_interval=tuple(b.cfg_interval))
+            generation[f"generation_gflops_per_image_{name}"] = \
+                forward_passes_per_sample(scfg) * sit_gflops + decode_gflops
         return {
             "tokenizer_params_M": count_params(tok) / 1e6,
             "encoder_params_M": count_params(tok.encoder) / 1e6,
             "decoder_params_M": count_params(tok.decoder) / 1e6,
             "sit_params_M": count_params(sit) / 1e6,
             "encode_gflops": count_flops(lambda: tok.encode(x[:1])) / 1e9,
-            "decode_gflops": count_flops(lambda: tok.decode(z)) / 1e9,
-            "sit_forward_gflops": count_flops(lambda: sit(tok.normalize(z), t, y if sit.null_label else None)) / 1e9,
+            "decode_gflops": decode_gflops,
+            "sit_forward_gflops": sit_gflops,
+            **generation,
             "latent_shape": list(z.shape[1:]),
-            "encode_images_per_s": throughput(lambda: tok.encode(xb), len(xb)),
-            "decode_images_per_s": throughput(lambda: tok.decode(zb), len(zb)),
+            "encode_images_per_s": throughput(lambda: tok.encode(xb), len(xb), device=self.device),
+            "decode_images_per_s": throughput(lambda: tok.decode(zb), len(zb), device=self.device),
             "tokenizer_train_images_per_s": _mean_throughput(vdir / "tokenizer"),
             "diffusion_train_images_per_s": _mean_throughput(vdir / "diffusion"),
         }
@@ -557,21 +574,27 @@ class Pilot:
     # ----- across variants -------------------------------------------------------------------------------------
     def latent_analysis(self) -> dict:
         from .data.latents import LatentDataset
-        from .eval.latent_analysis import gmm_analysis, linear_probe, plot_gmm_nll, shared_pca_dim, token_statistics
+        from .eval.latent_analysis import (gmm_analysis, linear_probe, pca_dim_for_variance, plot_gmm_nll,
+                                           token_statistics)
 
         train = {v: LatentDataset(self.out / v / "latents-train") for v in self.variants}
         test = {v: LatentDataset(self.out / v / "latents-test") for v in self.variants}
         m = self.b.analysis_max_train or None
         norm = {v: (train[v].latents[:m] - train[v].mean) / train[v].std for v in self.variants}
         norm_test = {v: (test[v].latents - train[v].mean) / train[v].std for v in self.variants}
-        dim = shared_pca_dim(norm, 0.9, reduce="max")
+        own_dims = {v: pca_dim_for_variance(norm[v], 0.9) for v in self.variants}
+        # One dimension for all, so that per-sample NLLs compare: the largest of the variants' 90%-variance
+        # dimensions. A variant that needs fewer keeps extra low-variance directions, which count as much in a
+        # likelihood as any other, so the report shows each variant's own dimension and the variance kept.
+        dim = max(own_dims.values())
         results, gmms = {}, {}
         for v in self.variants:
             g = gmm_analysis(norm[v], norm_test[v], ks=self.b.gmm_ks, pca_dim=dim)
             gmms[v] = g
             stats = token_statistics(train[v].latents[:m])
-            results[v] = {"gmm": {"ks": g.ks, "nll": g.nll, "bic": g.bic, "pca_dim": g.pca_dim,
-                                  "explained_variance": g.explained_variance, "best_k_bic": g.best_k_bic},
+            results[v] = {"gmm": {"ks": g.ks, "nll": g.nll, "nll_se": g.nll_se, "bic": g.bic, "pca_dim": g.pca_dim,
+                                  "explained_variance": g.explained_variance, "best_k_bic": g.best_k_bic,
+                                  "own_pca_dim": own_dims[v]},
                           **linear_probe(norm[v], train[v].labels[:m], norm_test[v], test[v].labels),
                           "token_stats": {k: v2 for k, v2 in stats.items() if not isinstance(v2, (list, np.ndarray))}}
         plot_gmm_nll(gmms, self.out / "gmm_nll.png")

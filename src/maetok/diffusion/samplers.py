@@ -153,6 +153,20 @@ def euler_maruyama(model, noise: torch.Tensor, y: torch.Tensor | None = None, *,
     return x
 
 
+def forward_passes_per_sample(cfg: SampleConfig) -> int:
+    """How many single-sample model evaluations `sample` spends per sample: one per call, two where guided (the
+    batch is doubled). Times the forward FLOPs, plus one decode, it is what an image costs to generate."""
+    low, high = cfg.cfg_interval
+    if cfg.sampler == "sde":
+        times = torch.linspace(1, cfg.sde_t_min, cfg.steps, dtype=torch.float64).tolist()
+        evaluations = [(t, 1) for t in times]
+    else:  # Euler: one call per step; Heun: a second call on every step but the last, guided as the first
+        times = torch.linspace(1, 0, cfg.steps + 1, dtype=torch.float64).tolist()[:-1]
+        extra = 2 if cfg.sampler == "heun" else 1
+        evaluations = [(t, extra if i < cfg.steps - 1 else 1) for i, t in enumerate(times)]
+    return sum(calls * (2 if _guided(t, cfg.cfg_scale, (low, high)) else 1) for t, calls in evaluations)
+
+
 def sample(model, noise: torch.Tensor, y: torch.Tensor | None, cfg: SampleConfig, null_label: int | None = None,
            generator: torch.Generator | None = None, noise_fn: NoiseFn | Sequence[torch.Tensor] | None = None,
            progress: bool = False, path: str = "linear") -> torch.Tensor:

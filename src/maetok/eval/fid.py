@@ -205,8 +205,9 @@ def fid(evaluated: FeatureSet | FeatureStats, reference: FeatureSet | FeatureSta
 def kid(evaluated: FeatureSet, reference: FeatureSet, num_subsets: int = 100, subset_size: int = 1000,
         seed: int = 0, device: str | torch.device = "cpu") -> dict[str, float]:
     """Kernel Inception Distance (Binkowski et al. 2018): unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3, averaged
-    over random subsets (without replacement, min(subset_size, N) each); the mean and the std across subsets.
-    float64 throughout; `device` can be a GPU for 2048-d features."""
+    over random subsets (without replacement, min(subset_size, N) each); the mean and the std across subsets
+    (0 when the subsets are the whole sets: give a smaller subset_size for a spread). float64 throughout;
+    `device` can be a GPU for 2048-d features."""
     net = _same_net(evaluated, reference)
     x = torch.as_tensor(np.asarray(evaluated.features, np.float64), device=device)
     y = torch.as_tensor(np.asarray(reference.features, np.float64), device=device)
@@ -275,12 +276,13 @@ def precision_recall(evaluated: FeatureSet, reference: FeatureSet, k: int = 3, c
 
 
 def generation_metrics(evaluated: FeatureSet, reference: FeatureSet | FeatureStats, kid_subsets: int = 100,
-                       is_splits: int = 10, device: str | torch.device = "cpu") -> dict[str, float]:
+                       is_splits: int = 10, device: str | torch.device = "cpu",
+                       kid_subset_size: int = 1000) -> dict[str, float]:
     """FID always; KID and precision/recall when reference features (not only statistics) are given; IS when the
     evaluated set has logits."""
     out = fid(evaluated, reference)
     if isinstance(reference, FeatureSet):
-        out |= kid(evaluated, reference, num_subsets=kid_subsets, device=device)
+        out |= kid(evaluated, reference, num_subsets=kid_subsets, subset_size=kid_subset_size, device=device)
         out |= precision_recall(evaluated, reference, device=device)
     if evaluated.logits is not None:
         out |= inception_score(evaluated, splits=is_splits)

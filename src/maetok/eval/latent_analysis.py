@@ -8,6 +8,7 @@ given K: a more "discriminative", easier latent space for diffusion. All fitting
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
@@ -55,6 +56,7 @@ class GMMResult:
     n_test: int
     covariance: str
     extra: dict = field(default_factory=dict)
+    nll_se: list[float] = field(default_factory=list)  # standard error of each held-out mean (per-sample spread)
 
     @property
     def best_k_bic(self) -> int:
@@ -88,15 +90,17 @@ def gmm_analysis(train_latents, test_latents, ks: Sequence[int] = (1, 2, 4, 8, 1
     pca = PCA(n_components=dim, svd_solver="full", random_state=seed).fit(train)
     scaler = StandardScaler().fit(pca.transform(train))
     z_train, z_test = scaler.transform(pca.transform(train)), scaler.transform(pca.transform(test))
-    nll, bic, train_nll = [], [], []
+    nll, nll_se, bic, train_nll = [], [], [], []
     for k in ks:
         gmm = GaussianMixture(k, covariance_type=covariance, random_state=seed, max_iter=max_iter,
                               n_init=n_init, reg_covar=1e-6).fit(z_train)
-        nll.append(float(-gmm.score(z_test)))
+        per_sample = -gmm.score_samples(z_test)
+        nll.append(float(per_sample.mean()))
+        nll_se.append(float(per_sample.std(ddof=1) / np.sqrt(len(per_sample))) if len(per_sample) > 1 else math.nan)
         train_nll.append(float(-gmm.score(z_train)))
         bic.append(float(gmm.bic(z_train)))
     return GMMResult(list(ks), nll, bic, train_nll, dim, float(pca.explained_variance_ratio_.sum()),
-                     len(train), len(test), covariance)
+                     len(train), len(test), covariance, nll_se=nll_se)
 
 
 def linear_probe(train_latents, train_labels, test_latents, test_labels, c: float = 1.0, max_iter: int = 1000,
