@@ -238,7 +238,8 @@ def test_held_out_split_defaults_to_val_when_there_is_no_test(models, tmp_path):
     assert str(data.resolve()) in line and "no 'test/' folder" in line and "['train', 'val']" in line
     assert "--split val" in line and not Path("r2").exists()
     assert "['train', 'val']" in refused("eval", "recon", "--tokenizer", models["tok"], "--ref", data, "--split",
-                                         "test", "--features", "resnet20-cifar10-random", "--device", "cpu")
+                                         "test", "--features", "resnet20-cifar10-random", "--device", "cpu",
+                                         "--force")
 
 
 def test_convert_official_sit_of_a_tokenizer_folder(models, tmp_path):

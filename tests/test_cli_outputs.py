@@ -184,6 +184,24 @@ def test_reconstruct_refuses_existing_results_and_force_replaces_them(models):
     assert json.loads(Path("r/metrics.json").read_text())["num_images"] == 3
 
 
+def test_a_tilde_in_out_is_the_home_folder_for_the_check_and_the_writing_alike(models, monkeypatch, tmp_path):
+    """`--out=~/r` reaches maetok unexpanded (the shell expands ~ only at a word's start): the refusal and the
+    writer must look at the same folder, or a second run overwrites the first (and --force deletes elsewhere)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    argv = ["tokenizer", "reconstruct", "--model", models["tok"], "--images", "shapes", "--out=~/r"]
+    ok(*argv, "--num-samples", 2)
+    assert (home / "r" / "metrics.json").is_file() and not Path("~").exists()
+    assert "already holds reconstructions" in refused(*argv, "--num-samples", 3)
+
+
+def test_a_collective_timeout_must_be_a_finite_number_of_seconds():
+    for bad in ("inf", "nan", "-5", "soon", str(8 * 24 * 3600)):
+        code, _, err = run("pilot", "--collective-timeout", bad)
+        assert code == 2 and "argument --collective-timeout: must be a number of seconds" in err and "Traceback" not in err
+
+
 def test_analyze_refuses_existing_results_and_force_replaces_them(models):
     argv = ["analyze", "--latents", f"tok={models['cache']}", "--out", "a"]
     ok(*argv, "--ks", "1")

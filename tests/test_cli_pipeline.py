@@ -141,8 +141,46 @@ def test_latent_cache_with_labels_out_of_range_is_refused(runs, tmp_path):
     tensors = load_file(str(shard))
     tensors["labels"][1] = 12
     save_file(tensors, str(shard))
-    with pytest.raises(ValueError, match=r"cache: labels must lie in \[0, 10\).*\[12\]"):
+    with pytest.raises(ValueError, match=r"cache/shard-00000.safetensors: labels must lie in \[0, 10\).*\[12\]"):
         LatentDataset(cache)
+
+
+def test_a_damaged_latent_cache_shard_is_named_with_what_is_wrong(runs, tmp_path):
+    """Shards are memory-mapped and checked one by one: labels that no longer line up with the latents, a
+    missing tensor or a cut-off file name the shard instead of loading shifted labels or failing deep inside."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from maetok.data.datasets import DatasetError
+    from maetok.data.latents import LatentDataset
+
+    def damaged(edit) -> Path:
+        cache = tmp_path / f"cache-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(runs["cache"], cache)
+        shard = cache / LatentDataset(cache).meta["shards"][0]
+        edit(shard)
+        return cache
+
+    def shorter_labels(shard):
+        tensors = load_file(str(shard))
+        save_file({**tensors, "labels": tensors["labels"][:10]}, str(shard))
+
+    def no_flips(shard):
+        tensors = load_file(str(shard))
+        del tensors["latents_flip"]
+        save_file(tensors, str(shard))
+
+    def cut(shard):
+        shard.write_bytes(shard.read_bytes()[:-100])
+
+    with pytest.raises(DatasetError, match=r"shard-00000.safetensors: 'latents' has shape \(48, 4, 4\), the "
+                                           r"cache's layout says \(10, 4, 4\)"):
+        LatentDataset(damaged(shorter_labels))
+    with pytest.raises(DatasetError, match=r"shard-00000.safetensors: cannot be read(.|\n)*no 'latents_flip'"):
+        LatentDataset(damaged(no_flips))
+    with pytest.raises(DatasetError, match=r"shard-00000.safetensors: cannot be read(.|\n)*truncated"):
+        LatentDataset(damaged(cut))
 
 
 def test_unlabelled_latents_train_an_unconditional_model_only(runs, tmp_path, capsys):
@@ -225,8 +263,9 @@ def test_sample_writes_adm_npz_and_png(runs):
 # eval gen
 # ==============================================================================================================
 def _gen(runs, features: str, *extra) -> dict:
+    """One evaluation of the samples; --force: these tests evaluate the same samples again and again."""
     return cli_json("eval", "gen", "--samples", runs["samples"] / "samples.npz", "--features", features,
-                    "--device", "cpu", *extra)
+                    "--device", "cpu", "--force", *extra)
 
 
 def test_eval_gen_with_real_features_and_stats_cache(runs, real_features, tmp_path):
@@ -257,8 +296,19 @@ def test_eval_gen_with_real_features_and_stats_cache(runs, real_features, tmp_pa
     direct = _gen(runs, net, "--ref", cache)
     assert direct["metrics"][f"fid[{net}]@{n}"] == pytest.approx(first["metrics"][f"fid[{net}]@{n}"], rel=1e-9)
     code, _ = cli("eval", "gen", "--samples", runs["samples"] / "samples.npz", "--features", net, "--ref", "shapes",
-                  "--num", 30, "--stats-cache", cache, "--device", "cpu")
+                  "--num", 30, "--stats-cache", cache, "--device", "cpu", "--force")
     assert code == 2
+
+
+def test_eval_keeps_an_earlier_result_unless_forced(runs, capsys):
+    """An evaluation can take hours of Inception on a CPU: its JSON is not replaced by the next one silently."""
+    net = "resnet20-cifar10-random"
+    first = _gen(runs, net, "--ref", "shapes", "--num-samples", 40, "--out", "mine.json")
+    before = Path("mine.json").read_text()
+    code, _ = cli("eval", "gen", "--samples", runs["samples"] / "samples.npz", "--features", net, "--ref", "shapes",
+                  "--num-samples", 20, "--out", "mine.json", "--device", "cpu")
+    assert code == 2 and "mine.json already holds an evaluation result; give --force" in capsys.readouterr().err
+    assert Path("mine.json").read_text() == before and first["json"] == "mine.json"
 
 
 def test_eval_gen_reference_forms_agree(runs, tmp_path):
@@ -329,7 +379,7 @@ def test_eval_recon(runs, real_features, tmp_path):
             "--num-samples", 24, "--features", net, "--stats-cache", tmp_path / "ref.npz", "--device", "cpu")
     result = cli_json(*args)
     assert result["reference_cached_to"] == str(tmp_path / "ref.npz")
-    again = cli_json(*args)  # the originals' features from the cache: the same rFID
+    again = cli_json(*args, "--force")  # the originals' features from the cache: the same rFID
     assert "reference_cached_to" not in again and again["metrics"] == pytest.approx(result["metrics"], rel=1e-9)
     m = result["metrics"]
     assert set(m) == {f"rfid[{net}]@24", "psnr@24", "ssim@24"} and all(math.isfinite(v) for v in m.values())

@@ -123,3 +123,58 @@ def test_a_run_records_its_transport_path_with_the_model_and_warns_about_an_uncl
         assert run_diffusion(cfg, tmp_path / "run", device="cpu")["finished"]
     assert "without gradient clipping" in caplog.text
     assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["transport_path"] == "cosine"
+
+
+def test_a_run_started_with_relative_paths_resumes_from_another_folder(tmp_path: Path, monkeypatch):
+    """Input paths are saved absolute: a scheduled job that starts in another folder still resumes, and `x` and
+    `./x` name the same cache."""
+    import yaml
+
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    _tokenizer(Path("tok"), latent_tokens=4)
+    cache_latents(MAETok.from_pretrained("tok"), open_dataset("shapes", image_size=16, limit=16), Path("latents"),
+                  flip=False, progress=False)
+    over = ["latents=latents", "tokenizer=tok", "model.num_tokens=4", "model.in_channels=4", *SIT]
+    assert run_diffusion(load_config(DiffusionRunConfig, "sit-cpu", over), "run", device="cpu")["finished"]
+    saved = yaml.safe_load(Path("run/config.yaml").read_text())
+    assert saved["latents"] == str(project / "latents") and saved["tokenizer"] == str(project / "tok")
+    assert run_diffusion(load_config(DiffusionRunConfig, "sit-cpu", over[:2] + ["train.steps=3"]), "run",
+                         resume=True, device="cpu")["step"] == 3  # the same relative paths: the same inputs
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    absolute = [f"latents={project / 'latents'}", f"tokenizer={project / 'tok'}", "train.steps=4"]
+    summary = run_diffusion(load_config(DiffusionRunConfig, "sit-cpu", absolute), project / "run", resume=True,
+                            device="cpu")
+    assert summary["finished"] and summary["step"] == 4
+
+
+def test_data_settings_with_a_latent_cache_are_refused_not_ignored(tmp_path: Path):
+    tok = _tokenizer(tmp_path / "tok", latent_tokens=4)
+    cache = cache_latents(MAETok.from_pretrained(tok), open_dataset("shapes", image_size=16, limit=16),
+                          tmp_path / "latents", flip=False, progress=False)
+    over = [f"latents={cache}", "model.num_tokens=4", "model.in_channels=4", *SIT]
+    with pytest.raises(ConfigError, match=r"data.limit: no effect when training on the latent cache(.|\n)*--limit"):
+        run_diffusion(load_config(DiffusionRunConfig, "sit-cpu", [*over, "data.limit=8"]), tmp_path / "run",
+                      device="cpu")
+    assert not (tmp_path / "run").exists()
+    cfg = load_config(DiffusionRunConfig, "sit-cpu", [*over, "data.random_flip=false", "data.num_workers=0"])
+    assert run_diffusion(cfg, tmp_path / "run", device="cpu")["finished"]
+
+
+def test_a_run_log_holds_only_its_own_run(tmp_path: Path):
+    """Two runs in one process (the pilot, the Python API): the first's train.log does not collect the second's
+    lines, and no log file stays open after a run."""
+    import logging
+
+    tok = _tokenizer(tmp_path / "tok", latent_tokens=4)
+    cache = cache_latents(MAETok.from_pretrained(tok), open_dataset("shapes", image_size=16, limit=16),
+                          tmp_path / "latents", flip=False, progress=False)
+    over = [f"latents={cache}", "model.num_tokens=4", "model.in_channels=4", *SIT]
+    run_diffusion(load_config(DiffusionRunConfig, "sit-cpu", over), tmp_path / "a", device="cpu")
+    assert not [h for h in logging.getLogger("maetok").handlers if isinstance(h, logging.FileHandler)]
+    run_diffusion(load_config(DiffusionRunConfig, "sit-cpu", over), tmp_path / "b", device="cpu")
+    first, second = (tmp_path / "a" / "train.log").read_text(), (tmp_path / "b" / "train.log").read_text()
+    assert first.count("diffusion sit:") == 1 and second.count("diffusion sit:") == 1

@@ -375,10 +375,15 @@ def cmd_pilot(a: argparse.Namespace) -> int:
 
 
 def _positive_seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    # A week at most: the timeout becomes a timedelta, and "inf" would overflow it deep inside torch.distributed.
+    if not 0 < value <= 7 * 24 * 3600:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds in (0, 604800] (a week), got {text!r}")
     return value
+
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -519,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="PATH",
                    help="result JSON: a .json file, or a folder for an automatically named one (default "
                         "runs/eval/, named after the input, e.g. runs/eval/tok-model.recon-inception.json)")
+    p.add_argument("--force", action="store_true", help="replace an earlier result at that path")
     p.add_argument("--device", default="auto", type=_device_type(indexed=True), help=DEVICE_HELP)
     p.set_defaults(fn=cmd_eval)
 
@@ -569,6 +575,10 @@ def main(argv: list[str] | None = None) -> int:
     from .train.loop import RunDirExists
 
     args = build_parser().parse_args(argv)
+    if getattr(args, "out", None):
+        # Once, for every use: the "already holds output" check and the writer must see the same folder (a
+        # quoted or --out=~/x path reaches us unexpanded).
+        args.out = str(Path(args.out).expanduser())
     try:
         return args.fn(args)
     except (CLIError, ConfigError, DatasetError, ConversionError, MissingWeightsError, RunDirExists,

@@ -577,11 +577,12 @@ class Pilot:
         from .eval.latent_analysis import (gmm_analysis, linear_probe, pca_dim_for_variance, plot_gmm_nll,
                                            token_statistics)
 
-        train = {v: LatentDataset(self.out / v / "latents-train") for v in self.variants}
-        test = {v: LatentDataset(self.out / v / "latents-test") for v in self.variants}
         m = self.b.analysis_max_train or None
-        norm = {v: (train[v].latents[:m] - train[v].mean) / train[v].std for v in self.variants}
-        norm_test = {v: (test[v].latents - train[v].mean) / train[v].std for v in self.variants}
+        stats_of = {v: LatentDataset(self.out / v / "latents-train") for v in self.variants}
+        train = {v: stats_of[v].first(m) for v in self.variants}  # (latents, labels)
+        test = {v: LatentDataset(self.out / v / "latents-test").first() for v in self.variants}
+        norm = {v: (train[v][0] - stats_of[v].mean) / stats_of[v].std for v in self.variants}
+        norm_test = {v: (test[v][0] - stats_of[v].mean) / stats_of[v].std for v in self.variants}
         own_dims = {v: pca_dim_for_variance(norm[v], 0.9) for v in self.variants}
         # One dimension for all, so that per-sample NLLs compare: the largest of the variants' 90%-variance
         # dimensions. A variant that needs fewer keeps extra low-variance directions, which count as much in a
@@ -591,11 +592,11 @@ class Pilot:
         for v in self.variants:
             g = gmm_analysis(norm[v], norm_test[v], ks=self.b.gmm_ks, pca_dim=dim)
             gmms[v] = g
-            stats = token_statistics(train[v].latents[:m])
+            stats = token_statistics(train[v][0])
             results[v] = {"gmm": {"ks": g.ks, "nll": g.nll, "nll_se": g.nll_se, "bic": g.bic, "pca_dim": g.pca_dim,
                                   "explained_variance": g.explained_variance, "best_k_bic": g.best_k_bic,
                                   "own_pca_dim": own_dims[v]},
-                          **linear_probe(norm[v], train[v].labels[:m], norm_test[v], test[v].labels),
+                          **linear_probe(norm[v], train[v][1], norm_test[v], test[v][1]),
                           "token_stats": {k: v2 for k, v2 in stats.items() if not isinstance(v2, (list, np.ndarray))}}
         plot_gmm_nll(gmms, self.out / "gmm_nll.png")
         return {"pca_dim": dim, "variants": results}

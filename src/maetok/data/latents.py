@@ -7,11 +7,13 @@ Layout of a cache folder:
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from ..train.checkpoint import atomic_write_bytes, save_safetensors
@@ -115,32 +117,117 @@ def cache_latents(tokenizer, dataset, out_dir: str | Path, batch_size: int = 64,
 
 
 class LatentDataset(Dataset):
-    """Items are (latents (L, C), latents of the flipped image or the same again, label); all in memory.
+    """Items are (latents (L, C), latents of the flipped image or the same again, label).
 
+    The shards are memory-mapped, not read: the torchrun ranks of a node share one copy in the page cache (an
+    ImageNet cache with flips is about 40 GB, which every rank would otherwise hold, twice while loading).
     Latents are raw; the diffusion task normalises them with the cache's mean/std and picks flipped or not
     per item with the training RNG (so the choice is part of the resumable state).
     """
 
     def __init__(self, cache_dir: str | Path):
-        root = Path(cache_dir)
+        root = Path(cache_dir).expanduser()
         meta_path = root / META
         if not meta_path.is_file():
             raise FileNotFoundError(f"{root} is not a latent cache (no meta.json); create one with "
                                     f"`maetok latents cache`")
+        self.root = root
         self.meta = json.loads(meta_path.read_text())
-        parts = [load_file(str(root / s)) for s in self.meta["shards"]]
-        self.latents = torch.cat([p["latents"] for p in parts])
-        self.latents_flip = torch.cat([p["latents_flip"] for p in parts]) if self.meta["flip"] else self.latents
-        self.labels = torch.cat([p["labels"] for p in parts])
-        if len(self.latents) != self.meta["count"]:
-            raise ValueError(f"{root}: meta.json says {self.meta['count']} items, shards hold {len(self.latents)}")
+        shape = tuple(self.meta["latent_shape"])
+        keys = ("latents", "labels") + (("latents_flip",) if self.meta["flip"] else ())
+        self._shards = [_map_shard(root / name, keys, shape) for name in self.meta["shards"]]
+        self._ends = list(itertools.accumulate(len(shard["labels"]) for shard in self._shards))
+        count = self._ends[-1] if self._ends else 0
+        if count != self.meta["count"]:
+            raise ValueError(f"{root}: meta.json says {self.meta['count']} items, shards hold {count}")
         self.num_classes = self.meta["num_classes"]
         if self.num_classes:
-            check_labels(self.labels, self.num_classes, f"{root}: labels")
+            for name, shard in zip(self.meta["shards"], self._shards):
+                check_labels(shard["labels"], self.num_classes, f"{root / name}: labels")
         self.mean, self.std = float(self.meta["latent_mean"]), float(self.meta["latent_std"])
 
     def __len__(self) -> int:
-        return len(self.latents)
+        return self._ends[-1] if self._ends else 0
 
     def __getitem__(self, i: int):
-        return self.latents[i], self.latents_flip[i], self.labels[i]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"item {i} of a latent cache of {len(self)}")
+        i %= len(self)
+        k = bisect.bisect_right(self._ends, i)
+        shard, j = self._shards[k], i - (self._ends[k - 1] if k else 0)
+        flip = shard.get("latents_flip", shard["latents"])
+        return shard["latents"][j], flip[j], shard["labels"][j]
+
+    # The whole cache as one in-memory tensor each (copies: for analysis and tests; training indexes items).
+    @property
+    def latents(self) -> torch.Tensor:
+        return self._concat("latents")
+
+    @property
+    def latents_flip(self) -> torch.Tensor:
+        return self._concat("latents_flip" if self.meta["flip"] else "latents")
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self._concat("labels")
+
+    def _concat(self, key: str) -> torch.Tensor:
+        if not self._shards:
+            return torch.zeros((0, *self.meta["latent_shape"]) if key != "labels" else 0)
+        return torch.cat([shard[key] for shard in self._shards])
+
+    def first(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents, labels) of the first n items (all for None) as in-memory tensors, reading only the shards
+        they lie in."""
+        n = len(self) if n is None else min(n, len(self))
+        latents, labels, have = [], [], 0
+        for shard in self._shards:
+            if have >= n:
+                break
+            take = min(n - have, len(shard["labels"]))
+            latents.append(shard["latents"][:take].clone())
+            labels.append(shard["labels"][:take].clone())
+            have += take
+        shape = tuple(self.meta["latent_shape"])
+        return (torch.cat(latents) if latents else torch.zeros((0, *shape)),
+                torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
+
+
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "I64": np.int64, "I32": np.int32}
+
+
+def _map_shard(path: Path, keys: tuple[str, ...], latent_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """The named tensors of one safetensors shard, memory-mapped (copy on write: nothing reaches the file), each
+    checked against the cache's layout. Errors name the shard."""
+    try:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if not 0 < header_len <= 100_000_000:
+                raise ValueError("not a safetensors file (bad header length)")
+            header = json.loads(f.read(header_len))
+        size = path.stat().st_size
+        tensors = {}
+        for key in keys:
+            if key not in header:
+                raise ValueError(f"no {key!r} tensor (it holds {sorted(k for k in header if k != '__metadata__')})")
+            info = header[key]
+            begin, end = info["data_offsets"]
+            if 8 + header_len + end > size:
+                raise ValueError(f"truncated: {key!r} ends at byte {8 + header_len + end} of {size}")
+            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ValueError(f"{key!r} has dtype {info['dtype']}, not one a latent cache is written in")
+            shape = tuple(info["shape"])
+            array = np.memmap(path, dtype=dtype, mode="c", offset=8 + header_len + begin, shape=shape) \
+                if end > begin else np.zeros(shape, dtype)
+            tensors[key] = torch.from_numpy(array)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{path}: cannot be read as a latent-cache shard ({e}); delete it and run "
+                           f"`maetok latents cache` again to re-encode it") from e
+    n = len(tensors["labels"])
+    for key in keys:
+        want = (n,) if key == "labels" else (n, *latent_shape)
+        if tuple(tensors[key].shape) != want:
+            raise DatasetError(f"{path}: {key!r} has shape {tuple(tensors[key].shape)}, the cache's layout says "
+                               f"{want} (labels and latents must have one row per item)")
+    return tensors

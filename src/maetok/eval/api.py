@@ -368,7 +368,8 @@ def _latents_and_labels(source) -> tuple[np.ndarray, np.ndarray | None]:
         source = LatentDataset(source)
     if isinstance(source, LatentDataset):
         # Unflipped latents only: the flipped copies are augmentation, not more images of the distribution.
-        return source.latents.numpy(), source.labels.numpy()
+        latents, labels = source.first()
+        return latents.numpy(), labels.numpy()
     if isinstance(source, (tuple, list)) and len(source) == 2:
         latents, labels = source
         latents = latents.detach().cpu().numpy() if hasattr(latents, "detach") else np.asarray(latents)
@@ -518,16 +519,23 @@ def _evaluate(args: argparse.Namespace, info: DistInfo, device) -> dict[str, Any
     # No --split: the data's test/ folder, else its val/ folder (ImageNet has only train/ and val/).
     split = args.split or held_out_split(args.ref)
     out = getattr(args, "out", None)
+    if args.what == "gen" and not args.samples:
+        raise EvalInputError("maetok eval gen needs --samples (.npz with arr_0, or an image folder)")
+    if args.what == "recon" and not args.tokenizer:
+        raise EvalInputError("maetok eval recon needs --tokenizer (a tokenizer weights folder)")
+    net = resolve_feature_net(args.features, device)
+    # Before any work, and alike on every rank: an earlier result (hours of Inception on a CPU) is kept.
+    path = result_path(out, args.samples, "eval", net.name) if args.what == "gen" else \
+        result_path(out, args.tokenizer, "recon", net.name)
+    if path.exists() and not getattr(args, "force", False):
+        raise EvalInputError(f"{path} already holds an evaluation result; give --force to replace it, or --out "
+                             f"another .json file or folder")
     if args.what == "gen":
-        if not args.samples:
-            raise EvalInputError("maetok eval gen needs --samples (.npz with arr_0, or an image folder)")
-        result = evaluate_generation(args.samples, args.ref, args.features, split=split,
+        result = evaluate_generation(args.samples, args.ref, net, split=split,
                                      num_ref=args.num_samples, stats_cache=args.stats_cache, device=device,
                                      progress=info.is_main, dist=info)
-        return write(result, result_path(out, args.samples, "eval", result["feature_net"]))
+        return write(result, path)
 
-    if not args.tokenizer:
-        raise EvalInputError("maetok eval recon needs --tokenizer (a tokenizer weights folder)")
     from ..data import DatasetError, open_dataset
     from ..tokenizer import MAETok
 
@@ -537,13 +545,12 @@ def _evaluate(args: argparse.Namespace, info: DistInfo, device) -> dict[str, Any
         dataset = open_dataset(args.ref, split=split, image_size=size, limit=args.num_samples)
     except DatasetError as e:
         raise EvalInputError(f"--ref {args.ref!r}: {e}") from None
-    net = resolve_feature_net(args.features, device)
     # The same key as `eval gen` uses: one cache of these reference images serves rFID and gFID alike.
     key = _reference_key(args.ref, split, args.num_samples, size, net.name)
     result = evaluate_reconstruction(tokenizer, dataset, net, device=device, stats_cache=args.stats_cache,
                                      cache_key=key, progress=info.is_main, dist=info)
     result = {"tokenizer": str(args.tokenizer), "reference": {"source": args.ref, "split": split}, **result}
-    return write(result, result_path(out, args.tokenizer, "recon", net.name))
+    return write(result, path)
 
 
 def _pairs(items: Sequence[str], option: str) -> dict[str, str]:

@@ -36,15 +36,19 @@ class DiffusionTask(Task):
             self.preview_labels = torch.arange(16) % cfg.model.num_classes
 
     def latents_from_batch(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        flip = self.cfg.data.random_flip
         if len(batch) == 3:  # latent cache: (z, z_flip, y); pick flipped or not per item
             z, z_flip, y = batch
-            pick = to_device(torch.rand(z.shape[0]) < 0.5, z.device)[:, None, None]
-            z = torch.where(pick, z_flip, z)
+            if flip:
+                pick = to_device(torch.rand(z.shape[0]) < 0.5, z.device)[:, None, None]
+                z = torch.where(pick, z_flip, z)
         else:  # images encoded online
             images, y = batch
-            flip = to_device(torch.rand(images.shape[0]) < 0.5, images.device)[:, None, None, None]
+            if flip:
+                pick = to_device(torch.rand(images.shape[0]) < 0.5, images.device)[:, None, None, None]
+                images = torch.where(pick, images.flip(-1), images)
             with torch.no_grad():
-                z = self.tokenizer.encode(torch.where(flip, images.flip(-1), images))
+                z = self.tokenizer.encode(images)
         z = (z.float() - self.mean) / self.std
         return z, (y.long() if self.cfg.model.num_classes else None)
 

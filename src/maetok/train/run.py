@@ -22,8 +22,10 @@ from .loop import RunDir, RunDirExists, Trainer, check_global_batch, check_run_f
 log = logging.getLogger("maetok.train")
 
 
-def setup_logging(out_dir: Path | None = None, is_main: bool = True, earlier: list[logging.LogRecord] = ()) -> None:
-    """Log to stderr, and (main process, `out_dir` given) to `<out_dir>/train.log`, starting with `earlier`."""
+def setup_logging(out_dir: Path | None = None, is_main: bool = True,
+                  earlier: list[logging.LogRecord] = ()) -> logging.FileHandler | None:
+    """Log to stderr, and (main process, `out_dir` given) to `<out_dir>/train.log`, starting with `earlier`.
+    Returns the file handler, for the caller to remove when the run ends."""
     root = logging.getLogger("maetok")
     root.setLevel(logging.INFO if is_main else logging.WARNING)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
@@ -42,6 +44,8 @@ def setup_logging(out_dir: Path | None = None, is_main: bool = True, earlier: li
         for record in earlier:
             fh.handle(record)
         root.addHandler(fh)
+        return fh
+    return None
 
 
 class _Held(logging.Handler):
@@ -74,6 +78,7 @@ class _Session:
     def __init__(self, out_dir: str | Path, resume: bool, force: bool, kind: str, info, held: _Held):
         self.info, self.kind, self._held = info, kind, held
         self._saved_config: dict[str, Any] | None = None
+        self.log_file: logging.FileHandler | None = None  # train.log, once the run directory is open
         refused = None
         try:
             self.run_dir = RunDir(Path(out_dir), resume, force, info.is_main)
@@ -94,7 +99,7 @@ class _Session:
         """The config to train with: on resume from a checkpoint, the run's saved one (checked against the
         request); otherwise the request."""
         if not self.run_dir.resuming:
-            return requested
+            return with_absolute_paths(requested)
         marker = read_run_marker(self.out)
         if marker and marker.get("run") not in (None, self.kind):
             raise ConfigError(f"{self.out} is a {marker['run']} run; it cannot be resumed as a {self.kind} run")
@@ -114,7 +119,7 @@ class _Session:
                   "overrides": list(source.overrides) if source else None}
         out = self.run_dir.open(marker)
         logging.getLogger("maetok").removeHandler(self._held)
-        setup_logging(out, self.info.is_main, self._held.records)
+        self.log_file = setup_logging(out, self.info.is_main, self._held.records)
         return out
 
     @classmethod
@@ -133,6 +138,9 @@ class _Session:
             logging.getLogger("maetok").removeHandler(held)
             if session is not None:
                 session.run_dir.close()
+                if session.log_file is not None:  # what is logged after this run is not this run's
+                    logging.getLogger("maetok").removeHandler(session.log_file)
+                    session.log_file.close()
             cleanup(info)
 
 
@@ -185,6 +193,30 @@ def saved_run_config(ckpt: Path) -> dict[str, Any]:
     return saved
 
 
+def _absolute(text: str) -> str:
+    """A local path (or a data spec's path part, zip:runs/x.zip) made absolute; hub ids, `shapes`, names in the
+    shared data folder and paths that do not exist stay as given."""
+    if not text:
+        return text
+    from ..data.datasets import parse_spec
+
+    kind, location = parse_spec(text)
+    prefix = text[: len(text) - len(location)] if location and text.endswith(location) else ""
+    path = Path(location or text).expanduser()
+    return prefix + str(path.resolve()) if location and path.exists() else text
+
+
+def with_absolute_paths(cfg):
+    """The config with its input paths absolute (latents, tokenizer, data.spec, decoder_ft.init_from), so that a
+    run saved from one folder resumes from any other, and `x` and `./x` are the same input."""
+    cfg = copy.deepcopy(cfg)  # keeps the config source too
+    for owner, name in ((cfg, "latents"), (cfg, "tokenizer"), (getattr(cfg, "data", None), "spec"),
+                        (getattr(cfg, "decoder_ft", None), "init_from")):
+        if owner is not None and isinstance(getattr(owner, name, None), str):
+            setattr(owner, name, _absolute(getattr(owner, name)))
+    return cfg
+
+
 def resolve_resume_config(requested, out: Path, marker: dict[str, Any] | None = None,
                           saved_config: dict[str, Any] | None = None):
     """The config a run resumed from its latest checkpoint continues with: the config saved in the checkpoint,
@@ -212,6 +244,9 @@ def resolve_resume_config(requested, out: Path, marker: dict[str, Any] | None = 
     if hasattr(model, "aux_targets") and _same_targets_used(to_dict(model.aux_targets),
                                                             to_dict(wanted.model.aux_targets)):
         wanted.model.aux_targets = copy.deepcopy(model.aux_targets)
+    # Paths compare as absolute: a run started with latents=runs/lat resumes from another folder (its saved path
+    # is absolute since) and with ./runs/lat; one saved relative resumes from the folder it was started in.
+    saved, wanted = with_absolute_paths(saved), with_absolute_paths(wanted)
     diffs = config_differences(saved, wanted)
     refused = [d for d in diffs if not _may_change_on_resume(d[0])]
     if refused:
@@ -320,6 +355,14 @@ def run_diffusion(cfg, out_dir: str | Path, resume: bool = False, force: bool = 
         torch.manual_seed(cfg.train.seed)
         tokenizer = MAETok.from_pretrained(cfg.tokenizer) if cfg.tokenizer else None
         if cfg.latents:
+            source = config_source(cfg)
+            # The cache decides the data; only how it is read and flipped still applies.
+            ignored = [k for k in (source.override_keys() if source else [])
+                       if k.startswith("data") and k not in ("data.num_workers", "data.random_flip")]
+            if ignored:
+                raise ConfigError(f"{', '.join(ignored)}: no effect when training on the latent cache "
+                                  f"latents={cfg.latents} (its images were chosen when it was made; for fewer, make "
+                                  f"a cache with `maetok latents cache --limit N`)")
             dataset = LatentDataset(cfg.latents)
             mean, std, num_classes = dataset.mean, dataset.std, dataset.num_classes
             shape = tuple(dataset.meta["latent_shape"])
