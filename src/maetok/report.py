@@ -160,6 +160,10 @@ def write_report(out: Path, top: dict[str, Any], per_variant: dict[str, dict], a
     lines += ["| metric | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
     for k in headline:
         lines.append(f"| {k} | " + " | ".join(_fmt(flat[v].get(k, "")) for v in variants) + " |")
+    lines += ["", "Costs: parameters and FLOPs are properties of the models (generation_gflops_per_image: every "
+              "forward pass of the sampler, guided ones twice, plus the decode). The images/s rows are wall-clock "
+              "on this machine while the variants ran one after another, so other load on it moves them; equal "
+              "FLOPs mean equal cost."]
     lines += ["", "<details><summary>All metrics (KID, precision/recall, costs, timings)</summary>", "",
               "| metric | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
     for k in keys:
