@@ -41,6 +41,9 @@ def _check_report(out: Path, variants: list[str]) -> dict:
     assert (out / "gmm_nll.png").is_file() and (out / "diffusion_loss.png").is_file()
     assert "Real-data floor" in md and "Does the paper's ordering hold here?" in md
     assert report["environment"]["peak_rss_gib"] > 0 and "Resources: peak_rss_gib" in md
+    # The pilot's peak over its attempts: every stage records its process's, and the report takes the largest.
+    recorded = [json.loads((out / v / "results.json").read_text())["peak_rss_gib"] for v in variants]
+    assert report["environment"]["peak_rss_gib"] >= max(recorded) > 0
     assert all(report[v]["variant_total_wall_s"] > 0 for v in variants)
     return report
 

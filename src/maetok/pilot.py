@@ -168,6 +168,10 @@ class Stage:
                 out["wall_s"] = round(time.perf_counter() - t0, 1)
             self.results[key] = out  # other ranks keep an empty record: "done" is all they need to know
             if self.dist.is_main:
+                # The process's peak memory so far, kept across attempts: the report gives the pilot's peak.
+                for name, value in peak_memory(self.dist.device).items():
+                    if isinstance(value, float):
+                        self.results[name] = max(value, self.results.get(name, 0.0))
                 _save_json(self.path, self.results)
             barrier(self.dist)
         return self.results[key]
@@ -649,18 +653,27 @@ class Pilot:
         plot_losses({v: self.out / v / "diffusion" for v in self.variants}, self.out / "diffusion_loss.png")
         from .report import write_report
 
-        return write_report(self.out, top.results, per_variant, analysis, peak_memory(self.device, self.dist.world))
+        # The peak over every attempt of this pilot (each stage records its process's): a resumed pilot may have
+        # run only the last stages itself.
+        memory = peak_memory(self.device, self.dist.world)
+        for results in (top.results, *per_variant.values()):
+            for key in (PEAK_RSS, PEAK_GPU):
+                if isinstance(results.get(key), float) and key in memory:
+                    memory[key] = max(memory[key], results[key])
+        return write_report(self.out, top.results, per_variant, analysis, memory)
+
+
+PEAK_RSS, PEAK_GPU = "peak_rss_gib", "peak_gpu_memory_gib"
 
 
 def peak_memory(device: torch.device, world: int = 1) -> dict[str, Any]:
-    """Peak memory of this process (rank 0's, when several run) since it started: a resumed pilot reports the
-    last run's."""
+    """Peak memory of this process (rank 0's, when several run) since it started."""
     import resource
 
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    out: dict[str, Any] = {"peak_rss_gib": round(rss_kib / 2 ** 20, 2)}
+    out: dict[str, Any] = {PEAK_RSS: round(rss_kib / 2 ** 20, 2)}
     if device.type == "cuda":
-        out["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
+        out[PEAK_GPU] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
     if world > 1:
         out["measured_on"] = f"rank 0 of {world}"
     return out
