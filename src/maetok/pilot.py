@@ -142,6 +142,9 @@ def _jsonable(x: Any):
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
+PEAK_RSS, PEAK_GPU = "peak_rss_gib", "peak_gpu_memory_gib"
+
+
 class Stage:
     """Run `fn` once: its result (a dict) is stored under `key` in results.json; later runs reuse it.
 
@@ -154,6 +157,9 @@ class Stage:
     def __init__(self, results_path: Path, dist: DistInfo):
         self.path, self.dist = results_path, dist
         self.results = _load_json(results_path)
+        # Rank 0's peak memory so far, kept in the file across attempts but not among the stages (which every
+        # rank must see alike).
+        self.peaks = {k: self.results.pop(k) for k in (PEAK_RSS, PEAK_GPU) if k in self.results}
         # No rank may write the file before every rank has read it: a rank that read it after rank 0 recorded
         # a stage would skip that stage's barrier, and from then on the ranks' collectives would pair up wrongly
         # (seen as a hang at the next training run, under CPU contention).
@@ -168,11 +174,10 @@ class Stage:
                 out["wall_s"] = round(time.perf_counter() - t0, 1)
             self.results[key] = out  # other ranks keep an empty record: "done" is all they need to know
             if self.dist.is_main:
-                # The process's peak memory so far, kept across attempts: the report gives the pilot's peak.
                 for name, value in peak_memory(self.dist.device).items():
                     if isinstance(value, float):
-                        self.results[name] = max(value, self.results.get(name, 0.0))
-                _save_json(self.path, self.results)
+                        self.peaks[name] = max(value, self.peaks.get(name, 0.0))
+                _save_json(self.path, {**self.results, **self.peaks})
             barrier(self.dist)
         return self.results[key]
 
@@ -656,14 +661,12 @@ class Pilot:
         # The peak over every attempt of this pilot (each stage records its process's): a resumed pilot may have
         # run only the last stages itself.
         memory = peak_memory(self.device, self.dist.world)
-        for results in (top.results, *per_variant.values()):
+        for path in (top.path, *(self.out / v / "results.json" for v in self.variants)):
+            recorded = _load_json(path)
             for key in (PEAK_RSS, PEAK_GPU):
-                if isinstance(results.get(key), float) and key in memory:
-                    memory[key] = max(memory[key], results[key])
+                if isinstance(recorded.get(key), float) and key in memory:
+                    memory[key] = max(memory[key], recorded[key])
         return write_report(self.out, top.results, per_variant, analysis, memory)
-
-
-PEAK_RSS, PEAK_GPU = "peak_rss_gib", "peak_gpu_memory_gib"
 
 
 def peak_memory(device: torch.device, world: int = 1) -> dict[str, Any]:
