@@ -200,10 +200,11 @@ def _absolute(text: str) -> str:
         return text
     from ..data.datasets import parse_spec
 
-    kind, location = parse_spec(text)
-    prefix = text[: len(text) - len(location)] if location and text.endswith(location) else ""
-    path = Path(location or text).expanduser()
-    return prefix + str(path.resolve()) if location and path.exists() else text
+    _, location = parse_spec(text)
+    if not location or not Path(location).expanduser().exists():
+        return text
+    prefix = text[: len(text) - len(location)] if text.endswith(location) else ""
+    return prefix + str(Path(location).expanduser().resolve())
 
 
 def with_absolute_paths(cfg):
