@@ -385,7 +385,6 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
     from .pilot import PilotInterrupted
