@@ -281,3 +281,10 @@ def test_forward_passes_per_sample_counts_what_the_sampler_runs(sampler, cfg_sca
     cfg = SampleConfig(sampler, steps=5, cfg_scale=cfg_scale, cfg_interval=interval)
     sample(model, torch.randn(3, 8, 4), torch.tensor([0, 1, 2]), cfg)
     assert forward_passes_per_sample(cfg) == sum(rows) // 3
+
+
+def test_the_sampler_state_is_float64_except_on_mps_which_has_none():
+    from maetok.diffusion.samplers import state_dtype
+
+    assert state_dtype(torch.device("cpu")) == torch.float64 and state_dtype(torch.device("cuda")) == torch.float64
+    assert state_dtype(torch.device("mps")) == torch.float32  # "Cannot convert a MPS Tensor to float64 dtype"

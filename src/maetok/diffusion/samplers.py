@@ -1,7 +1,7 @@
 """Samplers for velocity models, integrating from t = 1 (noise) to t = 0 (data), with the official conventions:
 
-- the state x is float64 between steps; the model sees x and t cast to its own dtype (float32 normally) and its
-  output is cast back to float64; the returned sample is float64;
+- the state x is float64 between steps (float32 on Apple's MPS, which has none); the model sees x and t cast to
+  its own dtype (float32 normally) and its output is cast back; the returned sample is float64;
 - ODE grid linspace(1, 0, steps + 1); SDE grid linspace(1, t_min, steps) followed by 0, all float64;
 - classifier-free guidance when cfg_scale > 1 and low <= t_cur <= high (both inclusive): one model call on the
   doubled batch [x; x] with labels [y; null], then v = v_uncond + scale * (v_cond - v_uncond) on every channel
@@ -47,8 +47,8 @@ def _call(model, x: torch.Tensor, t_cur: float, y, null_label, guided: bool, dty
     if guided:
         x = torch.cat([x, x])
         y = torch.cat([y, torch.full_like(y, null_label)])
-    t = torch.full((x.shape[0],), t_cur, dtype=torch.float64, device=x.device)
-    out = model(x.to(dtype), t.to(dtype), y).to(torch.float64)
+    t = torch.full((x.shape[0],), t_cur, dtype=x.dtype, device=x.device)
+    out = model(x.to(dtype), t.to(dtype), y).to(x.dtype)
     return out, x, t
 
 
@@ -76,7 +76,12 @@ def _prepare(model, noise, y, cfg_scale, null_label):
     num_classes = getattr(getattr(model, "config", None), "num_classes", None)
     if y is not None and isinstance(num_classes, int) and num_classes > 0:
         check_labels(y, num_classes, null_label=True)  # once per run: a compiled model skips its per-call check
-    return noise.to(torch.float64), _input_dtype(model, noise), null_label
+    return noise.to(state_dtype(noise.device)), _input_dtype(model, noise), null_label
+
+
+def state_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the sampler's state, except on Apple's MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 @torch.no_grad()
@@ -128,7 +133,8 @@ def euler_maruyama(model, noise: torch.Tensor, y: torch.Tensor | None = None, *,
     def draw(i: int) -> torch.Tensor:
         if noise_fn is None:
             device = generator.device if generator is not None else x.device
-            return torch.randn(x.shape, generator=generator, dtype=torch.float64, device=device).to(x.device)
+            return torch.randn(x.shape, generator=generator, dtype=torch.float64 if device.type != "mps" else x.dtype,
+                               device=device).to(device=x.device, dtype=x.dtype)
         if callable(noise_fn):
             eps = noise_fn(i, x.shape)
         elif i < len(noise_fn):
@@ -137,7 +143,7 @@ def euler_maruyama(model, noise: torch.Tensor, y: torch.Tensor | None = None, *,
             raise ValueError(f"noise_fn holds {len(noise_fn)} draws but step {i} needs one ({steps - 1} in all)")
         if tuple(eps.shape) != tuple(x.shape):
             raise ValueError(f"SDE noise for step {i} has shape {tuple(eps.shape)}; expected {tuple(x.shape)}")
-        return eps.to(device=x.device, dtype=torch.float64)
+        return eps.to(device=x.device, dtype=x.dtype)
 
     for i in progress_bar(range(steps), desc="sde", disable=not progress):
         t_cur, t_next = t_grid[i], t_grid[i + 1]
