@@ -567,6 +567,8 @@ class Trainer:
                 batch = _to_device(batch, dev)
                 lr = self._set_lr()
                 if self.dist.enabled:
+                    # Every random draw of a step (flips, masks, noise, times) is made by the task below, after this:
+                    # training data is opened without flips, so DataLoader workers draw nothing.
                     torch.manual_seed(rank_step_seed(cfg.seed, self.step, self.dist.rank))
                 self.model.train()
                 with autocast_for(dev, cfg.precision):
