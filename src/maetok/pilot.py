@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ConfigError, DiffusionRunConfig, TokenizerRunConfig, load_config, to_dict
+from .config import (ConfigError, DiffusionRunConfig, SampleConfig, TokenizerRunConfig, from_dict, load_config,
+                     to_dict)
 from .train.distributed import DistInfo, barrier, cleanup, init_distributed
 
 log = logging.getLogger("maetok.pilot")
@@ -295,7 +296,6 @@ class Pilot:
         """Open the data and build every run config the pilot will use (each variant's tokenizer stages, the
         diffusion model, the sampler), each checked against the training split's size, before any work or any
         deletion: a typo in an override fails at once instead of after hours of tokenizer training."""
-        from .config import SampleConfig, from_dict
         from .train.loop import check_global_batch
 
         self.open_data()
@@ -311,8 +311,13 @@ class Pilot:
                     raise ConfigError(f"{self.spec}, {model} runs: {e}; change it with --{model}-set "
                                       f"train.batch_size=N, or add images") from None
         for scale in (1.0, self.b.cfg_scale):
-            from_dict(SampleConfig, {"sampler": self.b.sampler, "steps": self.b.sample_steps, "cfg_scale": scale,
-                                     "cfg_interval": list(self.b.cfg_interval)}, key="pilot")
+            self.sample_config(scale)
+
+    def sample_config(self, cfg_scale: float) -> SampleConfig:
+        """The budget's sampler settings at one guidance scale (checked: a bad budget fails up front)."""
+        b = self.b
+        return from_dict(SampleConfig, {"sampler": b.sampler, "steps": b.sample_steps, "cfg_scale": cfg_scale,
+                                        "cfg_interval": list(b.cfg_interval), "seed": 0}, key="pilot")
 
     def is_cifar10(self) -> bool:
         names = [str(n).lower() for n in (getattr(self.train_set, "class_names", None) or [])]
@@ -510,15 +515,12 @@ class Pilot:
         return out
 
     def eval_generation(self, vdir: Path, tok, dcfg: DiffusionRunConfig, scale: float, out_dir: Path) -> dict:
-        from .config import SampleConfig, from_dict
         from .diffusion.generate import generate_to_dir
         from .diffusion.sit import SiT
         from .eval.fid import fid, generation_metrics, load_adm_images
 
-        b = self.b
         model = SiT.from_pretrained(vdir / "diffusion" / "model").to(self.device)
-        scfg = from_dict(SampleConfig, {"sampler": b.sampler, "steps": b.sample_steps, "cfg_scale": scale,
-                                        "cfg_interval": list(b.cfg_interval), "seed": 0})
+        scfg = self.sample_config(scale)
         t0 = time.perf_counter()
         path = generate_to_dir(model, tok, self.n_eval, scfg, out_dir, balanced=True, batch_size=250,
                                device=self.device, progress=True)  # sharded across ranks under torchrun
@@ -542,12 +544,10 @@ class Pilot:
         return metrics
 
     def measure_cost(self, tok, vdir: Path, dcfg: DiffusionRunConfig) -> dict:
-        from .config import SampleConfig
         from .diffusion.samplers import forward_passes_per_sample
         from .diffusion.sit import SiT
         from .eval.cost import count_flops, count_params, throughput
 
-        b = self.b
         sit = SiT.from_pretrained(vdir / "diffusion" / "model").to(self.device).eval()
         x = self.real_images(self.test_set, 64).to(self.device)
         z = tok.encode(x[:1]).detach()
@@ -558,12 +558,9 @@ class Pilot:
         sit_gflops = count_flops(lambda: sit(tok.normalize(z), t, y if sit.null_label else None)) / 1e9
         # What one image costs to generate with the pilot's sampler: every forward pass (two where guided) and
         # the decode.
-        generation = {}
-        for name, scale in (("nocfg", 1.0), ("cfg", b.cfg_scale)):
-            scfg = SampleConfig(sampler=b.sampler, steps=b.sample_steps, cfg_scale=scale,
-                                cfg_interval=tuple(b.cfg_interval))
-            generation[f"generation_gflops_per_image_{name}"] = \
-                forward_passes_per_sample(scfg) * sit_gflops + decode_gflops
+        generation = {f"generation_gflops_per_image_{name}":
+                      forward_passes_per_sample(self.sample_config(scale)) * sit_gflops + decode_gflops
+                      for name, scale in (("nocfg", 1.0), ("cfg", self.b.cfg_scale))}
         return {
             "tokenizer_params_M": count_params(tok) / 1e6,
             "encoder_params_M": count_params(tok.encoder) / 1e6,

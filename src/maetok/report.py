@@ -101,8 +101,8 @@ def _verdicts(variants: list[str], flat: dict[str, dict[str, Any]], analysis: di
         lines.append(_verdict_line(label, values, lower, ses, has_maetok))
     gmm = {v: analysis["variants"][v]["gmm"] for v in variants}
     ks = gmm[variants[0]]["ks"]
-    mid = ks[len(ks) // 2]
-    i = ks.index(mid)
+    i = len(ks) // 2
+    mid = ks[i]
     values = {v: gmm[v]["nll"][i] for v in variants}
     ses = {v: gmm[v]["nll_se"][i] for v in variants} if all(gmm[v].get("nll_se") for v in variants) else None
     kept = ", ".join(f"{v} keeps {gmm[v]['explained_variance']:.0%}"

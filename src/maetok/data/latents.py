@@ -173,7 +173,7 @@ class LatentDataset(Dataset):
 
     def _concat(self, key: str) -> torch.Tensor:
         if not self._shards:
-            return torch.zeros((0, *self.meta["latent_shape"]) if key != "labels" else 0)
+            return torch.zeros(0, dtype=torch.long) if key == "labels" else torch.zeros((0, *self.meta["latent_shape"]))
         return torch.cat([shard[key] for shard in self._shards])
 
     def first(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -84,10 +84,19 @@ def state_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def _ode_grid(steps: int) -> list[float]:
+    return torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
+
+
+def _sde_grid(steps: int, t_min: float) -> list[float]:
+    """linspace(1, t_min, steps), then 0 for the deterministic last step."""
+    return torch.linspace(1, t_min, steps, dtype=torch.float64).tolist() + [0.0]
+
+
 @torch.no_grad()
 def _ode(model, noise, y, steps, cfg_scale, cfg_interval, null_label, heun, progress):
     x, dtype, null_label = _prepare(model, noise, y, cfg_scale, null_label)
-    t_grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
+    t_grid = _ode_grid(steps)
     for i in progress_bar(range(steps), desc="heun" if heun else "euler", disable=not progress):
         t_cur, t_next = t_grid[i], t_grid[i + 1]
         guided = _guided(t_cur, cfg_scale, cfg_interval)
@@ -127,13 +136,12 @@ def euler_maruyama(model, noise: torch.Tensor, y: torch.Tensor | None = None, *,
     list, e.g. recorded draws), else a float64 standard normal from `generator` (global RNG when None).
     """
     x, dtype, null_label = _prepare(model, noise, y, cfg_scale, null_label)
-    t_grid = torch.cat([torch.linspace(1, t_min, steps, dtype=torch.float64),
-                        torch.zeros(1, dtype=torch.float64)]).tolist()
+    t_grid = _sde_grid(steps, t_min)
 
     def draw(i: int) -> torch.Tensor:
         if noise_fn is None:
             device = generator.device if generator is not None else x.device
-            return torch.randn(x.shape, generator=generator, dtype=torch.float64 if device.type != "mps" else x.dtype,
+            return torch.randn(x.shape, generator=generator, dtype=state_dtype(torch.device(device)),
                                device=device).to(device=x.device, dtype=x.dtype)
         if callable(noise_fn):
             eps = noise_fn(i, x.shape)
@@ -162,15 +170,12 @@ def euler_maruyama(model, noise: torch.Tensor, y: torch.Tensor | None = None, *,
 def forward_passes_per_sample(cfg: SampleConfig) -> int:
     """How many single-sample model evaluations `sample` spends per sample: one per call, two where guided (the
     batch is doubled). Times the forward FLOPs, plus one decode, it is what an image costs to generate."""
-    low, high = cfg.cfg_interval
     if cfg.sampler == "sde":
-        times = torch.linspace(1, cfg.sde_t_min, cfg.steps, dtype=torch.float64).tolist()
-        evaluations = [(t, 1) for t in times]
+        evaluations = [(t, 1) for t in _sde_grid(cfg.steps, cfg.sde_t_min)[:-1]]
     else:  # Euler: one call per step; Heun: a second call on every step but the last, guided as the first
-        times = torch.linspace(1, 0, cfg.steps + 1, dtype=torch.float64).tolist()[:-1]
-        extra = 2 if cfg.sampler == "heun" else 1
-        evaluations = [(t, extra if i < cfg.steps - 1 else 1) for i, t in enumerate(times)]
-    return sum(calls * (2 if _guided(t, cfg.cfg_scale, (low, high)) else 1) for t, calls in evaluations)
+        calls = 2 if cfg.sampler == "heun" else 1
+        evaluations = [(t, calls if i < cfg.steps - 1 else 1) for i, t in enumerate(_ode_grid(cfg.steps)[:-1])]
+    return sum(n * (2 if _guided(t, cfg.cfg_scale, tuple(cfg.cfg_interval)) else 1) for t, n in evaluations)
 
 
 def sample(model, noise: torch.Tensor, y: torch.Tensor | None, cfg: SampleConfig, null_label: int | None = None,

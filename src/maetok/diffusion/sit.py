@@ -22,10 +22,10 @@ from torch.utils.checkpoint import checkpoint
 from maetok import __version__
 from maetok.config import ConfigError, SiTConfig, from_dict, to_dict
 from maetok.data.datasets import check_labels
+from maetok.diffusion.transport import PATHS
 from maetok.layers import (Attention, Mlp, RMSNorm, RoPE1D, SwiGLU, add_into, modulate, sincos_1d,
                            timestep_features)
 from maetok.nets.hub import load_safetensors_strict, training_run_hint
-from maetok.diffusion.transport import PATHS
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

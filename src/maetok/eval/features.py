@@ -165,11 +165,11 @@ def _as_images(batch) -> torch.Tensor:
     if not isinstance(batch, torch.Tensor) or not batch.is_floating_point() or batch.dim() != 4:
         raise TypeError("expected float NCHW image tensors in [-1, 1] (or uint8 NHWC arrays), got "
                         f"{type(batch).__name__} {getattr(batch, 'dtype', '')} {tuple(getattr(batch, 'shape', ()))}")
-    low, high = batch.aminmax()
+    low, high = (v.item() for v in batch.aminmax())
     # Float images in [0, 255] (or far outside [-1, 1]) would give a confident, meaningless FID. Images in [0, 1]
     # cannot be told from bright [-1, 1] images batch by batch, so the range is checked, not the convention.
-    if low.item() < -1.01 or high.item() > 1.01:
-        raise ValueError(f"float images must lie in [-1, 1]; this batch spans [{low.item():.3g}, {high.item():.3g}] "
+    if low < -1.01 or high > 1.01:
+        raise ValueError(f"float images must lie in [-1, 1]; this batch spans [{low:.3g}, {high:.3g}] "
                          f"(for [0, 1] images pass x * 2 - 1; for 0..255 values pass uint8 NHWC arrays)")
     return batch
 

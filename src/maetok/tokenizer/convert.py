@@ -48,8 +48,8 @@ KEY_MAP: list[tuple[str, str]] = [
     (r"decoder\.to_pixel\.model\.(weight|bias)", r"decoder.head.\1"),
 ]
 # Present in official files but never used by encode/decode (see the fixture README).
-# Needed only for training with masking: a converted model without masking leaves it out.
-DROPPABLE = {"encoder.mask_token"}
+# Ours, needed only for training with masking: released files leave it out, a model without masking lacks it.
+TRAINING_ONLY = {"encoder.mask_token"}
 KNOWN_UNUSED = (r"decoder\.model\.pos_embed", r"decoder\.model\.patch_embed\..*", r"projection\..*",
                 r"repa_model\..*", r"decoder\.model\.cls_token")
 
@@ -153,7 +153,7 @@ def convert_state_dict(official: dict[str, torch.Tensor], cfg: TokenizerConfig):
     new_state: dict[str, torch.Tensor] = {}
     for key, value in official.items():
         ours = map_official_key(key)
-        if any(re.fullmatch(p, key) for p in KNOWN_UNUSED) or (ours in DROPPABLE and ours not in own):
+        if any(re.fullmatch(p, key) for p in KNOWN_UNUSED) or (ours in TRAINING_ONLY and ours not in own):
             report.unused.append(key)
             continue
         if ours is None:
@@ -170,9 +170,9 @@ def convert_state_dict(official: dict[str, torch.Tensor], cfg: TokenizerConfig):
                              f"{tuple(own[ours].shape)}")
         new_state[ours] = value.to(own[ours].dtype)
     report.initialised = sorted(set(own) - set(new_state))
-    allowed_missing = {"encoder.mask_token"}  # only exists in training-time official models
-    if set(report.initialised) - allowed_missing:
-        raise ValueError(f"official checkpoint lacks required tensors: {sorted(set(report.initialised) - allowed_missing)}")
+    lacking = sorted(set(report.initialised) - TRAINING_ONLY)
+    if lacking:
+        raise ValueError(f"official checkpoint lacks required tensors: {lacking}")
     model.load_state_dict({**own, **new_state}, strict=True)
     report.mapped = len(new_state)
     return model.eval(), report

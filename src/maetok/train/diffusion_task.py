@@ -13,10 +13,9 @@ import torch.nn as nn
 
 from ..config import DiffusionRunConfig
 from ..data import check_labels
-from ..device import to_device
 from ..diffusion.sit import SiT
 from ..diffusion.transport import training_loss
-from .loop import Task
+from .loop import Task, pick_flipped
 
 
 class DiffusionTask(Task):
@@ -40,13 +39,11 @@ class DiffusionTask(Task):
         if len(batch) == 3:  # latent cache: (z, z_flip, y); pick flipped or not per item
             z, z_flip, y = batch
             if flip:
-                pick = to_device(torch.rand(z.shape[0]) < 0.5, z.device)[:, None, None]
-                z = torch.where(pick, z_flip, z)
+                z = pick_flipped(z, z_flip)
         else:  # images encoded online
             images, y = batch
             if flip:
-                pick = to_device(torch.rand(images.shape[0]) < 0.5, images.device)[:, None, None, None]
-                images = torch.where(pick, images.flip(-1), images)
+                images = pick_flipped(images, images.flip(-1))
             with torch.no_grad():
                 z = self.tokenizer.encode(images)
         z = (z.float() - self.mean) / self.std

@@ -35,6 +35,7 @@ import yaml
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import ConfigError, OptimConfig, TrainConfig, dump_yaml
+from ..device import to_device
 from .checkpoint import (atomic_write_bytes, code_version, latest_checkpoint, load_checkpoint,
                          remove_stale_temporaries, save_checkpoint)
 from .distributed import DistInfo, all_reduce_max_each, all_reduce_mean
@@ -683,6 +684,13 @@ def _trim_log(path: Path, step: int) -> None:
         atomic_write_bytes(path, lambda f: f.write("".join(kept).encode()))
         log.info("log.jsonl: dropped %d records past step %d, the checkpoint resumed from", len(lines) - len(kept),
                  step)
+
+
+def pick_flipped(x: torch.Tensor, x_flipped: torch.Tensor) -> torch.Tensor:
+    """Per item, `x` or `x_flipped` with probability 1/2, drawn on the main process's CPU RNG: part of the
+    resumable state, and reseeded per step and rank under DDP (the tasks' one kind of data augmentation)."""
+    pick = to_device(torch.rand(x.shape[0]) < 0.5, x.device)
+    return torch.where(pick.view(-1, *([1] * (x.dim() - 1))), x_flipped, x)
 
 
 def rank_step_seed(seed: int, step: int, rank: int) -> int:

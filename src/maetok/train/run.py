@@ -402,8 +402,8 @@ def run_diffusion(cfg, out_dir: str | Path, resume: bool = False, force: bool = 
             # 1 - cos(v, target) has a gradient of order 1/|v|: about 1e7 while the zero-initialised output is
             # still near 0, which unclipped would inflate Adam's second moments for many thousands of steps.
             log.warning("transport.cos_loss_weight=%g without gradient clipping (train.optim.grad_clip=%g): the "
-                        "cosine term's first gradients are huge; LightningDiT clips at 1", cfg.transport.cos_loss_weight,
-                        cfg.train.optim.grad_clip)
+                        "cosine term's first gradients are huge; LightningDiT clips at 1",
+                        cfg.transport.cos_loss_weight, cfg.train.optim.grad_clip)
         task = DiffusionTask(cfg, info.device, mean, std, tokenizer, num_classes)
         log.info("diffusion %s: %.2fM parameters on %d latents (%d x %d), normalised with mean %.4f std %.4f",
                  cfg.model.variant, sum(p.numel() for p in task.model.parameters()) / 1e6, len(dataset), *shape,

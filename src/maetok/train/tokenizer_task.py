@@ -16,13 +16,12 @@ import torch.nn.functional as F
 
 from ..config import (ConfigError, TokenizerConfig, TokenizerRunConfig, config_source, from_dict, set_config_source,
                       to_dict)
-from ..device import to_device
 from ..nets.hub import MissingWeightsError
 from ..tokenizer.losses import (LeCAM, adaptive_gan_weight, build_discriminator, build_perceptual, diff_augment,
                                 hinge_d_loss, hinge_g_loss, kl_loss, ramp)
 from ..tokenizer.model import CONFIG_KIND, MAETok
 from ..tokenizer.targets import TargetLosses, build_target
-from .loop import CompiledOrEager, Task, uses_bf16
+from .loop import CompiledOrEager, Task, pick_flipped, uses_bf16
 
 log = logging.getLogger("maetok.train")
 
@@ -203,9 +202,8 @@ class TokenizerTask(Task):
     def training_step(self, model: nn.Module, batch: Any, step: int) -> dict[str, torch.Tensor]:
         cfg, lcfg = self.cfg, self.cfg.loss
         images = batch[0]
-        if cfg.data.random_flip:  # flips on the main process RNG: part of the resumable state
-            flip = torch.rand(images.shape[0]) < 0.5
-            images = torch.where(to_device(flip, images.device)[:, None, None, None], images.flip(-1), images)
+        if cfg.data.random_flip:
+            images = pick_flipped(images, images.flip(-1))
         if cfg.stage == 2:
             self.model.encoder.eval()
         out = model(images, mask_ratio=self.mask_ratio(step))
