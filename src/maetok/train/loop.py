@@ -608,7 +608,10 @@ class Trainer:
                         if log_f:
                             log_f.write(json.dumps(record) + "\n")
                             log_f.flush()
-                        progress.set_postfix(loss=f"{record['loss']:.4f}", ips=f"{record['images_per_s']:.1f}")
+                        # Shown at the bar's next redraw: a forced one per record would defeat the bar's interval
+                        # in a log file (maetok.progress).
+                        progress.set_postfix(loss=f"{record['loss']:.4f}", ips=f"{record['images_per_s']:.1f}",
+                                             refresh=False)
                         t_last, n_last = time.perf_counter(), 0
                 progress.update(1)
                 saved = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps
