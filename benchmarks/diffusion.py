@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from common import RESULTS_DIR, machine, median_seconds, utc_now, write_json
 from maetok.config import SampleConfig, SiTConfig, TransportConfig
 from maetok.diffusion import SiT, sample, sit_config, training_loss
-from maetok.diffusion.convert import build_meta
+from maetok.io.convert_sit import build_meta
 
 RESULTS = RESULTS_DIR / "diffusion.json"
 LAYOUTS = [  # name, tokens, channels per token

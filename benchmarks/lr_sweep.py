@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from common import machine, machine_line, markdown_table, utc_now, write_json
+from maetok.io.pretrained import load_tokenizer
 
 METRICS = ("rfid", "psnr", "ssim")
 
@@ -29,7 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     from maetok.pilot import Pilot, Stage, pilot_settings
-    from maetok.tokenizer import MAETok
     from maetok.train.run import setup_logging
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["runs"][key] = {"variant": variant, "lr": lr, "diverged": True}
                 write_json(results_path, result)
                 continue
-            tok = MAETok.from_pretrained(tok_dir / "model")
+            tok = load_tokenizer(tok_dir / "model")
             recon = stage("reconstruction", lambda: pilot.eval_reconstruction(tok, vdir))
             result["runs"][key] = {"variant": variant, "lr": lr, **_pick(recon),
                                    "train_wall_s": sum(stage.results[k].get("wall_s", 0.0) for k in

@@ -16,12 +16,12 @@ import sys
 from pathlib import Path
 
 from common import markdown_table, write_json
+from maetok.io.pretrained import load_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
     from maetok.config import from_dict
     from maetok.pilot import Pilot, PilotBudget, _train_run
-    from maetok.tokenizer import MAETok
     from maetok.train.run import run_diffusion, setup_logging
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         per_seed = results.setdefault(variant, {})
         per_seed["0"] = {name: _gfid(own[f"generation_{name}"]) for name in ("nocfg", "cfg")}
         tok_dir = pilot.tokenizer_dir(variant)
-        tok = MAETok.from_pretrained(tok_dir / "model")
+        tok = load_tokenizer(tok_dir / "model")
         for seed in args.seeds:
             if str(seed) in per_seed:
                 continue

@@ -18,8 +18,9 @@ from safetensors.torch import save_file
 
 from maetok.config import (DiffusionRunConfig, SampleConfig, SiTConfig, TokenizerRunConfig, TrainConfig,
                            TransportConfig, load_config)
-from maetok.train.distributed import DistInfo, init_distributed
+from maetok.io.distributed import DistInfo, init_distributed
 from maetok.train.loop import Task, Trainer
+from maetok.io.pretrained import load_sit, load_tokenizer
 
 # Tiny tokenizer (as tests/test_resume.py TINY, without the GAN). Every randomness of variant ae is switched off
 # (no masks, no flips, no perceptual/GAN), so the loss is a deterministic function of the batch.
@@ -244,10 +245,8 @@ def scenario_sigterm(out: Path, info: DistInfo, inputs: Path) -> None:
 
 def scenario_sample(out: Path, info: DistInfo, inputs: Path) -> None:
     from maetok.diffusion.generate import generate_to_dir
-    from maetok.diffusion.sit import SiT
-    from maetok.tokenizer import MAETok
 
-    model, tok = SiT.from_pretrained(inputs / "sit"), MAETok.from_pretrained(inputs / "tok")
+    model, tok = load_sit(inputs / "sit"), load_tokenizer(inputs / "tok")
     for sampler in ("euler", "heun"):
         cfg = SampleConfig(sampler=sampler, steps=3, cfg_scale=1.5, seed=5)
         generate_to_dir(model, tok, 11, cfg, out / sampler, balanced=True, batch_size=4, device="cpu",
@@ -267,7 +266,6 @@ def evaluate_both(inputs: Path, out: Path, dist_info: DistInfo | None) -> dict:
     ranks' shares differ in size. The reconstruction runs twice on one stats cache: written, then read."""
     import maetok.eval.api as api
     from maetok.data import open_dataset
-    from maetok.tokenizer import MAETok
 
     out.mkdir(parents=True, exist_ok=True)
     net = toy_feature_net()
@@ -287,7 +285,7 @@ def evaluate_both(inputs: Path, out: Path, dist_info: DistInfo | None) -> dict:
         gen = api.evaluate_generation(str(inputs / "samples.npz"), "shapes", net, split="test", num_ref=13,
                                       batch_size=4, stats_cache=out / "ref-stats.npz", kid_subsets=2,
                                       progress=False, dist=dist_info)
-        tok, held_out = MAETok.from_pretrained(inputs / "tok"), open_dataset("shapes", "test", 16, limit=13)
+        tok, held_out = load_tokenizer(inputs / "tok"), open_dataset("shapes", "test", 16, limit=13)
         rec, rec_cached = (api.evaluate_reconstruction(tok, held_out, net, batch_size=4, lpips=None, progress=False,
                                                        stats_cache=out / "recon-stats.npz", dist=dist_info)
                            for _ in range(2))
@@ -326,7 +324,6 @@ def pilot_evaluation(inputs: Path, out: Path, info: DistInfo | None) -> dict:
     import shutil
 
     from maetok.pilot import Pilot, pilot_settings
-    from maetok.tokenizer import MAETok
 
     settings = pilot_settings("smoke", ["n_eval=13", "image_size=16", "sample_steps=3"])
     pilot = Pilot("shapes", ["ae"], "smoke", out, dist=info, settings=settings)
@@ -345,7 +342,7 @@ def pilot_evaluation(inputs: Path, out: Path, info: DistInfo | None) -> dict:
 
     net.embed = counting_embed
     pilot.ref_feats = pilot.features(pilot.first(pilot.test_set, pilot.n_eval))
-    tok = MAETok.from_pretrained(inputs / "tok")
+    tok = load_tokenizer(inputs / "tok")
     return {"floor": pilot.real_floor(), "recon": pilot.eval_reconstruction(tok, vdir),
             "gen": pilot.eval_generation(vdir, tok, None, 1.5, vdir / "samples"), "embedded": embedded[0]}
 
@@ -363,9 +360,8 @@ def scenario_latents(out: Path, info: DistInfo, inputs: Path) -> None:
     from maetok.cli import main as cli
     from maetok.data import open_dataset
     from maetok.data.latents import cache_latents
-    from maetok.tokenizer import MAETok
 
-    tok = MAETok.from_pretrained(inputs / "tok")
+    tok = load_tokenizer(inputs / "tok")
     data = open_dataset("shapes", "train", 16, limit=32)
     cache_latents(tok, data, out / "cache", batch_size=4, shard_size=5, progress=False, dist=info)
     # Finishing a cache one process started (shards 0 and 3 on disk, no meta.json): those two are kept as they are.
@@ -409,7 +405,7 @@ def scenario_refused_run_dir(out: Path, info: DistInfo, inputs: Path) -> None:
     must raise at once (not wait for rank 0 in a collective until the timeout)."""
     import time
 
-    from maetok.train.loop import RunDirExists
+    from maetok.io.rundir import RunDirExists
     from maetok.train.run import run_diffusion
 
     if info.is_main:

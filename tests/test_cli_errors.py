@@ -14,6 +14,7 @@ import torch
 
 from maetok.cli import _train, build_parser, main
 from maetok.config import SiTConfig, TokenizerConfig
+from maetok.io.pretrained import load_sit, load_tokenizer, save_pretrained
 
 SRC = Path(__file__).resolve().parents[1]
 
@@ -52,10 +53,10 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
-    _tokenizer(4).save_pretrained(root / "tok")
-    _tokenizer(2).save_pretrained(root / "tok-2tokens")
-    SiT(SiTConfig(in_channels=4, num_tokens=4, hidden=32, depth=1, heads=2, num_classes=10)).save_pretrained(
-        root / "sit")
+    save_pretrained(_tokenizer(4), root / "tok")
+    save_pretrained(_tokenizer(2), root / "tok-2tokens")
+    save_pretrained(SiT(SiTConfig(in_channels=4, num_tokens=4, hidden=32, depth=1, heads=2, num_classes=10)),
+                    root / "sit")
     return {name: root / name for name in ("tok", "tok-2tokens", "sit")}
 
 
@@ -257,9 +258,8 @@ def test_convert_refuses_to_overwrite_without_force(models, tmp_path):
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     code, _, err = run("convert", "official-sit", "--src", models["sit"], "--out", out, "--force")
     assert code == 0, err
-    from maetok.diffusion.sit import SiT
 
-    assert SiT.from_pretrained(out).config.num_tokens == 4
+    assert load_sit(out).config.num_tokens == 4
     code, _, err = run("convert", "official-sit", "--src", models["sit"], "--out", tmp_path / "fresh")
     assert code == 0, err  # a new folder needs no --force
 
@@ -313,10 +313,9 @@ def test_from_pretrained_of_a_missing_local_folder_says_so(tmp_path, monkeypatch
     # The Python API follows the CLI's rule: "runs/nonexist" is a mistyped local folder when runs/ exists here,
     # not a hub id to download.
     from maetok.nets import hub
-    from maetok.tokenizer import MAETok
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
     monkeypatch.setattr(hub, "hub_download", lambda *a, **k: pytest.fail("sent a local path to the hub"))
     with pytest.raises(FileNotFoundError, match="no such folder.*'runs' exists here"):
-        MAETok.from_pretrained("runs/nonexist")
+        load_tokenizer("runs/nonexist")

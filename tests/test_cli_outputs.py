@@ -14,6 +14,7 @@ import torch
 
 from maetok.cli import main
 from maetok.config import SiTConfig, TokenizerConfig
+from maetok.io.pretrained import save_pretrained
 
 
 def run(*argv) -> tuple[int, str, str]:
@@ -54,12 +55,12 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
-    MAETok(TokenizerConfig(variant="ae", image_size=16, patch_size=4, latent_tokens=4, latent_dim=4, enc_width=32,
-                           enc_heads=2, enc_depth=1, dec_width=32, dec_heads=2, dec_depth=1,
-                           aux_targets=[])).save_pretrained(root / "tok")
+    save_pretrained(MAETok(TokenizerConfig(variant="ae", image_size=16, patch_size=4, latent_tokens=4, latent_dim=4,
+                                           enc_width=32, enc_heads=2, enc_depth=1, dec_width=32, dec_heads=2,
+                                           dec_depth=1, aux_targets=[])), root / "tok")
     for name, classes in (("sit", 10), ("sit-uncond", 0)):
-        SiT(SiTConfig(in_channels=4, num_tokens=4, hidden=32, depth=1, heads=2, num_classes=classes)).save_pretrained(
-            root / name)
+        save_pretrained(SiT(SiTConfig(in_channels=4, num_tokens=4, hidden=32, depth=1, heads=2,
+                                      num_classes=classes)), root / name)
     p = {name: root / name for name in ("tok", "sit", "sit-uncond", "cache")}
     ok("latents", "cache", "--tokenizer", p["tok"], "--data", "shapes", "--limit", 10, "--out", p["cache"],
        "--device", "cpu")

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from maetok.cli import main
+from maetok.io.pretrained import load_sit, load_tokenizer
 
 # Encoder layer scale 0.1 (not 1e-5) and a large lr without warmup: after 3 steps the latents must already depend
 # on the image, and the decoder (whose latent modulation starts at zero) on the latents.
@@ -100,9 +101,8 @@ def real_features(shared_dir: Path, monkeypatch) -> str:
 def test_tokenizer_train_writes_model_and_latent_stats(runs):
     s = runs["tok_summary"]
     assert s["finished"] and s["step"] == 3 and s["latent_std"] > 0 and math.isfinite(s["latent_mean"])
-    from maetok.tokenizer import MAETok
 
-    tok = MAETok.from_pretrained(runs["tok"] / "model")
+    tok = load_tokenizer(runs["tok"] / "model")
     assert tok.config.latent_std == pytest.approx(s["latent_std"])  # stored with the weights for diffusion
     assert len((runs["tok"] / "log.jsonl").read_text().splitlines()) == 3
 
@@ -110,11 +110,10 @@ def test_tokenizer_train_writes_model_and_latent_stats(runs):
 def test_latent_cache_round_trip(runs):
     from maetok.data import open_dataset
     from maetok.data.latents import LatentDataset
-    from maetok.tokenizer import MAETok
 
     ds = LatentDataset(runs["cache"])
     assert len(ds) == 48 and ds.latents.shape == (48, 4, 4) and ds.num_classes == 10
-    tok = MAETok.from_pretrained(runs["tok"] / "model")
+    tok = load_tokenizer(runs["tok"] / "model")
     assert (ds.mean, ds.std) == (tok.config.latent_mean, tok.config.latent_std)
     images = open_dataset("shapes", "train", 16, limit=48)
     x = torch.stack([images[i][0] for i in range(48)])
@@ -207,10 +206,9 @@ def test_unlabelled_latents_train_an_unconditional_model_only(runs, tmp_path, ca
 
 
 def test_diffusion_train_on_the_cache(runs):
-    from maetok.diffusion.sit import SiT
 
     assert runs["sit_summary"]["finished"] and runs["sit_summary"]["step"] == 3
-    model = SiT.from_pretrained(runs["sit"] / "model")
+    model = load_sit(runs["sit"] / "model")
     assert (model.config.num_tokens, model.config.in_channels, model.config.num_classes) == (4, 4, 10)
     assert (runs["sit"] / "images" / "samples_00000003.png").is_file()  # preview decoded by the tokenizer
 
@@ -391,9 +389,8 @@ def test_eval_recon(runs, real_features, tmp_path):
     # PSNR recomputed independently: reconstructions as saved images (uint8 levels) against the originals.
     from maetok.data import open_dataset
     from maetok.eval import psnr
-    from maetok.tokenizer import MAETok
 
-    tok = MAETok.from_pretrained(runs["tok"] / "model")
+    tok = load_tokenizer(runs["tok"] / "model")
     ds = open_dataset("shapes", "test", 16, limit=24)
     x = torch.stack([ds[i][0] for i in range(24)])
     with torch.no_grad():

@@ -10,6 +10,7 @@ from maetok.data import open_dataset
 from maetok.data.latents import cache_latents
 from maetok.tokenizer import MAETok
 from maetok.train.run import run_diffusion
+from maetok.io.pretrained import load_sit, load_tokenizer, save_pretrained
 
 SIT = ["model.hidden=32", "model.depth=2", "model.heads=2", "train.batch_size=8", "train.steps=2", "sample.steps=2"]
 
@@ -17,7 +18,7 @@ SIT = ["model.hidden=32", "model.depth=2", "model.heads=2", "train.batch_size=8"
 def _tokenizer(root: Path, latent_tokens: int) -> Path:
     cfg = TokenizerConfig(image_size=16, patch_size=4, latent_tokens=latent_tokens, latent_dim=4, enc_width=32,
                           enc_depth=1, enc_heads=2, dec_width=32, dec_depth=1, dec_heads=2, aux_targets=[])
-    MAETok(cfg).save_pretrained(root)
+    save_pretrained(MAETok(cfg), root)
     return root
 
 
@@ -32,7 +33,7 @@ def test_guidance_on_an_unconditional_model_is_refused_with_the_fix():
 def test_a_tokenizer_that_did_not_make_the_cache_is_refused_before_the_run_starts(tmp_path: Path):
     tok_a = _tokenizer(tmp_path / "tok-a", latent_tokens=8)
     tok_b = _tokenizer(tmp_path / "tok-b", latent_tokens=4)
-    cache = cache_latents(MAETok.from_pretrained(tok_a), open_dataset("shapes", image_size=16, limit=16),
+    cache = cache_latents(load_tokenizer(tok_a), open_dataset("shapes", image_size=16, limit=16),
                           tmp_path / "latents", flip=False, progress=False)
     over = [f"latents={cache}", "model.num_tokens=8", "model.in_channels=4", *SIT]
     with pytest.raises(ConfigError, match=r"did not make the latent cache(.|\n)*latent_tokens: cache 8, tokenizer 4"):
@@ -49,16 +50,16 @@ def test_a_model_folder_of_the_other_kind_or_a_run_folder_is_named_as_such(tmp_p
     from maetok.diffusion.sit import SiT
 
     tok = _tokenizer(tmp_path / "tok" / "model", latent_tokens=4)
-    SiT.from_config(SiTConfig(in_channels=4, num_tokens=4, hidden=32, depth=1, heads=2)).save_pretrained(
-        tmp_path / "sit" / "model")
+    save_pretrained(SiT.from_config(SiTConfig(in_channels=4, num_tokens=4, hidden=32, depth=1, heads=2)),
+                    tmp_path / "sit" / "model")
     with pytest.raises(ConfigError, match="holds a SiT diffusion model .kind: sit., not a tokenizer"):
-        MAETok.from_pretrained(tmp_path / "sit" / "model")
+        load_tokenizer(tmp_path / "sit" / "model")
     with pytest.raises(ConfigError, match="holds a tokenizer, not a SiT diffusion model"):
-        SiT.from_pretrained(tok)
+        load_sit(tok)
     with pytest.raises(FileNotFoundError, match="a training run keeps its weights in .*tok/model"):
-        MAETok.from_pretrained(tmp_path / "tok")
+        load_tokenizer(tmp_path / "tok")
     with pytest.raises(FileNotFoundError, match="a training run keeps its weights in .*sit/model"):
-        SiT.from_pretrained(tmp_path / "sit")
+        load_sit(tmp_path / "sit")
 
 
 def test_an_older_cache_of_the_same_tokenizer_is_accepted(tmp_path: Path):
@@ -67,7 +68,7 @@ def test_an_older_cache_of_the_same_tokenizer_is_accepted(tmp_path: Path):
     import json
 
     tok = _tokenizer(tmp_path / "tok", latent_tokens=4)
-    cache = cache_latents(MAETok.from_pretrained(tok), open_dataset("shapes", image_size=16, limit=16),
+    cache = cache_latents(load_tokenizer(tok), open_dataset("shapes", image_size=16, limit=16),
                           tmp_path / "latents", flip=False, progress=False)
     meta = json.loads((cache / "meta.json").read_text())
     del meta["tokenizer_config"]["grad_checkpointing"]
@@ -85,7 +86,7 @@ def test_a_run_saved_under_looser_rules_resumes_once_its_config_is_fixed(tmp_pat
     from maetok.cli import main
 
     tok = _tokenizer(tmp_path / "tok", latent_tokens=4)
-    cache = cache_latents(MAETok.from_pretrained(tok), open_dataset("shapes", image_size=16, limit=16),
+    cache = cache_latents(load_tokenizer(tok), open_dataset("shapes", image_size=16, limit=16),
                           tmp_path / "latents", flip=False, progress=False)
     over = [f"latents={cache}", "model.num_tokens=4", "model.in_channels=4", "model.num_classes=0", *SIT]
     run = tmp_path / "run"
@@ -114,7 +115,7 @@ def test_a_run_records_its_transport_path_with_the_model_and_warns_about_an_uncl
     import json
 
     tok = _tokenizer(tmp_path / "tok", latent_tokens=4)
-    cache = cache_latents(MAETok.from_pretrained(tok), open_dataset("shapes", image_size=16, limit=16),
+    cache = cache_latents(load_tokenizer(tok), open_dataset("shapes", image_size=16, limit=16),
                           tmp_path / "latents", flip=False, progress=False)
     cfg = load_config(DiffusionRunConfig, "sit-cpu", [
         f"latents={cache}", f"tokenizer={tok}", "model.num_tokens=4", "model.in_channels=4", *SIT,
@@ -134,7 +135,7 @@ def test_a_run_started_with_relative_paths_resumes_from_another_folder(tmp_path:
     project.mkdir()
     monkeypatch.chdir(project)
     _tokenizer(Path("tok"), latent_tokens=4)
-    cache_latents(MAETok.from_pretrained("tok"), open_dataset("shapes", image_size=16, limit=16), Path("latents"),
+    cache_latents(load_tokenizer("tok"), open_dataset("shapes", image_size=16, limit=16), Path("latents"),
                   flip=False, progress=False)
     over = ["latents=latents", "tokenizer=tok", "model.num_tokens=4", "model.in_channels=4", *SIT]
     assert run_diffusion(load_config(DiffusionRunConfig, "sit-cpu", over), "run", device="cpu")["finished"]
@@ -153,7 +154,7 @@ def test_a_run_started_with_relative_paths_resumes_from_another_folder(tmp_path:
 
 def test_data_settings_with_a_latent_cache_are_refused_not_ignored(tmp_path: Path):
     tok = _tokenizer(tmp_path / "tok", latent_tokens=4)
-    cache = cache_latents(MAETok.from_pretrained(tok), open_dataset("shapes", image_size=16, limit=16),
+    cache = cache_latents(load_tokenizer(tok), open_dataset("shapes", image_size=16, limit=16),
                           tmp_path / "latents", flip=False, progress=False)
     over = [f"latents={cache}", "model.num_tokens=4", "model.in_channels=4", *SIT]
     with pytest.raises(ConfigError, match=r"data.limit: no effect when training on the latent cache(.|\n)*--limit"):
@@ -170,7 +171,7 @@ def test_a_run_log_holds_only_its_own_run(tmp_path: Path):
     import logging
 
     tok = _tokenizer(tmp_path / "tok", latent_tokens=4)
-    cache = cache_latents(MAETok.from_pretrained(tok), open_dataset("shapes", image_size=16, limit=16),
+    cache = cache_latents(load_tokenizer(tok), open_dataset("shapes", image_size=16, limit=16),
                           tmp_path / "latents", flip=False, progress=False)
     over = [f"latents={cache}", "model.num_tokens=4", "model.in_channels=4", *SIT]
     run_diffusion(load_config(DiffusionRunConfig, "sit-cpu", over), tmp_path / "a", device="cpu")

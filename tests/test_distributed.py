@@ -26,8 +26,9 @@ from safetensors.torch import load_file
 
 import _ddp_worker as W
 from conftest import free_port
-from maetok.train.checkpoint import latest_checkpoint, load_checkpoint
-from maetok.train.distributed import DistInfo
+from maetok.io.checkpoint import latest_checkpoint, load_checkpoint
+from maetok.io.distributed import DistInfo
+from maetok.io.pretrained import load_sit, load_tokenizer, save_pretrained
 
 pytestmark = pytest.mark.distributed
 
@@ -74,10 +75,10 @@ def _make_inputs(root: Path) -> None:
     with torch.no_grad():  # both start with zero-initialised gates (the decoder ignores z, SiT outputs 0): perturb
         for p in (*tok.parameters(), *sit.parameters()):
             p.add_(0.05 * torch.randn_like(p))
-    tok.save_pretrained(root / "tok")
+    save_pretrained(tok, root / "tok")
     cache_latents(tok, open_dataset("shapes", "train", 16, limit=32), root / "cache", batch_size=16,
                   progress=False)
-    sit.save_pretrained(root / "sit")
+    save_pretrained(sit, root / "sit")
     rng = np.random.default_rng(0)
     np.savez(root / "samples.npz", arr_0=rng.integers(0, 256, (13, 16, 16, 3), dtype=np.uint8))
     # A latent cache one process left unfinished: shards 0 and 3 of 7 on disk, no meta.json yet.
@@ -223,11 +224,9 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(ddp: DDPRun):
 def test_sharded_sampling_equals_single_process(ddp: DDPRun, tmp_path: Path, sampler: str):
     from maetok.config import SampleConfig
     from maetok.diffusion.generate import generate_to_dir
-    from maetok.diffusion.sit import SiT
-    from maetok.tokenizer import MAETok
 
     folder = ddp.check("sample") / sampler
-    model, tok = SiT.from_pretrained(ddp.inputs / "sit"), MAETok.from_pretrained(ddp.inputs / "tok")
+    model, tok = load_sit(ddp.inputs / "sit"), load_tokenizer(ddp.inputs / "tok")
     cfg = SampleConfig(sampler=sampler, steps=3, cfg_scale=1.5, seed=5)
     single = generate_to_dir(model, tok, 11, cfg, tmp_path, balanced=True, batch_size=4, progress=False)
     with np.load(folder / "samples.npz") as a, np.load(single) as b:
@@ -304,10 +303,9 @@ def test_pilot_evaluation_is_sharded_and_equals_single_process(ddp: DDPRun, tmp_
 def test_sharded_latent_cache_equals_single_process(ddp: DDPRun, tmp_path: Path):
     from maetok.data import open_dataset
     from maetok.data.latents import LatentDataset, cache_latents
-    from maetok.tokenizer import MAETok
 
     folder = ddp.check("latents")
-    tok = MAETok.from_pretrained(ddp.inputs / "tok")
+    tok = load_tokenizer(ddp.inputs / "tok")
     cache_latents(tok, open_dataset("shapes", "train", 16, limit=32), tmp_path, batch_size=4, shard_size=5,
                   progress=False)
     a, b = LatentDataset(folder / "cache"), LatentDataset(tmp_path)
@@ -336,7 +334,7 @@ def test_pilot_stages_agree_when_a_rank_arrives_late(ddp: DDPRun):
 
 @pytest.mark.parametrize("n,world", [(13, 2), (2, 4), (0, 3), (16, 4)])
 def test_shards_cover_every_item_once_in_order(n: int, world: int):
-    from maetok.train.distributed import shard_range
+    from maetok.io.distributed import shard_range
 
     shares = [shard_range(n, DistInfo(rank=r, world=world)) for r in range(world)]
     assert [i for s in shares for i in s] == list(range(n))

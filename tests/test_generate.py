@@ -11,6 +11,7 @@ from maetok.config import ConfigError, SampleConfig, TokenizerRunConfig, load_co
 from maetok.diffusion import SiT, sit_config
 from maetok.diffusion.generate import generate, generate_to_dir
 from maetok.tokenizer import MAETok
+from maetok.io.pretrained import load_sit, save_pretrained
 
 CFG = SampleConfig("euler", steps=3, cfg_scale=1.5, cfg_interval=(0.0, 0.7), seed=3)
 
@@ -74,14 +75,14 @@ def test_the_sde_converts_velocity_to_score_on_the_path_the_model_was_trained_on
 
     sit, tok = _models()
     sit.transport_path = "cosine"
-    sit.save_pretrained(tmp_path / "sit")
-    loaded = SiT.from_pretrained(tmp_path / "sit")
+    save_pretrained(sit, tmp_path / "sit")
+    loaded = load_sit(tmp_path / "sit")
     assert loaded.transport_path == "cosine"
     assert json.loads((tmp_path / "sit" / "config.json").read_text())["transport_path"] == "cosine"
-    from maetok.diffusion import convert_official_sit
+    from maetok.io.convert_sit import convert_official_sit
 
     convert_official_sit(tmp_path / "sit", tmp_path / "again")  # a conversion of a maetok folder keeps it too
-    assert SiT.from_pretrained(tmp_path / "again").transport_path == "cosine"
+    assert load_sit(tmp_path / "again").transport_path == "cosine"
     paths = []
     real_sample = gen_module.sample
     monkeypatch.setattr(gen_module, "sample", lambda *a, **kw: paths.append(kw["path"]) or real_sample(*a, **kw))
@@ -91,12 +92,12 @@ def test_the_sde_converts_velocity_to_score_on_the_path_the_model_was_trained_on
 
 def test_a_model_folder_without_a_recorded_path_is_read_as_linear(tmp_path):
     sit, _ = _models()
-    sit.save_pretrained(tmp_path / "sit")
+    save_pretrained(sit, tmp_path / "sit")
     config = json.loads((tmp_path / "sit" / "config.json").read_text())
     del config["transport_path"]  # as saved before the path was recorded
     (tmp_path / "sit" / "config.json").write_text(json.dumps(config))
-    assert SiT.from_pretrained(tmp_path / "sit").transport_path == "linear"
+    assert load_sit(tmp_path / "sit").transport_path == "linear"
     config["transport_path"] = "vp"
     (tmp_path / "sit" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=r"transport_path='vp' is not one of \['linear', 'cosine'\]"):
-        SiT.from_pretrained(tmp_path / "sit")
+        load_sit(tmp_path / "sit")

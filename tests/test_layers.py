@@ -152,7 +152,7 @@ def test_patch_conv_takes_no_random_numbers():
 
 
 def test_patch_conv_refuses_other_convolutions_and_shapes():
-    from maetok.tokenizer.targets import _patch_embed_as_matmul
+    from maetok.io.teachers import _patch_embed_as_matmul
 
     class StandardizedConv(torch.nn.Conv2d):  # like timm's StdConv2d: its forward does more than convolve
         pass

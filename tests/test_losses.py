@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from maetok.config import GanConfig, TokenizerLossConfig
-from maetok.tokenizer.losses import (LeCAM, PatchGAN, ResNetPerceptual, adaptive_gan_weight, build_discriminator,
-                                     build_perceptual, diff_augment, hinge_d_loss, hinge_g_loss, kl_loss, ramp)
+from maetok.io.teachers import build_discriminator, build_perceptual, dino_backbone, resnet_perceptual_network
+from maetok.tokenizer.losses import (DinoDiscriminator, LeCAM, PatchGAN, ResNetPerceptual, adaptive_gan_weight,
+                                     diff_augment, hinge_d_loss, hinge_g_loss, kl_loss, ramp)
 
 
 def test_patchgan_gives_patch_logits_and_hinge_losses_behave():
@@ -63,7 +64,7 @@ def test_ramp():
 
 
 def test_resnet_perceptual_is_zero_on_identical_and_grows_with_noise(shared_dir):
-    loss = ResNetPerceptual()
+    loss = ResNetPerceptual(resnet_perceptual_network())
     x = torch.rand(4, 3, 32, 32) * 2 - 1
     assert loss(x, x) < 1e-8
     small, large = loss(x + 0.05 * torch.randn_like(x), x), loss(x + 0.5 * torch.randn_like(x), x)
@@ -72,7 +73,7 @@ def test_resnet_perceptual_is_zero_on_identical_and_grows_with_noise(shared_dir)
 
 
 def test_lpips_without_weights_fails_clearly():
-    from maetok.nets.hub import MissingWeightsError
+    from maetok.io.hub import MissingWeightsError
 
     with pytest.raises(MissingWeightsError):
         build_perceptual(TokenizerLossConfig(perceptual="lpips"))
@@ -80,9 +81,7 @@ def test_lpips_without_weights_fails_clearly():
 
 def test_dino_discriminator_random_init_runs():
     pytest.importorskip("timm")
-    from maetok.tokenizer.losses import DinoDiscriminator
-
-    d = DinoDiscriminator(pretrained=False, image_size=224)
+    d = DinoDiscriminator(dino_backbone(pretrained=False, image_size=224))
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     logits = d(x)
     assert logits.shape[0] == 1 and logits.dim() == 2

@@ -14,7 +14,7 @@ from maetok.eval import (FeatureSet, FeatureStats, ReconstructionMetrics, build_
                          reference_stats, ssim, wrap_feature_net)
 from maetok.eval.features import FeatureNet
 from maetok.nets import inception as inception_mod
-from maetok.nets.hub import MissingWeightsError
+from maetok.io.hub import MissingWeightsError
 
 
 def _set(x: np.ndarray, net: str = "synthetic", logits=None) -> FeatureSet:

@@ -20,7 +20,7 @@ from maetok.config import ConfigError, to_dict
 from maetok.eval import features as features_module
 from maetok.eval.features import FeatureNet
 from maetok.pilot import BUDGETS, pilot_settings, run_pilot
-from maetok.train.loop import RunDirExists
+from maetok.io.rundir import RunDirExists
 
 
 def _check_report(out: Path, variants: list[str]) -> dict:

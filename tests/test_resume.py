@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from maetok.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from maetok.io.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from maetok.io.pretrained import save_pretrained
 
 TINY = ["model.image_size=16", "data.image_size=16", "model.patch_size=4", "model.latent_tokens=4",
         "model.latent_dim=4", "model.enc_width=32", "model.enc_heads=2", "model.enc_depth=1",
@@ -77,7 +78,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path):
 
 
 def test_existing_run_dir_needs_resume_or_force(tmp_path: Path):
-    from maetok.train.loop import RUN_MARKER, RunDirExists, prepare_run_dir
+    from maetok.io.rundir import RUN_MARKER, RunDirExists, prepare_run_dir
 
     out = tmp_path / "run"
     prepare_run_dir(out, resume=False, force=False)
@@ -114,7 +115,7 @@ def test_checkpoint_is_atomic_and_keeps_last_k(tmp_path: Path):
         f.write(b"partial")
         raise Boom()
 
-    from maetok.train.checkpoint import atomic_write_bytes
+    from maetok.io.files import atomic_write_bytes
 
     with pytest.raises(Boom):
         atomic_write_bytes(tmp_path / "ckpt-00000006.pt", failing_write)
@@ -133,7 +134,7 @@ def test_pickle_payload_is_refused(tmp_path: Path):
         pickle.dump({"model": _Payload()}, f)
     with pytest.raises(ValueError, match="nothing is unpickled"):
         load_checkpoint(path)
-    from maetok.tokenizer.convert import read_official_weights
+    from maetok.io.convert_tokenizer import read_official_weights
 
     with pytest.raises(ValueError, match="refusing to unpickle"):
         read_official_weights(path)
@@ -143,7 +144,7 @@ def _toy_trainer(out: Path, steps: int, hook=None, **train):
     """A Trainer of a linear model on random 2-feature data; hook(call, loss) may change a step's loss (calls count
     from 1)."""
     from maetok.config import TrainConfig
-    from maetok.train.distributed import DistInfo
+    from maetok.io.distributed import DistInfo
     from maetok.train.loop import Task, Trainer
 
     class LinearTask(Task):
@@ -353,7 +354,7 @@ def _tiny_latent_cache(root: Path) -> tuple[Path, Path]:
     cfg = TokenizerConfig(image_size=16, patch_size=4, latent_tokens=4, latent_dim=4, enc_width=32, enc_depth=1,
                           enc_heads=2, dec_width=32, dec_depth=1, dec_heads=2, aux_targets=[])
     tok = MAETok(cfg).eval()
-    tok.save_pretrained(root / "tok")
+    save_pretrained(tok, root / "tok")
     cache_latents(tok, open_dataset("shapes", image_size=16, limit=48), root / "latents", progress=False)
     return root / "tok", root / "latents"
 

@@ -16,9 +16,11 @@ import yaml
 from maetok.config import ConfigError, DiffusionRunConfig, TokenizerRunConfig, load_config
 from maetok.data.datasets import DatasetError
 from maetok.tokenizer import MAETok
-from maetok.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_safetensors
-from maetok.train.loop import RUN_MARKER, RunDir, RunDirExists
+from maetok.io.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from maetok.io.files import save_safetensors
+from maetok.io.rundir import RUN_MARKER, RunDir, RunDirExists
 from maetok.train.run import exit_status, resolve_resume_config, run_diffusion, run_tokenizer
+from maetok.io.pretrained import load_tokenizer, save_pretrained
 
 # A tiny tokenizer; model.latent_tokens is set apart (LATENTS) so that a resume can leave it out.
 TINY = ["model.image_size=16", "data.image_size=16", "model.patch_size=4", "model.latent_dim=4",
@@ -56,7 +58,7 @@ def test_resume_without_overrides_continues_with_the_saved_config(run: Path):
     summary = run_tokenizer(_cfg(), run, resume=True, device="cpu")
     assert summary["finished"] and summary["step"] == 2
     assert (run / "config.yaml").read_text() == saved
-    assert MAETok.from_pretrained(run / "model").config.latent_tokens == 8
+    assert load_tokenizer(run / "model").config.latent_tokens == 8
 
 
 def test_resume_applies_allowed_changes_with_a_log_line(run: Path, caplog):
@@ -119,7 +121,7 @@ def test_diffusion_shape_mismatch_leaves_no_run_directory(tmp_path: Path):
 
     tok = MAETok(TokenizerConfig(image_size=16, patch_size=4, latent_tokens=4, latent_dim=4, enc_width=32,
                                  enc_depth=1, enc_heads=2, dec_width=32, dec_depth=1, dec_heads=2, aux_targets=[]))
-    tok.save_pretrained(tmp_path / "tok")
+    save_pretrained(tok, tmp_path / "tok")
     cache_latents(tok, open_dataset("shapes", image_size=16, limit=16), tmp_path / "lat", progress=False)
     over = [f"latents={tmp_path / 'lat'}", f"tokenizer={tmp_path / 'tok'}", "model.in_channels=4", "model.hidden=32",
             "model.depth=1", "model.heads=2", "train.batch_size=8", "train.steps=1", "sample.steps=2"]
@@ -233,7 +235,7 @@ def test_an_explicit_cuda_request_without_cuda_is_refused(monkeypatch):
     import torch
 
     from maetok.config import ConfigError
-    from maetok.train.distributed import init_distributed
+    from maetok.io.distributed import init_distributed
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for device in ("cuda", "cuda:1"):  # one named device counts as its family

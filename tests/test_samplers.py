@@ -7,7 +7,9 @@ from safetensors.torch import load_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from maetok.config import ConfigError, SampleConfig
-from maetok.diffusion import SiT, convert_official_sit, euler_maruyama, euler_ode, heun_ode, sample, sit_config
+from maetok.diffusion import SiT, euler_maruyama, euler_ode, heun_ode, sample, sit_config
+from maetok.io.convert_sit import convert_official_sit
+from maetok.io.pretrained import load_sit
 
 RUNS = {  # the fixture's sampler/config.json, in SampleConfig terms
     "euler_cfg": SampleConfig("euler", steps=8, cfg_scale=1.9, cfg_interval=(0.0, 0.75)),
@@ -56,7 +58,7 @@ def _recorded_eps(inputs):
 @pytest.mark.parametrize("run", list(RUNS))
 def test_replays_official_run(run, sit_tiny_dir, sampler_data):
     inputs, outputs, _ = sampler_data
-    model = SiT.from_pretrained(sit_tiny_dir).eval()
+    model = load_sit(sit_tiny_dir).eval()
     # Default attention kernel: the final sample is within 1e-5 (measured <= 3.3e-6).
     x = sample(model, inputs["noise"], inputs["y"], RUNS[run], NULL, noise_fn=_recorded_eps(inputs))
     assert x.dtype == torch.float64 and x.shape == (4, 16, 12)
@@ -81,7 +83,7 @@ def test_replays_official_run(run, sit_tiny_dir, sampler_data):
 @pytest.mark.parametrize("run", list(RUNS))
 def test_replays_official_run_float64(run, sit_tiny_dir, sampler_data):
     inputs, _, outputs_f64 = sampler_data
-    model = SiT.from_pretrained(sit_tiny_dir).double().eval()
+    model = load_sit(sit_tiny_dir).double().eval()
     x = sample(model, inputs["noise"].double(), inputs["y"], RUNS[run], NULL, noise_fn=_recorded_eps(inputs))
     assert (x - outputs_f64[f"{run}.sample"]).abs().max() < 1e-10  # README suggests 5e-6; measured ~1e-14
 
@@ -90,7 +92,7 @@ def test_time_grids_and_cfg_decisions(sit_tiny_dir, sampler_data):
     """Batch 8 marks a guided call; t_cur = 0.75 is on the grid and guided (inclusive bound); Heun's second call
     at t_next = 0.75 keeps the unguided decision of t_cur = 0.875; no correction on the last step."""
     inputs, outputs, _ = sampler_data
-    model = Recorder(SiT.from_pretrained(sit_tiny_dir).eval())
+    model = Recorder(load_sit(sit_tiny_dir).eval())
     sample(model, inputs["noise"], inputs["y"], RUNS["heun_cfg"], NULL)
     got = [(round(c["t_in"][0].item(), 6), c["x_in"].shape[0]) for c in model.calls]
     assert got == [(1.0, 4), (0.875, 4), (0.875, 4), (0.75, 4), (0.75, 8), (0.625, 8), (0.625, 8), (0.5, 8),
@@ -106,7 +108,7 @@ def test_time_grids_and_cfg_decisions(sit_tiny_dir, sampler_data):
 # --------------------------------------------------------------------------------------------------------------
 def test_cfg_scale_one_is_the_conditional_prediction(sit_tiny_dir, sampler_data):
     inputs, _, _ = sampler_data
-    model = Recorder(SiT.from_pretrained(sit_tiny_dir).eval())
+    model = Recorder(load_sit(sit_tiny_dir).eval())
     noise, y = inputs["noise"], inputs["y"]
     x = sample(model, noise, y, SampleConfig("euler", steps=4, cfg_scale=1.0), NULL)
     assert all(c["x_in"].shape[0] == 4 and torch.equal(c["y_in"], y) for c in model.calls)  # never the null label
@@ -145,7 +147,7 @@ def test_guidance_reaches_every_channel_of_every_token():
 def test_guidance_reaches_every_element_with_sit(sit_tiny_dir, sampler_data):
     inputs, outputs, _ = sampler_data
     diff = (outputs["euler_cfg.sample"] - outputs["euler_nocfg.sample"]).abs()
-    model = SiT.from_pretrained(sit_tiny_dir).eval()
+    model = load_sit(sit_tiny_dir).eval()
     guided = sample(model, inputs["noise"], inputs["y"], RUNS["euler_cfg"], NULL)
     plain = sample(model, inputs["noise"], inputs["y"], RUNS["euler_nocfg"], NULL)
     assert (diff > 0).all() and ((guided - plain).abs() > 1e-6).all()

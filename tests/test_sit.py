@@ -8,7 +8,8 @@ import torch
 
 from maetok.config import ConfigError
 from maetok.diffusion import SIT_SIZES, SiT, SiT_tiny, sit_config
-from maetok.diffusion.convert import build_meta
+from maetok.io.convert_sit import build_meta
+from maetok.io.pretrained import load_sit, save_pretrained
 
 
 def _model(**overrides) -> SiT:
@@ -114,10 +115,10 @@ def test_null_label_and_label_dropout():
 @pytest.mark.parametrize("variant", ["sit", "lightningdit"])
 def test_save_and_load_round_trip(variant, tmp_path):
     model = _randomize(_model(variant=variant)).eval()
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     meta = json.loads((tmp_path / "config.json").read_text())
     assert meta["kind"] == "sit" and "maetok_version" in meta and meta["variant"] == variant
-    loaded = SiT.from_pretrained(tmp_path)
+    loaded = load_sit(tmp_path)
     # Loaded for inference, as MAETok.from_pretrained: no random label dropout in the forward.
     assert not loaded.training
     x, t, y = _inputs()
@@ -129,18 +130,18 @@ def test_save_and_load_round_trip(variant, tmp_path):
 
 def test_load_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        SiT.from_pretrained(tmp_path)
-    _model().save_pretrained(tmp_path)
+        load_sit(tmp_path)
+    save_pretrained(_model(), tmp_path)
     meta = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**meta, "hiden": 3}))
     with pytest.raises(ConfigError, match=r"config.json.*hiden"):
-        SiT.from_pretrained(tmp_path)
+        load_sit(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**meta, "kind": "tokenizer"}))
     with pytest.raises(ConfigError, match="not a maetok SiT config"):
-        SiT.from_pretrained(tmp_path)
+        load_sit(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**meta, "depth": 3}))
     with pytest.raises(ValueError, match=r"model.safetensors.*missing.*blocks\.2"):
-        SiT.from_pretrained(tmp_path)
+        load_sit(tmp_path)
 
 
 def test_lightningdit_variant_modules():

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from maetok.config import AuxTargetConfig, ConfigError
-from maetok.nets.hub import MissingWeightsError
+from maetok.io.hub import MissingWeightsError
 from maetok.tokenizer import targets as T
 from maetok.tokenizer.targets import TARGETS, Target, build_target, register_target, target_loss
 
@@ -198,7 +198,7 @@ def test_missing_timm_weights_say_what_to_download(tmp_path, monkeypatch):
 
 def test_shared_folder_variable_serves_the_library_too(tmp_path, monkeypatch):
     # $MAETOK_SHARED (the folder the tests read) also locates pretrained files, in its data/ folder.
-    from maetok.nets.hub import shared_data_dir
+    from maetok.io.hub import shared_data_dir
 
     (tmp_path / "data").mkdir()
     monkeypatch.delenv("MAETOK_SHARED_DATA", raising=False)

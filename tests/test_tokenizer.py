@@ -10,6 +10,7 @@ from maetok.config import AuxTargetConfig, MaskConfig, TokenizerConfig
 from maetok.tokenizer import MAETok
 from maetok.tokenizer.masking import random_patch_mask, sample_mask_ratio
 from maetok.tokenizer.model import patchify, unpatchify
+from maetok.io.pretrained import load_tokenizer, save_pretrained
 
 
 def tiny_cfg(**kw) -> TokenizerConfig:
@@ -115,8 +116,8 @@ def test_save_load_roundtrip(tmp_path):
     cfg = tiny_cfg(variant="vae", latent_mean=0.25, latent_std=2.0)
     model = MAETok(cfg).eval()
     x = torch.rand(2, 3, 16, 16) * 2 - 1
-    model.save_pretrained(tmp_path / "w")
-    loaded = MAETok.from_pretrained(tmp_path / "w")
+    save_pretrained(model, tmp_path / "w")
+    loaded = load_tokenizer(tmp_path / "w")
     assert loaded.config == cfg
     assert torch.equal(loaded.encode(x), model.encode(x))
     z = model.encode(x)
@@ -126,8 +127,8 @@ def test_save_load_roundtrip(tmp_path):
 
 def test_aux_decoders_are_not_saved_with_inference_weights(tmp_path):
     model = MAETok(tiny_cfg(), aux_dims={"hog": 108})
-    model.save_pretrained(tmp_path / "w")
-    loaded = MAETok.from_pretrained(tmp_path / "w")
+    save_pretrained(model, tmp_path / "w")
+    loaded = load_tokenizer(tmp_path / "w")
     assert len(loaded.aux_decoders) == 0
 
 

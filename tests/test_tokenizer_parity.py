@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from maetok.tokenizer import MAETok
-from maetok.tokenizer.convert import (config_from_official_shapes, convert_official_tokenizer,
-                                      load_official_tokenizer, map_official_key)
+from maetok.io.convert_tokenizer import config_from_official_shapes, load_official_tokenizer, map_official_key
+from maetok.io.pretrained import convert_official_tokenizer, load_tokenizer
 
 ATOL = 1e-5
 
@@ -22,7 +22,7 @@ ATOL = 1e-5
 def converted(parity_dir: Path, tmp_path_factory) -> tuple[MAETok, str]:
     out = tmp_path_factory.mktemp("tok")
     report = convert_official_tokenizer(parity_dir / "tokenizer_tiny", out)
-    return MAETok.from_pretrained(out), report.summary()
+    return load_tokenizer(out), report.summary()
 
 
 def _capture(model: MAETok, images: torch.Tensor) -> dict[str, torch.Tensor]:

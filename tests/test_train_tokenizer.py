@@ -10,9 +10,9 @@ import torch
 import yaml
 
 from maetok.config import ConfigError, TokenizerRunConfig, load_config
-from maetok.tokenizer import MAETok
-from maetok.train.checkpoint import latest_checkpoint, load_checkpoint
+from maetok.io.checkpoint import latest_checkpoint, load_checkpoint
 from maetok.train.run import run_tokenizer
+from maetok.io.pretrained import load_tokenizer
 
 TINY = ["model.image_size=16", "data.image_size=16", "model.patch_size=4", "model.latent_tokens=4",
         "model.latent_dim=4", "model.enc_width=32", "model.enc_heads=2", "model.enc_depth=1",
@@ -31,7 +31,7 @@ def stage1(tmp_path_factory) -> Path:
 
 
 def test_stage1_writes_model_stats_images_and_config(stage1: Path):
-    model = MAETok.from_pretrained(stage1 / "model")
+    model = load_tokenizer(stage1 / "model")
     assert model.config.latent_std > 0 and model.config.latent_std != 1.0  # measured, not the default
     assert list((stage1 / "images").glob("recon_*.png"))
     saved = yaml.safe_load((stage1 / "config.yaml").read_text())
@@ -49,7 +49,7 @@ def test_stage2_freezes_encoder_drops_aux_and_anneals_mask(stage1: Path, tmp_pat
         "train.optim.warmup_steps=0"])
     out = tmp_path / "stage2"
     assert run_tokenizer(cfg, out, device="cpu")["finished"]
-    before, after = MAETok.from_pretrained(stage1 / "model"), MAETok.from_pretrained(out / "model")
+    before, after = load_tokenizer(stage1 / "model"), load_tokenizer(out / "model")
     enc_b, enc_a = before.encoder.state_dict(), after.encoder.state_dict()
     assert all(torch.equal(enc_b[k], enc_a[k]) for k in enc_b), "stage 2 changed the encoder"
     dec_b, dec_a = before.decoder.state_dict(), after.decoder.state_dict()
@@ -81,7 +81,7 @@ def test_stage2_resumes_without_the_stage1_run_and_matches_an_uninterrupted_run(
     resumed = run_tokenizer(load_config(TokenizerRunConfig, "cpu-32", over + ["train.steps=4"]), part,
                             resume=True, device="cpu")
     assert resumed["finished"] and resumed["step"] == 4
-    a, b = MAETok.from_pretrained(whole / "model").state_dict(), MAETok.from_pretrained(part / "model").state_dict()
+    a, b = load_tokenizer(whole / "model").state_dict(), load_tokenizer(part / "model").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # Without a checkpoint to resume from, the stage-1 run is needed, and its absence is named.
     with pytest.raises(ConfigError, match="no stage-1 weights"):
@@ -98,7 +98,7 @@ def test_stage2_takes_the_model_config_from_init_from(stage1: Path, tmp_path: Pa
     with caplog.at_level("WARNING"):
         assert run_tokenizer(load_config(TokenizerRunConfig, "cpu-32", over), out, device="cpu")["finished"]
     assert "the mask ratio never reaches 0" in caplog.text  # the preset's 1000 annealing steps, in a 1-step run
-    model = MAETok.from_pretrained(out / "model")
+    model = load_tokenizer(out / "model")
     assert (model.config.latent_tokens, model.config.image_size, model.config.enc_width) == (4, 16, 32)
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["model"]["latent_tokens"] == 4 and saved["data"]["image_size"] == 16
@@ -140,7 +140,7 @@ def test_optional_teacher_without_weights_trains_without_it(tmp_path: Path, capl
 
 
 def test_required_teacher_without_weights_stops_before_training(tmp_path: Path):
-    from maetok.nets.hub import MissingWeightsError
+    from maetok.io.hub import MissingWeightsError
 
     missing = str(tmp_path / "no-such-resnet.safetensors")
     aux = f"model.aux_targets=[{{name: resnet-cifar, weight: 1.0, options: {{weights: '{missing}'}}}}]"

@@ -1,10 +1,11 @@
 """maetok: masked autoencoders as tokenizers for latent diffusion.
 
-    from maetok import MAETok, SiT
+    from maetok import MAETok, SiT, load_tokenizer, load_sit, save_pretrained
 """
-__version__ = "0.1.0"
+from .diffusion.sit import SiT
+from .io import teachers as _teachers  # registers the pretrained auxiliary targets (dinov2, siglip, ...)
+from .io.pretrained import from_pretrained, load_sit, load_tokenizer, save_pretrained
+from .tokenizer.model import MAETok
+from .version import __version__
 
-from .diffusion.sit import SiT  # noqa: E402
-from .tokenizer.model import MAETok  # noqa: E402
-
-__all__ = ["MAETok", "SiT", "__version__"]
+__all__ = ["MAETok", "SiT", "from_pretrained", "load_sit", "load_tokenizer", "save_pretrained", "__version__"]

@@ -20,6 +20,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from .io.pretrained import load_sit, load_tokenizer
 
 
 class CLIError(Exception):
@@ -104,7 +105,7 @@ def _checkpoint(hub: bool):
     def parse(text: str) -> str:
         if Path(text).expanduser().exists():
             return str(Path(text).expanduser())
-        from .nets.hub import local_path_reason
+        from .io.hub import local_path_reason
 
         why = local_path_reason(text) if hub else "this option reads a local folder only"
         if why is not None:
@@ -186,11 +187,10 @@ def cmd_tokenizer_reconstruct(a: argparse.Namespace) -> int:
     from .data.datasets import held_out_split
     from .data.images import save_image_grid
     from .eval.recon import psnr, ssim, to_uint8_levels
-    from .tokenizer import MAETok
 
     # Before loading anything: a second run into the same folder would overwrite the first one's results.
     _finished_output(a.out, RECON_FILES, "reconstructions", a.force)
-    model = MAETok.from_pretrained(a.model)
+    model = load_tokenizer(a.model)
     size = model.config.image_size
     split = a.split or held_out_split(a.images)  # no --split: test/, else val/
     ds = open_dataset(a.images, split=split, image_size=size, limit=a.num_samples)
@@ -225,12 +225,12 @@ def cmd_convert(a: argparse.Namespace) -> int:
         raise CLIError(f"--out {out} already exists and is not empty; pass --force to overwrite its files or "
                        f"choose another --out")
     if a.what == "official-tokenizer":
-        from .tokenizer.convert import convert_official_tokenizer
+        from .io.pretrained import convert_official_tokenizer
 
         report = convert_official_tokenizer(a.src, a.out, a.weights, a.config)
         print(report.summary())
     else:
-        from .diffusion.convert import convert_official_sit
+        from .io.convert_sit import convert_official_sit
 
         report = convert_official_sit(a.src, a.out, weights=a.weights, config=a.config)
         print(report.summary() if hasattr(report, "summary") else report)
@@ -265,12 +265,11 @@ def _check_latent_out(a: argparse.Namespace) -> list[Path]:
 def cmd_latents_cache(a: argparse.Namespace) -> int:
     from .data import open_dataset
     from .data.latents import cache_latents
-    from .tokenizer import MAETok
 
-    from .train.distributed import barrier, cleanup, init_distributed, resolve_device
+    from .io.distributed import barrier, cleanup, init_distributed, resolve_device
 
     stale = _check_latent_out(a)  # every rank, before any rank writes (no rank writes before init_distributed)
-    tok = MAETok.from_pretrained(a.tokenizer)
+    tok = load_tokenizer(a.tokenizer)
     ds = open_dataset(a.data, split=a.split, image_size=tok.config.image_size, limit=a.limit)
     # Under torchrun the ranks encode alternate shards (each on its own device); alone, the device as given.
     info = init_distributed(a.device)
@@ -302,9 +301,7 @@ def cmd_diffusion_train(a: argparse.Namespace) -> int:
 def cmd_sample(a: argparse.Namespace) -> int:
     from .config import SampleConfig, from_dict
     from .diffusion.generate import SETTINGS_FILE, check_compatible, generate_to_dir
-    from .diffusion.sit import SiT
-    from .tokenizer import MAETok
-    from .train.distributed import resolve_device
+    from .io.distributed import resolve_device
 
     # Every rank, before the work: under torchrun only rank 0 writes, after a collective every rank joins, so no
     # rank can see another's new files here. With --force the files are overwritten when the samples are written.
@@ -312,7 +309,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
     low, high = a.interval
     cfg = from_dict(SampleConfig, {"sampler": a.sampler, "steps": a.steps, "cfg_scale": a.cfg,
                                    "cfg_interval": [low, high], "seed": a.seed})
-    model = SiT.from_pretrained(a.model)
+    model = load_sit(a.model)
     if not model.config.num_classes:  # an unconditional model: no labels, so nothing to guide or balance
         if a.cfg != 1.0:
             raise CLIError(f"--cfg {a.cfg:g}: classifier-free guidance needs a class-conditional model, but --model "
@@ -320,7 +317,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
         if a.balanced:
             raise CLIError(f"--balanced: --model {a.model} is unconditional (num_classes=0), so there are no "
                            f"classes to balance; leave out --balanced")
-    tok = MAETok.from_pretrained(a.tokenizer)
+    tok = load_tokenizer(a.tokenizer)
     check_compatible(model, tok, f"--model {a.model}", f"--tokenizer {a.tokenizer}")  # before any sampling
     where = {"model": _recorded_path(a.model), "tokenizer": _recorded_path(a.tokenizer),
              "batch_size": a.batch_size}  # batch size and process count fix the SDE sampler's noise
@@ -359,7 +356,7 @@ def cmd_analyze(a: argparse.Namespace) -> int:
 
 def cmd_pilot(a: argparse.Namespace) -> int:
     from .pilot import PilotInterrupted, pilot_settings, run_pilot
-    from .train.distributed import resolve_device
+    from .io.distributed import resolve_device
 
     settings = pilot_settings(a.budget, a.overrides, a.tokenizer_set, a.diffusion_set)
     try:
@@ -569,9 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data.datasets import DatasetError
-    from .diffusion.convert import ConversionError
-    from .nets.hub import MissingWeightsError
-    from .train.loop import RunDirExists
+    from .io.convert_sit import ConversionError
+    from .io.hub import MissingWeightsError
+    from .io.rundir import RunDirExists
 
     args = build_parser().parse_args(argv)
     if getattr(args, "out", None):

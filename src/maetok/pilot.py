@@ -27,7 +27,8 @@ import torch
 
 from .config import (ConfigError, DiffusionRunConfig, SampleConfig, TokenizerRunConfig, from_dict, load_config,
                      to_dict)
-from .train.distributed import DistInfo, barrier, cleanup, init_distributed
+from .io.distributed import DistInfo, barrier, cleanup, init_distributed
+from .io.pretrained import load_sit, load_tokenizer
 
 log = logging.getLogger("maetok.pilot")
 
@@ -130,7 +131,7 @@ def _load_json(path: Path) -> dict:
 
 
 def _save_json(path: Path, data: dict) -> None:
-    from .train.checkpoint import atomic_write_bytes
+    from .io.files import atomic_write_bytes
 
     atomic_write_bytes(path, lambda f: f.write(json.dumps(data, indent=2, default=_jsonable).encode()))
 
@@ -412,7 +413,6 @@ class Pilot:
 
     def run_variant(self, variant: str) -> dict:
         from .data.latents import cache_latents
-        from .tokenizer import MAETok
         from .train.run import run_diffusion
 
         vdir = self.out / variant
@@ -425,7 +425,7 @@ class Pilot:
             return _summary(_train_run(run_fn, cfg, run_dir, self.dist, self.device))
 
         tok_dir = self.train_tokenizer(variant, stage)
-        tok = MAETok.from_pretrained(tok_dir / "model").to(self.device)
+        tok = load_tokenizer(tok_dir / "model").to(self.device)
 
         stage("reconstruction", lambda: self.eval_reconstruction(tok, vdir), every_rank=True)
         stage("latents", lambda: {  # under torchrun the ranks encode alternate shards
@@ -487,7 +487,7 @@ class Pilot:
         from .eval.fid import fid
         from .eval.recon import ReconstructionMetrics, to_uint8_levels
         from .progress import progress_bar
-        from .train.distributed import shard_range
+        from .io.distributed import shard_range
 
         nets = [self.feature_net] + ([self.inception_net()] if self.inception else [])
         feats: list[list] = [[] for _ in nets]
@@ -516,10 +516,9 @@ class Pilot:
 
     def eval_generation(self, vdir: Path, tok, dcfg: DiffusionRunConfig, scale: float, out_dir: Path) -> dict:
         from .diffusion.generate import generate_to_dir
-        from .diffusion.sit import SiT
         from .eval.fid import fid, generation_metrics, load_adm_images
 
-        model = SiT.from_pretrained(vdir / "diffusion" / "model").to(self.device)
+        model = load_sit(vdir / "diffusion" / "model").to(self.device)
         scfg = self.sample_config(scale)
         t0 = time.perf_counter()
         path = generate_to_dir(model, tok, self.n_eval, scfg, out_dir, balanced=True, batch_size=250,
@@ -545,10 +544,9 @@ class Pilot:
 
     def measure_cost(self, tok, vdir: Path, dcfg: DiffusionRunConfig) -> dict:
         from .diffusion.samplers import forward_passes_per_sample
-        from .diffusion.sit import SiT
         from .eval.cost import count_flops, count_params, throughput
 
-        sit = SiT.from_pretrained(vdir / "diffusion" / "model").to(self.device).eval()
+        sit = load_sit(vdir / "diffusion" / "model").to(self.device).eval()
         x = self.real_images(self.test_set, 64).to(self.device)
         z = tok.encode(x[:1]).detach()
         t, y = torch.full((1,), 0.5, device=self.device), torch.zeros(1, dtype=torch.long, device=self.device)
@@ -729,7 +727,7 @@ def run_pilot(data_spec: str, variants: list[str], budget: str, out: Path, resum
     `settings`: the budget's settings when changed from BUDGETS[budget] (see `pilot_settings`).
     `collective_timeout`: seconds a rank may wait for the others (default PILOT_COLLECTIVE_TIMEOUT); past it the
     waiting collective raises with a traceback instead of hanging."""
-    from .train.loop import RunDirExists
+    from .io.rundir import RunDirExists
     from .train.run import setup_logging
 
     timeout = PILOT_COLLECTIVE_TIMEOUT if collective_timeout is None else timedelta(seconds=collective_timeout)

@@ -100,18 +100,6 @@ def class_count(dataset) -> int:
     return int(getattr(dataset, "num_classes", 0) or 0)
 
 
-def check_labels(labels: torch.Tensor, num_classes: int, what: str = "labels", null_label: bool = False) -> None:
-    """ValueError naming the offending values unless every label is a class index in [0, num_classes), or
-    num_classes itself (a conditional model's null label) where `null_label` allows it. On a GPU tensor this syncs
-    the host: check once per run or on the host, not at every step."""
-    top = num_classes if null_label else num_classes - 1
-    bad = (labels < 0) | (labels > top)
-    if bad.any():  # an out-of-range index would otherwise be a cryptic device-side assert on GPU
-        allowed = (f"[0, {num_classes}] ({num_classes} is the null label)" if null_label
-                   else f"[0, {num_classes}) ({num_classes} classes)")
-        raise ValueError(f"{what} must lie in {allowed}; got {labels[bad][:8].tolist()}")
-
-
 class ArrayDataset(ImageDataset):
     """Images held as one uint8 (N, S, S, 3) array (in memory or memory-mapped) with int labels."""
 
@@ -475,7 +463,7 @@ def _resolve(location: str, spec: str) -> Path:
         return path.resolve()
     where = ""
     if not path.is_absolute():
-        from ..nets.hub import shared_data_dir
+        from ..io.hub import shared_data_dir
 
         shared = shared_data_dir()
         if shared is not None and (shared / path).exists():

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..train.checkpoint import atomic_write_bytes, save_safetensors
-from ..train.distributed import DistInfo, barrier
-from .datasets import DatasetError, check_labels, class_count
+from ..io.files import atomic_write_bytes, save_safetensors
+from ..io.distributed import DistInfo, barrier
+from ..diffusion.labels import check_labels
+from .datasets import DatasetError, class_count
 
 
 META, REQUEST = "meta.json", "request.json"

@@ -1,6 +1,4 @@
-"""Latent diffusion on 1D tokens: SiT / LightningDiT, flow-matching transport, samplers, official conversion."""
-from maetok.diffusion.convert import (ConversionError, ConversionReport, build_from_key_list,
-                                      convert_official_sit, load_official_state_dict)
+"""Latent diffusion on 1D tokens: SiT / LightningDiT, flow-matching transport, samplers (official conversion: maetok.io.convert_sit)."""
 from maetok.diffusion.samplers import euler_maruyama, euler_ode, heun_ode, sample
 from maetok.diffusion.sit import (SIT_SIZES, LightningDiT_XL, SiT, SiT_B, SiT_L, SiT_S, SiT_tiny, SiT_XL,
                                   sit_config)
@@ -10,6 +8,5 @@ from maetok.diffusion.transport import (interpolate, path_coefficients, sample_t
 __all__ = [
     "SiT", "SIT_SIZES", "sit_config", "SiT_S", "SiT_B", "SiT_L", "SiT_XL", "SiT_tiny", "LightningDiT_XL",
     "training_loss", "interpolate", "path_coefficients", "sample_time", "velocity_to_x0", "velocity_to_eps",
-    "velocity_to_score", "sample", "euler_ode", "heun_ode", "euler_maruyama", "convert_official_sit",
-    "build_from_key_list", "load_official_state_dict", "ConversionReport", "ConversionError",
+    "velocity_to_score", "sample", "euler_ode", "heun_ode", "euler_maruyama",
 ]

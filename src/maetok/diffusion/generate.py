@@ -86,7 +86,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def write_samples(out_dir: Path, images: np.ndarray, labels: torch.Tensor | None, grid_count: int = 64) -> Path:
     """samples.npz (arr_0 uint8 NHWC [+ arr_1 labels]) and samples.png (the first `grid_count`)."""
     from ..data.images import save_image_grid
-    from ..train.checkpoint import atomic_write_bytes
+    from ..io.files import atomic_write_bytes
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +105,7 @@ def write_settings(out_dir: Path, num: int, cfg: SampleConfig, balanced: bool, n
     """sampling.json: what it takes to draw the same samples again (and to tell two sample folders apart)."""
     import json
 
-    from ..train.checkpoint import atomic_write_bytes
+    from ..io.files import atomic_write_bytes
 
     settings = {"num_samples": int(num), **to_dict(cfg), "balanced": bool(balanced),
                 "num_classes": int(num_classes), **(extra or {})}
@@ -121,7 +121,7 @@ def generate_to_dir(model, tokenizer, num: int, cfg: SampleConfig, out_dir: Path
     sampling.json (the sampler settings, the count, and `settings`, e.g. the model and tokenizer paths)."""
     import torch.distributed as dist
 
-    from ..train.distributed import init_distributed, resolve_device
+    from ..io.distributed import init_distributed, resolve_device
 
     if num < 1:
         raise ConfigError(f"number of samples {num} must be >= 1")
@@ -143,7 +143,7 @@ def generate_to_dir(model, tokenizer, num: int, cfg: SampleConfig, out_dir: Path
     # Each rank leaves its share in the output folder and rank 0 assembles them. Gathering the images through the
     # process group instead would copy all of them to every rank (50k samples at 256 px are 10 GB; under NCCL
     # through every GPU too). So --out must be on a filesystem every rank sees, as for the latent cache.
-    from ..train.checkpoint import atomic_write_bytes
+    from ..io.files import atomic_write_bytes
 
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(_shard_file(out_dir, info.rank, info.world),

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from maetok.config import SampleConfig
-from maetok.data.datasets import check_labels
+from maetok.diffusion.labels import check_labels
 from maetok.diffusion.transport import velocity_to_score
 from maetok.progress import progress_bar
 

@@ -12,23 +12,13 @@ absolute position table, SwiGLU MLP, RMSNorm and qk-norm.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from maetok import __version__
-from maetok.config import ConfigError, SiTConfig, from_dict, to_dict
-from maetok.data.datasets import check_labels
-from maetok.diffusion.transport import PATHS
-from maetok.layers import (Attention, Mlp, RMSNorm, RoPE1D, SwiGLU, add_into, modulate, sincos_1d,
-                           timestep_features)
-from maetok.nets.hub import load_safetensors_strict, training_run_hint
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
+from ..config import ConfigError, SiTConfig
+from ..layers import Attention, Mlp, RMSNorm, RoPE1D, SwiGLU, add_into, modulate, sincos_1d, timestep_features
+from .labels import check_labels
 
 # depth, hidden width, heads. S/B/L/XL are the SiT/DiT sizes; tiny is the official-parity fixture's size and
 # mini a CPU pilot that trains in minutes.
@@ -225,55 +215,6 @@ class SiT(nn.Module):
         if y.device.type == "meta" or torch.compiler.is_compiling() or not self.check_label_values:
             return
         check_labels(y, n, null_label=True)
-
-    # -- files -------------------------------------------------------------------------------------------------
-    def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Write config.json (the SiTConfig plus a kind/version marker) and model.safetensors into out_dir."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        meta = {"kind": "sit", "maetok_version": __version__, "transport_path": self.transport_path,
-                **to_dict(self.config)}
-        (out_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        from ..train.checkpoint import save_safetensors
-
-        save_safetensors(state, out_dir / WEIGHTS_FILE, metadata={"format": "pt", "kind": "sit"})
-        return out_dir
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> SiT:
-        """Load a directory written by save_pretrained (safetensors only; nothing is unpickled)."""
-        path = Path(path)
-        cfg_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
-        for p in (cfg_path, weights_path):
-            if not p.is_file():
-                raise FileNotFoundError(f"{p} not found: SiT.from_pretrained needs a directory with {CONFIG_FILE} "
-                                        f"and {WEIGHTS_FILE} (as written by save_pretrained){training_run_hint(path)}")
-        try:
-            data = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{cfg_path}: not valid JSON ({e})") from e
-        kind = data.pop("kind", None) if isinstance(data, dict) else None
-        if kind == "maetok-tokenizer":
-            raise ConfigError(f"{path} holds a tokenizer, not a SiT diffusion model; give the folder of a diffusion "
-                              f"run's model (e.g. runs/sit/model)")
-        if kind != "sit":
-            raise ConfigError(f"{cfg_path}: not a maetok SiT config (expected \"kind\": \"sit\"); convert an "
-                              f"official checkpoint first: maetok convert official-sit --src ... --out ...")
-        data.pop("maetok_version", None)
-        transport_path = data.pop("transport_path", "linear")  # folders saved before it was recorded: the default
-        if transport_path not in PATHS:
-            raise ConfigError(f"{cfg_path}: transport_path={transport_path!r} is not one of {list(PATHS)}")
-        try:
-            cfg = from_dict(SiTConfig, data)
-        except ConfigError as e:
-            raise ConfigError(f"{cfg_path}: {e}") from e
-        model = cls(cfg)
-        model.transport_path = transport_path
-        load_safetensors_strict(model, weights_path)
-        # Eval mode, as MAETok.from_pretrained: in train mode the forward drops class labels at random (CFG
-        # training), so two calls on the same input would differ. Training code calls .train() itself.
-        return model.to(device).eval()
 
 
 def SiT_S(**overrides) -> SiT:

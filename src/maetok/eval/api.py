@@ -26,12 +26,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..config import ConfigError
-from ..train.distributed import DistInfo, all_gather_list, barrier, resolve_device, shard_range
+from ..io.distributed import DistInfo, all_gather_list, barrier, resolve_device, shard_range
 from .features import (FeatureNet, FeatureSet, available_feature_nets, build_feature_net,
                        extract_features, features_of, gather_features)
 from .fid import (FeatureStats, fid, inception_score, kid, load_adm_images, metric_name, precision_recall)
 from .latent_analysis import (gmm_analysis, linear_probe, pca_dim_for_variance, plot_gmm_nll, token_statistics)
 from .recon import ReconstructionMetrics, to_uint8_levels
+from ..io.pretrained import load_tokenizer
 
 log = logging.getLogger("maetok.eval")
 
@@ -502,7 +503,7 @@ def result_path(out: str | Path | None, source: str | Path, kind: str, net: str)
 def evaluate_command(args: argparse.Namespace) -> dict[str, Any] | None:
     """`maetok eval gen|recon`; returns the result and writes it as JSON to `result_path(args.out, ...)`.
     Under torchrun the ranks share the work; rank 0 returns and writes the result, the others return None."""
-    from ..train.distributed import cleanup, init_distributed
+    from ..io.distributed import cleanup, init_distributed
 
     info = init_distributed(args.device)  # a cuda:N given to one process is used as is below
     try:
@@ -537,9 +538,8 @@ def _evaluate(args: argparse.Namespace, info: DistInfo, device) -> dict[str, Any
         return write(result, path)
 
     from ..data import DatasetError, open_dataset
-    from ..tokenizer import MAETok
 
-    tokenizer = MAETok.from_pretrained(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer)
     size = tokenizer.config.image_size
     try:
         dataset = open_dataset(args.ref, split=split, image_size=size, limit=args.num_samples)

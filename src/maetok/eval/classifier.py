@@ -35,7 +35,7 @@ class SmallCNN(nn.Module):
 
     def save(self, out_dir: Path, meta: dict) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        from ..train.checkpoint import save_safetensors
+        from ..io.files import save_safetensors
 
         save_safetensors({k: v.contiguous() for k, v in self.state_dict().items()}, out_dir / "model.safetensors")
         (out_dir / "config.json").write_text(json.dumps({"num_classes": self.num_classes, "width": self.width,

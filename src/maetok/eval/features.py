@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..nets.resnet_cifar import ResNetCifar
 from ..progress import progress_bar
-from ..train.distributed import DistInfo, all_gather_list, shard_range
+from ..io.distributed import DistInfo, all_gather_list, shard_range
 
 
 @dataclass
@@ -128,7 +128,7 @@ def _inception(path: str | Path | None = None, allow_download: bool = True) -> F
 
 def _resnet_cifar(arch: str) -> Callable[..., FeatureNet]:
     def factory(weights: str | Path | None = None, pretrained: bool = True) -> FeatureNet:
-        from ..nets.hub import find_weights
+        from ..io.hub import find_weights
         from ..nets.resnet_cifar import build_resnet_cifar
 
         path = None

@@ -90,7 +90,7 @@ class ReconstructionMetrics:
         self.value_range, self.lpips_skipped = value_range, None
         self.lpips = None
         if lpips == "auto":
-            from ..nets.hub import MissingWeightsError
+            from ..io.hub import MissingWeightsError
             from ..nets.lpips import build_lpips
 
             try:
@@ -115,7 +115,7 @@ class ReconstructionMetrics:
 
     def all_gather(self, info) -> None:
         """Sharded evaluation under torchrun: every rank's per-image values, in rank order, on every rank."""
-        from ..train.distributed import all_gather_list
+        from ..io.distributed import all_gather_list
 
         mine = [{k: torch.cat(v) if v else torch.empty(0, dtype=torch.float64) for k, v in self._values.items()}]
         parts = all_gather_list(mine, info)

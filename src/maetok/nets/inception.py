@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .hub import MissingWeightsError
+from ..io.hub import MissingWeightsError
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048

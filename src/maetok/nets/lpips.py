@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from .hub import find_weights
+from ..io.hub import find_weights
 
 # Ends (exclusive) of the VGG16 `features` slices at relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
 _SLICE_ENDS = (4, 9, 16, 23, 30)

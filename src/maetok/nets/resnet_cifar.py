@@ -74,7 +74,7 @@ def build_resnet_cifar(arch: str = "resnet56", weights: str | Path | None = None
         raise ValueError(f"unknown CIFAR ResNet {arch!r}; choose one of {sorted(DEPTH_BLOCKS)}")
     model = ResNetCifar(DEPTH_BLOCKS[arch])
     if weights is not None:
-        from .hub import load_safetensors_strict
+        from ..io.hub import load_safetensors_strict
 
         load_safetensors_strict(model, weights)
     return model.eval()

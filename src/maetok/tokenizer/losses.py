@@ -9,8 +9,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import GanConfig, TokenizerLossConfig
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Perceptual
@@ -21,14 +19,9 @@ class ResNetPerceptual(nn.Module):
     A small-scale stand-in for LPIPS-VGG (whose weights cannot be downloaded everywhere); recorded as such.
     """
 
-    def __init__(self, weights: str = "", arch: str = "resnet20", pretrained: bool = True):
+    def __init__(self, network: nn.Module):
         super().__init__()
-        from ..nets.hub import find_weights
-        from ..nets.resnet_cifar import build_resnet_cifar
-
-        path = find_weights(f"perceptual loss ({arch}-cifar10)", weights or None, f"cifar10-{arch}.safetensors",
-                            "Set loss.perceptual_weights to the file, or loss.perceptual=none.") if pretrained else None
-        self.net = build_resnet_cifar(arch, path).requires_grad_(False)
+        self.net = network.requires_grad_(False)
 
     def train(self, mode: bool = True):  # the feature network stays frozen in eval mode (BatchNorm statistics)
         return super().train(False)
@@ -41,21 +34,7 @@ class ResNetPerceptual(nn.Module):
         return total
 
 
-def build_perceptual(cfg: TokenizerLossConfig) -> nn.Module | None:
-    if cfg.perceptual == "none" or cfg.perceptual_weight == 0:
-        return None
-    if cfg.perceptual == "resnet-cifar":
-        return ResNetPerceptual(cfg.perceptual_weights)
-    from ..nets.lpips import build_lpips
-
-    # "VGG_FILE,LIN_FILE" (both safetensors) or "" to look for them in the shared data folder.
-    files = [p.strip() for p in cfg.perceptual_weights.split(",")] if cfg.perceptual_weights else [None, None]
-    if len(files) != 2:
-        raise ValueError("loss.perceptual_weights for lpips must be 'VGG16_FILE,LPIPS_LIN_FILE' (safetensors)")
-    return _MeanLPIPS(build_lpips(files[0], files[1]))
-
-
-class _MeanLPIPS(nn.Module):
+class MeanLPIPS(nn.Module):
     """LPIPS gives one distance per image; the loss is their mean."""
 
     def __init__(self, lpips: nn.Module):
@@ -98,31 +77,13 @@ class PatchGAN(nn.Module):
 class DinoDiscriminator(nn.Module):
     """Frozen DINO ViT-S/16 feature stack with light trainable heads on several blocks (as MAETok trains its GAN).
 
-    Weights come from a local file (`loss.gan.disc_weights`) or the hub through timm; offline and absent, the
-    error says what to download.
+    The backbone (a timm ViT-S/16 DINO) is built by `maetok.io.teachers.build_discriminator`, which finds its
+    weights.
     """
 
-    def __init__(self, weights: str = "", blocks: tuple[int, ...] = (2, 5, 8, 11), pretrained: bool = True,
-                 image_size: int = 224):
+    def __init__(self, backbone: nn.Module, blocks: tuple[int, ...] = (2, 5, 8, 11)):
         super().__init__()
-        try:
-            import timm
-        except ImportError as e:  # pragma: no cover
-            raise ImportError("the DINO discriminator needs timm: pip install 'maetok[teachers]'") from e
-        from ..nets.hub import MissingWeightsError
-
-        kwargs = dict(pretrained=pretrained, num_classes=0, img_size=image_size, dynamic_img_size=True)
-        if pretrained and weights:
-            kwargs["pretrained_cfg_overlay"] = dict(file=weights)
-        try:
-            self.backbone = timm.create_model("vit_small_patch16_224.dino", **kwargs).requires_grad_(False).eval()
-        except Exception as e:
-            if not pretrained:
-                raise
-            raise MissingWeightsError(
-                "DINO discriminator: could not load vit_small_patch16_224.dino weights "
-                f"({type(e).__name__}: {e}). Download the timm weights and set loss.gan.disc_weights to the file, "
-                "or use loss.gan.discriminator=patchgan.") from e
+        self.backbone = backbone.requires_grad_(False).eval()
         self.blocks = blocks
         dim = self.backbone.embed_dim
         self.heads = nn.ModuleList(nn.Sequential(nn.Conv1d(dim, 64, 1), nn.LeakyReLU(0.2), nn.Conv1d(64, 1, 1))
@@ -142,12 +103,6 @@ class DinoDiscriminator(nn.Module):
         feats = self.backbone.forward_intermediates(x, indices=list(self.blocks), intermediates_only=True,
                                                     output_fmt="NLC")
         return torch.cat([h(f.transpose(1, 2)).flatten(1) for h, f in zip(self.heads, feats)], dim=1)
-
-
-def build_discriminator(cfg: GanConfig, in_channels: int = 3) -> nn.Module:
-    if cfg.discriminator == "dino":
-        return DinoDiscriminator(cfg.disc_weights)
-    return PatchGAN(in_channels)
 
 
 # --------------------------------------------------------------------------------------------------------------

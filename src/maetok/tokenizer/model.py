@@ -10,20 +10,14 @@ parity test) so the released checkpoints load.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .. import __version__
-from ..config import ConfigError, TokenizerConfig, from_dict, to_dict
+from ..config import ConfigError, TokenizerConfig
 from ..layers import Attention, LayerScale, Mlp, PatchConv2d, RoPEMixed
 from .masking import random_patch_mask, sample_mask_ratio
-
-CONFIG_KIND = "maetok-tokenizer"
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Encoder
@@ -301,41 +295,9 @@ class MAETok(nn.Module):
             raise ValueError(f"expected images of shape (B, {want[0]}, {want[1]}, {want[2]}) in [-1, 1], "
                              f"got {tuple(images.shape)}")
 
-    # ----- weights ------------------------------------------------------------------------------------------
     def inference_state_dict(self) -> dict[str, torch.Tensor]:
         """Encoder and pixel decoder only: what encode/decode need (aux decoders are training scaffolding)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("aux_decoders.")}
-
-    def save_pretrained(self, out_dir: str | Path) -> Path:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.inference_state_dict().items()}
-        meta = {"kind": CONFIG_KIND, "maetok_version": __version__, "config": to_dict(self.config)}
-        from ..train.checkpoint import atomic_write_bytes, save_safetensors
-
-        atomic_write_bytes(out / "config.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
-        save_safetensors(state, out / "model.safetensors", metadata={"kind": CONFIG_KIND})  # atomic, umask modes
-        return out
-
-    @classmethod
-    def from_pretrained(cls, path_or_hub_id: str | Path, map_location: str | torch.device = "cpu") -> "MAETok":
-        """Load our format, or an official MAETok checkpoint (converted on the fly), from a folder or hub id."""
-        from .convert import load_official_tokenizer, resolve_checkpoint_dir
-
-        src = resolve_checkpoint_dir(path_or_hub_id)
-        meta = json.loads((src / "config.json").read_text())
-        if meta.get("kind") == "sit":
-            raise ConfigError(f"{src} holds a SiT diffusion model (kind: sit), not a tokenizer; give the folder "
-                              f"of a tokenizer run's model (e.g. runs/tok/model)")
-        if meta.get("kind") != CONFIG_KIND:
-            model, _ = load_official_tokenizer(src)
-            return model.to(map_location).eval()
-        cfg = from_dict(TokenizerConfig, meta["config"], "config.json:config")
-        model = cls(cfg)
-        from ..nets.hub import load_safetensors_strict
-
-        load_safetensors_strict(model, src / "model.safetensors")
-        return model.to(map_location).eval()
 
 
 def _split_posterior(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,9 +7,10 @@ A target is a frozen module that turns images into one feature vector per patch:
     loss = target_loss(pred, feats, target.loss, mask)   # mean over the masked patches only
 
 Patches are numbered row-major (index = row * grid_w + col), like the tokenizer's patch embedding.
-Registered here: `hog` (the paper's low-level target, official MaskFeat-style HOG), `sobel` (a few-line example
-of a custom target), `resnet-cifar` (a small offline semantic teacher), and the timm teachers `dinov2`,
-`siglip` and the generic `timm`. Add your own with `@register_target("name")`; see `sobel` below.
+Registered here: `hog` (the paper's low-level target, official MaskFeat-style HOG) and `sobel` (a few-line
+example of a custom target). The pretrained teachers, `resnet-cifar` (a small offline semantic teacher) and the
+timm teachers `dinov2`, `siglip` and the generic `timm`, are modules defined here and registered by
+`maetok.io.teachers`, which finds their weights. Add your own with `@register_target("name")`; see `sobel`.
 """
 from __future__ import annotations
 
@@ -21,8 +22,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import AuxTargetConfig, ConfigError
-from ..layers import PatchConv2d
-from ..nets.hub import MissingWeightsError, find_weights
 
 LOSSES = ("mse", "cosine")
 TargetFactory = Callable[[dict, int, int], "Target"]
@@ -309,24 +308,6 @@ class ResNetCifarTarget(Target):
         return feature_map_to_tokens(fmap.float(), grid, self.resample)
 
 
-@register_target("resnet-cifar")
-def _build_resnet_cifar(options: dict, image_size: int, patch_size: int) -> Target:
-    from ..nets.resnet_cifar import build_resnet_cifar
-
-    opts = take_options("resnet-cifar", options, {"arch": "resnet56", "layer": "layer3", "weights": "",
-                                                  "pretrained": True, "resample": "auto", "input_size": 0})
-    weights = None
-    if opts["pretrained"]:
-        weights = find_weights(f"resnet-cifar target ({opts['arch']})", opts["weights"] or None,
-                               f"cifar10-{opts['arch']}.safetensors",
-                               hint=f"Put cifar10-{opts['arch']}.safetensors in $MAETOK_SHARED_DATA, or give "
-                                    f"the target options.weights=/path/to/file.safetensors "
-                                    f"({_options_how_to('resnet-cifar')}), or options.pretrained=false for "
-                                    f"random weights (tests only).")
-    network = build_resnet_cifar(opts["arch"], weights)
-    return ResNetCifarTarget(network, opts["layer"], opts["resample"], int(opts["input_size"]))
-
-
 # ==============================================================================================================
 # timm teachers: DINOv2, SigLIP, or any timm ViT
 # ==============================================================================================================
@@ -372,77 +353,5 @@ class TimmTarget(Target):
         return tokens.float()
 
 
-def _options_how_to(target: str) -> str:
-    """How a user sets a target's options: aux_targets is a list, so a dotted override replaces all of it."""
-    return (f"in the run's YAML under model.aux_targets, or on the command line as the whole list, e.g. "
-            f"'model.aux_targets=[{{name: hog}}, {{name: {target}, options: "
-            f"{{weights: /path/to/model.safetensors}}}}]'")
-
-
-def build_timm_target(target: str, options: dict, image_size: int, patch_size: int,
-                      default_model: str | None) -> TimmTarget:
-    opts = take_options(target, options, {"model": default_model, "layer": None, "norm": False, "weights": "",
-                                          "pretrained": True, "model_kwargs": {}})
-    name = opts["model"]
-    if not name:
-        raise ConfigError(f"auxiliary target {target!r} needs options.model = a timm model name")
-    try:
-        import timm
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise ImportError(f"auxiliary target {target!r} needs timm: pip install 'maetok[teachers]'") from e
-    kwargs = {"img_size": image_size, "patch_size": patch_size, "num_classes": 0, **opts["model_kwargs"]}
-    what = f"auxiliary target {target!r} ({name})"
-    arch = name.split(".")[0]
-    where = (f"Download the weights on a machine with internet access (for example model.safetensors from the "
-             f"Hugging Face repository timm/{name}), copy the file here and give the target options.weights=/path/"
-             f"to/model.safetensors ({_options_how_to(target)}); or set options.pretrained=false for random "
-             f"weights (tests only). Set HF_HUB_OFFLINE=1 to skip the download attempts on an offline machine.")
-    if not opts["pretrained"]:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-    elif opts["weights"]:
-        path = find_weights(what, opts["weights"], hint=where)
-        if path.suffix != ".safetensors":
-            raise ValueError(f"{what}: {path} is not a .safetensors file; weights are read from safetensors only "
-                             f"(pickled checkpoints can execute code). Convert it with safetensors.torch.save_file.")
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
-    else:
-        try:
-            model = timm.create_model(name, pretrained=True, **kwargs)
-        except TypeError:  # a bad model_kwargs entry: the user's to see as is
-            raise
-        except Exception as e:  # offline, missing cache, unknown repo: all mean "the weights are not here"
-            raise MissingWeightsError(f"{what}: could not load pretrained weights for {arch} from the hub or its "
-                                      f"cache ({type(e).__name__}: {e}). {where}") from e
-    _patch_embed_as_matmul(model)
-    return TimmTarget(target, model, None if opts["layer"] is None else int(opts["layer"]), bool(opts["norm"]))
-
-
-def _patch_embed_as_matmul(model: nn.Module) -> None:
-    """Swap a timm ViT's patch-embedding convolution for the same layer computed as a matmul (`PatchConv2d`:
-    same weights, same output; faster on a GPU). Models whose embedding is something else keep it."""
-    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
-    if isinstance(proj, nn.Conv2d) and not isinstance(proj, PatchConv2d):
-        try:
-            model.patch_embed.proj = PatchConv2d.from_conv(proj)
-        except ValueError:  # overlapping or padded patches, or a convolution that does more: keep it
-            pass
-
-
-@register_target("dinov2")
-def _build_dinov2(options: dict, image_size: int, patch_size: int) -> Target:
-    return build_timm_target("dinov2", options, image_size, patch_size, "vit_large_patch14_dinov2.lvd142m")
-
-
-@register_target("siglip")
-def _build_siglip(options: dict, image_size: int, patch_size: int) -> Target:
-    return build_timm_target("siglip", options, image_size, patch_size, "vit_so400m_patch14_siglip_gap_224")
-
-
-@register_target("timm")
-def _build_timm(options: dict, image_size: int, patch_size: int) -> Target:
-    return build_timm_target("timm", options, image_size, patch_size, None)
-
-
 __all__ = ["Target", "TARGETS", "LOSSES", "register_target", "build_target", "target_loss", "take_options",
-           "check_images", "feature_map_to_tokens", "HOGTarget", "SobelTarget", "ResNetCifarTarget", "TimmTarget",
-           "build_timm_target", "MissingWeightsError"]
+           "check_images", "feature_map_to_tokens", "HOGTarget", "SobelTarget", "ResNetCifarTarget", "TimmTarget"]

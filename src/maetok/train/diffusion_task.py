@@ -12,10 +12,11 @@ import torch
 import torch.nn as nn
 
 from ..config import DiffusionRunConfig
-from ..data import check_labels
+from ..diffusion.labels import check_labels
 from ..diffusion.sit import SiT
 from ..diffusion.transport import training_loss
 from .loop import Task, pick_flipped
+from ..io.pretrained import save_pretrained
 
 
 class DiffusionTask(Task):
@@ -81,4 +82,4 @@ class DiffusionTask(Task):
         save_image_grid(images.cpu(), out_dir / "images" / f"samples_{step:08d}.png", nrow=8)
 
     def finish(self, ema_model: nn.Module, out_dir: Path) -> None:
-        ema_model.save_pretrained(out_dir / "model")
+        save_pretrained(ema_model, out_dir / "model")

@@ -12,12 +12,14 @@ from typing import Any
 import torch
 import yaml
 
-from .. import __version__
+from ..version import __version__
 from ..config import (ConfigError, TokenizerConfig, TokenizerRunConfig, apply_overrides, config_source, from_dict,
                       set_config_source, to_dict, without_validation)
-from .checkpoint import checkpoint_config, latest_checkpoint
-from .distributed import cleanup, init_distributed
-from .loop import RunDir, RunDirExists, Trainer, check_global_batch, check_run_flags, read_run_marker
+from ..io.checkpoint import checkpoint_config, latest_checkpoint
+from ..io.distributed import cleanup, init_distributed
+from ..io.rundir import RunDir, RunDirExists, check_run_flags, read_run_marker
+from .loop import Trainer, check_global_batch
+from ..io.pretrained import load_tokenizer, save_pretrained
 
 log = logging.getLogger("maetok.train")
 
@@ -333,7 +335,7 @@ def finalize_tokenizer(ema_model, dataset, cfg: TokenizerRunConfig, out: Path, d
 
     mean, std = measure_latent_stats(ema_model, dataset, cfg.stats_batches, min(64, cfg.train.batch_size), device)
     ema_model.config.latent_mean, ema_model.config.latent_std = mean, std
-    ema_model.save_pretrained(out / "model")
+    save_pretrained(ema_model, out / "model")
     x = torch.stack([dataset[i][0] for i in range(min(64, len(dataset)))]).to(device)
     recon = ema_model.decode(ema_model.encode(x)).clamp(-1, 1)
     value = psnr(recon, x).mean().item()
@@ -347,14 +349,13 @@ def run_diffusion(cfg, out_dir: str | Path, resume: bool = False, force: bool = 
     """Train SiT / LightningDiT on a latent cache (or on images encoded online); saves `<out>/model` (EMA)."""
     from ..data import class_count
     from ..data.latents import LatentDataset
-    from ..tokenizer import MAETok
     from .diffusion_task import DiffusionTask
 
     with _Session.start(out_dir, resume, force, device, "diffusion") as session:
         info = session.info
         cfg = session.config(cfg)
         torch.manual_seed(cfg.train.seed)
-        tokenizer = MAETok.from_pretrained(cfg.tokenizer) if cfg.tokenizer else None
+        tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
         if cfg.latents:
             source = config_source(cfg)
             # The cache decides the data; only how it is read and flipped still applies.

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 
 from ..config import (ConfigError, TokenizerConfig, TokenizerRunConfig, config_source, from_dict, set_config_source,
                       to_dict)
-from ..nets.hub import MissingWeightsError
-from ..tokenizer.losses import (LeCAM, adaptive_gan_weight, build_discriminator, build_perceptual, diff_augment,
-                                hinge_d_loss, hinge_g_loss, kl_loss, ramp)
-from ..tokenizer.model import CONFIG_KIND, MAETok
+from ..io.hub import MissingWeightsError
+from ..io.pretrained import TOKENIZER_KIND, load_tokenizer
+from ..io.teachers import build_discriminator, build_perceptual
+from ..tokenizer.losses import LeCAM, adaptive_gan_weight, diff_augment, hinge_d_loss, hinge_g_loss, kl_loss, ramp
+from ..tokenizer.model import MAETok
 from ..tokenizer.targets import TargetLosses, build_target
 from .loop import CompiledOrEager, Task, pick_flipped, uses_bf16
 
@@ -62,10 +63,10 @@ def stage2_config(cfg: TokenizerRunConfig, resumed_config: dict[str, Any] | None
         weights_dir = stage1_weights_dir(cfg.decoder_ft.init_from)
         source_name = f"decoder_ft.init_from={cfg.decoder_ft.init_from}"
         meta = json.loads((weights_dir / "config.json").read_text())
-        if meta.get("kind") == CONFIG_KIND:
+        if meta.get("kind") == TOKENIZER_KIND:
             stage1 = from_dict(TokenizerConfig, meta["config"], f"{weights_dir}/config.json:config")
         else:  # an official checkpoint: its config comes with the conversion
-            stage1 = MAETok.from_pretrained(weights_dir).config
+            stage1 = load_tokenizer(weights_dir).config
     source = config_source(cfg)
     asked, have = to_dict(cfg.model), to_dict(stage1)
     if source is None:  # built in code: every field was asked for
@@ -165,7 +166,7 @@ class TokenizerTask(Task):
         weights_from = "the checkpoint being resumed"
         if load_stage1:
             weights_from = weights_dir = stage1_weights_dir(self.cfg.decoder_ft.init_from)
-            stage1 = MAETok.from_pretrained(weights_dir)
+            stage1 = load_tokenizer(weights_dir)
             missing, unexpected = self.model.load_state_dict(stage1.state_dict(), strict=False)
             if unexpected or [k for k in missing if not k.startswith("aux_decoders.")]:
                 raise ConfigError(f"{weights_dir}: stage-1 weights do not fit this model (missing {missing[:5]}, "

@@ -22,6 +22,7 @@ from maetok.config import ConfigError, SiTConfig, from_dict
 from maetok.diffusion.sit import SiT
 from maetok.diffusion.transport import PATHS
 from maetok.layers import sincos_1d
+from .pretrained import save_pretrained
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # Heads are invisible in the weights (qkv is hidden x 3*hidden for any head count): the SiT sizes' values.
@@ -297,7 +298,7 @@ def convert_official_sit(src_dir_or_file: str | Path, out_dir: str | Path, weigh
     model = SiT(cfg)
     model.load_state_dict({k: state[k] for k in expected}, strict=True)
     model.transport_path = transport_path
-    model.save_pretrained(out_dir)
+    save_pretrained(model, out_dir)
     return ConversionReport(source=str(src), weights_file=str(weights_path), out_dir=str(out_dir), config=cfg,
                             config_source=config_source, used_ema=used_ema, converted_keys=len(expected),
                             num_elements=sum(state[k].numel() for k in expected), unused_keys=unused, notes=notes)

@@ -9,13 +9,13 @@ reader does not verify its CRCs, so a flipped byte in a tensor would otherwise l
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .files import atomic_write_bytes
 
 CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
 # Written when too many non-finite steps in a row stop a run: the last good weights, at the step it stopped.
@@ -23,33 +23,6 @@ EMERGENCY_RE = re.compile(r"^emergency-(\d{8})\.pt$")
 LAST = "last"
 TMP_GLOB = ".*.tmp-*"  # atomic_write_bytes's temporary files
 DIGEST_SUFFIX = ".sha256"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems do not allow opening directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, write_fn) -> None:
-    """Write through `write_fn(file)` into a temporary file, fsync it, rename over `path`, fsync the folder."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, state: dict[str, Any], keep_last: int = 2,
@@ -160,24 +133,4 @@ def checkpoint_config(path: Path) -> str:
     return config
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """`safetensors.torch.save_file`, but atomic (temporary file, fsync, rename) and with the permissions the
-    umask gives (save_file creates its files 0600, unreadable to the rest of a group sharing the results)."""
-    from safetensors.torch import save
 
-    data = save(tensors, metadata=metadata)
-    atomic_write_bytes(Path(path), lambda f: f.write(data))
-
-
-def code_version() -> str:
-    """git describe of the source tree when available (recorded in every checkpoint), else the package version."""
-    from .. import __version__
-
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)
-        if out.returncode == 0 and out.stdout.strip():
-            return f"{__version__}+{out.stdout.strip()}"
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return __version__

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from ..config import ConfigError, TokenizerConfig
-from ..nets.hub import hub_download, local_path_reason, training_run_hint
+from ..tokenizer.model import MAETok
+from .hub import hub_download, local_path_reason, training_run_hint
 
 # timm ViT sizes by name fragment: (width, depth, heads)
 VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16),
@@ -145,8 +146,6 @@ def _check_shapes_against(cfg: TokenizerConfig, shapes: dict[str, tuple[int, ...
 
 def convert_state_dict(official: dict[str, torch.Tensor], cfg: TokenizerConfig):
     """Build our MAETok from an official state dict; returns (model, report). Shapes are checked key by key."""
-    from .model import MAETok
-
     model = MAETok(cfg)
     own = model.state_dict()
     report = ConversionReport(config=cfg)
@@ -244,11 +243,3 @@ def load_official_tokenizer(src: str | Path, weights: str | Path | None = None, 
     state = read_official_weights(_find_weights_file(src, weights))
     cfg = official_config(meta, {k: tuple(v.shape) for k, v in state.items()})
     return convert_state_dict(state, cfg)
-
-
-def convert_official_tokenizer(src: str | Path, out: str | Path, weights: str | Path | None = None,
-                               config: str | Path | None = None) -> ConversionReport:
-    """The `maetok convert official-tokenizer` command: convert and save in our format."""
-    model, report = load_official_tokenizer(src, weights, config)
-    model.save_pretrained(out)
-    return report
