@@ -18,6 +18,11 @@ RUNS = {  # the fixture's sampler/config.json, in SampleConfig terms
     "sde_cfg": SampleConfig("sde", steps=8, cfg_scale=1.9, cfg_interval=(0.0, 0.75), sde_t_min=0.04),
 }
 NULL = 1000
+# Bounds where this CPU's float32 kernels round like the fixture's (see conftest.fixture_cpu_rounding), and the
+# fixture README's acceptance thresholds elsewhere: a one-ulp difference in the SiT's timestep features moves v
+# by about 1e-5, and the float64 model computes those features in float32 as the official one does.
+EXACT = {"sample": 1e-5, "call": 1e-6, "math_sample": 1e-12, "float64": 1e-10}
+OTHER_CPU = {"sample": 5e-5, "call": 5e-5, "math_sample": 5e-5, "float64": 5e-6}
 
 
 class Recorder(torch.nn.Module):
@@ -56,15 +61,16 @@ def _recorded_eps(inputs):
 # Official replay
 # --------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("run", list(RUNS))
-def test_replays_official_run(run, sit_tiny_dir, sampler_data):
+def test_replays_official_run(run, sit_tiny_dir, sampler_data, fixture_cpu_rounding):
     inputs, outputs, _ = sampler_data
+    bound = EXACT if fixture_cpu_rounding else OTHER_CPU
     model = load_sit(sit_tiny_dir).eval()
     # Default attention kernel: the final sample is within 1e-5 (measured <= 3.3e-6).
     x = sample(model, inputs["noise"], inputs["y"], RUNS[run], NULL, noise_fn=_recorded_eps(inputs))
     assert x.dtype == torch.float64 and x.shape == (4, 16, 12)
     err = (x - outputs[f"{run}.sample"]).abs().max().item()
     print(f"{run}: max abs error {err:.2e} (default attention)")
-    assert err < 1e-5
+    assert err < bound["sample"]
 
     # Math attention = the official softmax: every model call matches the trace, in order.
     recorder = Recorder(model)
@@ -76,16 +82,17 @@ def test_replays_official_run(run, sit_tiny_dir, sampler_data):
         for name, value in call.items():
             want = outputs[f"{run}.call{i:02d}.{name}"]
             assert value.dtype == want.dtype and value.shape == want.shape, (run, i, name)
-            assert (value.double() - want.double()).abs().max() <= 1e-6, (run, i, name)
-    assert (x - outputs[f"{run}.sample"]).abs().max() < 1e-12
+            assert (value.double() - want.double()).abs().max() <= bound["call"], (run, i, name)
+    assert (x - outputs[f"{run}.sample"]).abs().max() < bound["math_sample"]
 
 
 @pytest.mark.parametrize("run", list(RUNS))
-def test_replays_official_run_float64(run, sit_tiny_dir, sampler_data):
+def test_replays_official_run_float64(run, sit_tiny_dir, sampler_data, fixture_cpu_rounding):
     inputs, _, outputs_f64 = sampler_data
     model = load_sit(sit_tiny_dir).double().eval()
     x = sample(model, inputs["noise"].double(), inputs["y"], RUNS[run], NULL, noise_fn=_recorded_eps(inputs))
-    assert (x - outputs_f64[f"{run}.sample"]).abs().max() < 1e-10  # README suggests 5e-6; measured ~1e-14
+    bound = (EXACT if fixture_cpu_rounding else OTHER_CPU)["float64"]  # measured ~1e-14 where rounding agrees
+    assert (x - outputs_f64[f"{run}.sample"]).abs().max() < bound
 
 
 def test_time_grids_and_cfg_decisions(sit_tiny_dir, sampler_data):
