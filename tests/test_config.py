@@ -60,6 +60,43 @@ def test_bad_values_name_the_key(override, message):
         load_config(TokenizerRunConfig, "cpu-32", [override])
 
 
+# What OmegaConf or pydantic would read differently (docs/architecture.md, "The config system"): each case
+# here is kept on purpose, so a swap of the machinery shows up as a failure.
+@pytest.mark.parametrize("override, message", [
+    ("data.random_flip=1", "data.random_flip must be true or false, got 1"),
+    ("data.spec=5", "data.spec must be a string, got int: 5"),
+    ("train.steps=true", "train.steps must be an integer, got bool: True"),
+    ("train.steps='5'", "train.steps must be an integer, got str: '5'"),
+    ("model.aux_targets=[{name: hog, wieght: 2}]", "unknown config key model.aux_targets[0].wieght; allowed keys"),
+    ("train.optim.betas=[0.9, x]", "train.optim.betas[1] must be a number, got str: 'x'"),
+    ("train.optim.betas=[0.9]", "train.optim.betas must have 2 entries, got 1: [0.9]"),
+    ("train.optim.betas={a: 1}", "train.optim.betas must be a list, got dict"),
+    ("model.aux_targets={a: 1}", "model.aux_targets must be a list, got dict"),
+])
+def test_no_lenient_coercion(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(TokenizerRunConfig, "cpu-32", [override])
+
+
+@pytest.mark.parametrize("override, key, value", [
+    ("train.steps=2.0", ("train", "steps"), 2),
+    ("train.optim.lr=1e-3", ("train", "optim", "lr"), 1e-3),        # YAML 1.1 reads 1e-3 as a string
+    ("data.spec=???", ("data", "spec"), "???"),
+    ("data.cache_dir=/scratch/${USER}/cache", ("data", "cache_dir"), "/scratch/${USER}/cache"),
+])
+def test_values_read_as_written(override, key, value):
+    node = to_dict(load_config(TokenizerRunConfig, "cpu-32", [override]))
+    for part in key:
+        node = node[part]
+    assert node == value and type(node) is type(value)
+
+
+def test_presets_are_found():
+    """The preset tests above are parametrized over CONFIG_DIR: an empty folder would pass them vacuously."""
+    assert (CONFIG_DIR / "tokenizer" / "cpu-32.yaml").is_file()
+    assert (CONFIG_DIR / "diffusion" / "sit-cpu.yaml").is_file()
+
+
 def test_cfg_interval_reversed_is_refused():
     with pytest.raises(ConfigError, match="cfg_interval"):
         from_dict(SampleConfig, {"cfg_interval": [0.8, 0.2]})
