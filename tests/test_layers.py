@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maetok.layers import (Attention, Mlp, PatchConv2d, add_into, apply_rope, modulate, pad_rope_table,
-                           rope_table, rotate_pairs)
-from maetok.tokenizer.model import _modulate_latents
+from maetok.io.teachers import _patch_embed_as_matmul
+from maetok.layers import (Attention, Mlp, PatchConv2d, apply_rope, gelu_in_place_without_grad,
+                           linear_with_folded_scale, modulate, modulate_latents, pad_rope_table, rope_table,
+                           rotate_pairs)
 
 
 def reference_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -86,15 +87,50 @@ def test_attention_rope_on_a_token_slice_matches_slice_and_concatenate(qk_norm):
     torch.testing.assert_close(attn(x, table), want, rtol=1e-12, atol=1e-12)
 
 
-def test_out_scale_is_layerscale_folded_into_the_projection():
+def test_folded_layerscale_is_layerscale_on_the_output_within_rounding():
+    """Folded into the projection, the scale is rounded into each weight before the matmul instead of into the
+    output after it: the same function, not the same bits (float64 agrees to 1e-12; float32 below)."""
     torch.manual_seed(0)
     mlp, attn = Mlp(16, 32).double(), Attention(16, 2).double()
     gamma = torch.randn(16, dtype=torch.float64, requires_grad=True)
     x = torch.randn(2, 5, 16, dtype=torch.float64)
-    for got, want in [(mlp(x, out_scale=gamma), mlp(x) * gamma), (attn(x, out_scale=gamma), attn(x) * gamma)]:
+    for got, want in [(mlp(x, folded_layerscale=gamma), mlp(x) * gamma),
+                      (attn(x, folded_layerscale=gamma), attn(x) * gamma)]:
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
         g = torch.randn_like(got)
         torch.testing.assert_close(torch.autograd.grad(got, gamma, g)[0], torch.autograd.grad(want, gamma, g)[0])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_with_folded_scale_float32_forward_and_gradients(bias):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 48, bias=bias)
+    scale = torch.randn(48, requires_grad=True)
+    x = torch.randn(4, 7, 64, requires_grad=True)
+    got, want = linear_with_folded_scale(x, layer, scale), layer(x) * scale
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    params = (x, scale, *layer.parameters())
+    g = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(linear_with_folded_scale(x, layer, None), layer(x))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_in_place_without_grad_is_gelu(approximate):
+    h = torch.randn(3, 5, 64)
+    want = F.gelu(h, approximate=approximate)
+    with torch.no_grad():
+        fresh = h.clone()
+        out = gelu_in_place_without_grad(fresh, approximate)
+    assert torch.equal(out, want) and out.data_ptr() == fresh.data_ptr()  # written over its input
+    tracked = h.clone().requires_grad_()
+    out = gelu_in_place_without_grad(tracked, approximate)
+    assert torch.equal(out, want) and out.data_ptr() != tracked.data_ptr()  # the backward needs the input
+    g = torch.randn_like(out)
+    ref = h.clone().requires_grad_()
+    assert torch.equal(torch.autograd.grad(out, tracked, g)[0],
+                       torch.autograd.grad(F.gelu(ref, approximate=approximate), ref, g)[0])
 
 
 def test_mlp_inference_gelu_in_place_equals_training_path():
@@ -105,21 +141,37 @@ def test_mlp_inference_gelu_in_place_equals_training_path():
     assert torch.equal(fast, mlp.fc2(F.gelu(mlp.fc1(x), approximate="tanh")))
 
 
-def test_modulate_latents_function_and_gradients():
+def _plain_modulate_latents(h, n, shift, scale):
+    return torch.cat([h[:, :n], h[:, n:] * scale + shift], dim=1)
+
+
+@pytest.mark.parametrize("modulation_dtype", [torch.float32, torch.bfloat16])
+def test_modulate_latents_is_the_plain_formula_forward_and_backward(modulation_dtype):
+    """Bitwise, gradients included; bf16 modulation of a float32 sequence is what autocast produces."""
+    h = torch.randn(2, 7, 5, requires_grad=True)
+    shift = torch.randn(2, 3, 5, dtype=modulation_dtype, requires_grad=True)
+    scale = torch.randn(2, 3, 5, dtype=modulation_dtype, requires_grad=True)
+    got, want = modulate_latents(h, 4, shift, scale), _plain_modulate_latents(h, 4, shift, scale)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    g = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, (h, shift, scale), g), torch.autograd.grad(want, (h, shift, scale), g)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_modulate_latents_gradcheck():
     h = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True)
     shift = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
     scale = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
-    got = _modulate_latents(h, 4, shift, scale)
-    assert torch.equal(got, torch.cat([h[:, :4], h[:, 4:] * scale + shift], dim=1))
-    assert torch.autograd.gradcheck(lambda a, b, c: _modulate_latents(a, 4, b, c), (h, shift, scale))
+    assert torch.equal(modulate_latents(h, 4, shift, scale), _plain_modulate_latents(h, 4, shift, scale))
+    assert torch.autograd.gradcheck(lambda a, b, c: modulate_latents(a, 4, b, c), (h, shift, scale))
 
 
-def test_add_into_and_modulate_keep_the_promoted_dtype():
-    fresh, x = torch.randn(2, 3, 4).bfloat16(), torch.randn(2, 3, 4)
-    out = add_into(fresh.clone(), x)
-    assert out.dtype == torch.float32 and torch.equal(out, fresh + x)
+def test_modulate_is_the_plain_formula_in_the_promoted_dtype():
     h, shift, scale = torch.randn(2, 3, 4), torch.randn(2, 4), torch.randn(2, 4)
     assert torch.equal(modulate(h, shift, scale), h * (1 + scale[:, None]) + shift[:, None])
+    low = h.bfloat16()
+    out = modulate(low, shift, scale)
+    assert out.dtype == torch.float32 and torch.equal(out, low * (1 + scale[:, None]) + shift[:, None])
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -152,8 +204,6 @@ def test_patch_conv_takes_no_random_numbers():
 
 
 def test_patch_conv_refuses_other_convolutions_and_shapes():
-    from maetok.io.teachers import _patch_embed_as_matmul
-
     class StandardizedConv(torch.nn.Conv2d):  # like timm's StdConv2d: its forward does more than convolve
         pass
 

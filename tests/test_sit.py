@@ -6,10 +6,12 @@ import json
 import pytest
 import torch
 
-from maetok.config import ConfigError
+from maetok.config import ConfigError, DiffusionRunConfig, SampleConfig
 from maetok.diffusion import SIT_SIZES, SiT, SiT_tiny, sit_config
+from maetok.diffusion.samplers import sample
 from maetok.io.convert_sit import build_meta
 from maetok.io.pretrained import load_sit, save_pretrained
+from maetok.train.diffusion_task import DiffusionTask
 
 
 def _model(**overrides) -> SiT:
@@ -67,33 +69,40 @@ def test_input_errors_are_clear():
         model(x.transpose(1, 2), t, y)
     with pytest.raises(ValueError, match=r"t as a float tensor of shape \(2,\).*\(2, 1\)"):
         model(x, t[:, None], y)
-    with pytest.raises(ValueError, match=r"\[0, 3\].*\[4\]"):
-        model(x, t, torch.tensor([0, 4]))
-    with pytest.raises(ValueError, match=r"\[0, 3\].*\[-1\]"):
-        model(x, t, torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match=r"integer tensor of shape \(2,\); got \(2,\) torch.float32"):
+        model(x, t, y.float())
     with pytest.raises(ValueError, match="integer tensor"):
         model(x, t, None)
     with pytest.raises(ValueError, match="unconditional"):
         _model(num_classes=0)(x, t, y)
 
 
-def test_diffusion_training_checks_labels_on_the_host_not_in_every_forward():
-    """On a GPU SiT's value check syncs the host at every call; the training task checks each batch on the host
-    before it moves, and turns the model's check off."""
-    from maetok.config import DiffusionRunConfig
-    from maetok.train.diffusion_task import DiffusionTask
+def test_samplers_check_label_values_once_before_the_model_sees_them():
+    """SiT checks shapes only (a value check would sync a GPU at every call): the samplers check the labels,
+    null label allowed, before the first model call."""
+    model = _model().eval()
+    noise = torch.randn(2, 8, 4)
+    for sampler in ("euler", "heun", "sde"):
+        cfg = SampleConfig(sampler=sampler, steps=2)
+        assert sample(model, noise, torch.tensor([0, 3]), cfg).shape == noise.shape
+        with pytest.raises(ValueError, match=r"\[0, 3\].*\[4\]"):
+            sample(model, noise, torch.tensor([0, 4]), cfg)
+        with pytest.raises(ValueError, match=r"\[0, 3\].*\[-1\]"):
+            sample(model, noise, torch.tensor([-1, 0]), cfg)
 
+
+def test_diffusion_training_checks_labels_on_the_host_not_in_every_forward():
+    """The training task checks each batch on the host before it moves; the model itself checks shapes only."""
     cfg = DiffusionRunConfig(model=sit_config("tiny", in_channels=4, num_tokens=8, num_classes=3), latents="cache")
     task = DiffusionTask(cfg, torch.device("cpu"), 0.0, 1.0)
-    assert task.model.check_label_values is False
     z = torch.randn(2, 8, 4)
     task.check_batch((z, z, torch.tensor([0, 2])))
     with pytest.raises(ValueError, match=r"training labels must lie in \[0, 3\).*\[3\]"):
         task.check_batch((z, z, torch.tensor([3, 0])))  # 3 is the null label: data must not use it
     x, t, _ = _inputs()
-    with pytest.raises(IndexError):  # unchecked, as asked: the embedding lookup itself fails, not SiT's check
-        task.model(x, t, torch.tensor([0, 4]))
-    assert _model().check_label_values  # a model built or loaded elsewhere still checks
+    for model in (task.model, _model()):  # unchecked: the embedding lookup itself fails, not a check in SiT
+        with pytest.raises(IndexError):
+            model(x, t, torch.tensor([0, 4]))
 
 
 def test_null_label_and_label_dropout():

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from maetok.config import AuxTargetConfig, MaskConfig, TokenizerConfig
+from maetok.data import open_dataset
+from maetok.eval.recon import psnr
+from maetok.io.pretrained import load_tokenizer, save_pretrained
 from maetok.tokenizer import MAETok
 from maetok.tokenizer.masking import random_patch_mask, sample_mask_ratio
 from maetok.tokenizer.model import patchify, unpatchify
-from maetok.io.pretrained import load_tokenizer, save_pretrained
 
 
 def tiny_cfg(**kw) -> TokenizerConfig:
@@ -57,7 +59,7 @@ def test_mask_ratio_distribution_is_truncated_normal():
 @pytest.mark.parametrize("mean", [0.75, 0.25])
 def test_mask_ratio_with_the_mean_outside_the_range_is_still_the_truncated_normal(mean: float):
     """N(mean, 0.02) truncated to [0.4, 0.6], the mean 7.5 standard deviations out: the mass piles up at the near
-    end (a uniform draw, the old fallback, would have mean 0.5). Expected mean in closed form:
+    end (a uniform draw over the range would have mean 0.5). Expected mean in closed form:
     mean + std * (pdf(a) - pdf(b)) / P(a <= Z <= b), the probability from the tail the range lies in."""
     std = 0.02
     cfg = MaskConfig(ratio_mean=mean, ratio_std=std)
@@ -142,9 +144,6 @@ def test_bad_input_names_the_shape():
 
 def test_tiny_tokenizer_overfits_a_batch():
     """8 images, a few hundred steps on CPU: reconstruction PSNR rises by at least 10 dB (well under a minute)."""
-    from maetok.data import open_dataset
-    from maetok.eval.recon import psnr
-
     ds = open_dataset("shapes", split="train", image_size=16)
     x = torch.stack([ds[i][0] for i in range(8)])
     cfg = tiny_cfg(variant="ae", enc_width=64, dec_width=64, enc_heads=4, dec_heads=4)

@@ -2,6 +2,9 @@
 
 Everything attends through `F.scaled_dot_product_attention` (fused kernels on every device), including the
 RoPE paths: the rotation is applied to q and k before the call, so no explicit softmax(QK^T) is ever formed.
+
+A formula computed otherwise than as written (for speed, memory or exact rounding) goes through a named layer
+or function whose docstring gives the plain formula; tests/test_layers.py checks each against it.
 """
 from __future__ import annotations
 
@@ -144,12 +147,11 @@ class PatchConv2d(nn.Conv2d):
     """A patch embedding (a convolution with stride = kernel, no padding) computed as one matmul over the
     non-overlapping patches: the same parameters, state-dict keys and output as `nn.Conv2d`, rounding aside.
 
-    On CUDA only: cuDNN's strided convolution took ~0.9 ms per call in a compiled maetok-b-128 step on an H200,
-    far more than a matmul of its FLOPs should (`benchmarks/gpu.py --part micro` times the two). On the CPU
-    oneDNN's convolution is as fast, and its rounding does not depend on the batch size (the matmul's does, so
-    sharded and single-process results would differ in the last bits), so the CPU keeps it. The matmul's output
-    (B, C_out, H/p, W/p) is a view of a channels-last result, so `flatten(2).transpose(1, 2)` (what every ViT
-    does next) gives (B, N, C_out) with no copy."""
+    On CUDA only, where cuDNN's strided convolution takes far longer than a matmul of its FLOPs
+    (`benchmarks/gpu.py --part micro` times the two). On the CPU oneDNN's convolution is as fast, and its rounding
+    does not depend on the batch size (the matmul's does, so sharded and single-process results would differ in
+    the last bits), so the CPU keeps it. The matmul's output (B, C_out, H/p, W/p) is a view of a channels-last
+    result, so `flatten(2).transpose(1, 2)` (what every ViT does next) gives (B, N, C_out) with no copy."""
 
     def __init__(self, in_channels: int, out_channels: int, patch_size: int, bias: bool = True):
         super().__init__(in_channels, out_channels, patch_size, patch_size, bias=bias)
@@ -217,9 +219,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None = None,
-                rope_start: int = 0, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+                rope_start: int = 0, folded_layerscale: torch.Tensor | None = None) -> torch.Tensor:
         """rope: (cos, sin) of shape ([heads,] N_rope, head_dim/2), or their table from `rope_table`.
-        out_scale: a per-channel factor folded into the output projection (LayerScale without its own pass)."""
+        folded_layerscale: LayerScale's gamma, folded into the output projection (`linear_with_folded_scale`)."""
         B, N, C = x.shape
         # (B, N, H, D) views of the projection; unbind (not slicing) so that the backward stacks the three
         # gradients into one tensor instead of zero-filling and summing one per slice.
@@ -231,7 +233,7 @@ class Attention(nn.Module):
             q, k = rotate_pairs(q, table), rotate_pairs(k, table)
         # SDPA takes the strided (B, H, N, D) views as they are and lays its output out as (B, N, H, D).
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return _linear(out.transpose(1, 2).reshape(B, N, C), self.proj, out_scale)
+        return linear_with_folded_scale(out.transpose(1, 2).reshape(B, N, C), self.proj, folded_layerscale)
 
 
 def _token_major(table: torch.Tensor) -> torch.Tensor:
@@ -241,15 +243,6 @@ def _token_major(table: torch.Tensor) -> torch.Tensor:
     return table.transpose(0, 1).contiguous()
 
 
-def _linear(x: torch.Tensor, layer: nn.Linear, out_scale: torch.Tensor | None) -> torch.Tensor:
-    """layer(x) * out_scale, with the scale applied to the (small) weight and bias instead of the activation:
-    saves a full pass over the output forward and two backward (same function, rounding aside)."""
-    if out_scale is None:
-        return layer(x)
-    bias = None if layer.bias is None else layer.bias * out_scale
-    return F.linear(x, layer.weight * out_scale[:, None], bias)
-
-
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, approximate_gelu: bool = False):
         super().__init__()
@@ -257,13 +250,10 @@ class Mlp(nn.Module):
         self.act = nn.GELU(approximate="tanh" if approximate_gelu else "none")
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.fc1(x)
-        if torch.is_grad_enabled() and h.requires_grad:
-            h = self.act(h)
-        else:  # inference: in place on the fresh hidden tensor (the largest in the block): no new allocation
-            h = torch.ops.aten.gelu_(h, approximate=self.act.approximate)
-        return _linear(h, self.fc2, out_scale)
+    def forward(self, x: torch.Tensor, folded_layerscale: torch.Tensor | None = None) -> torch.Tensor:
+        """fc2(gelu(fc1(x))); folded_layerscale: LayerScale's gamma, folded into fc2 (`linear_with_folded_scale`)."""
+        h = gelu_in_place_without_grad(self.fc1(x), self.act.approximate)
+        return linear_with_folded_scale(h, self.fc2, folded_layerscale)
 
 
 class SwiGLU(nn.Module):
@@ -289,21 +279,66 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Kernels: a plain formula (in the docstring) computed with less memory traffic
+# --------------------------------------------------------------------------------------------------------------
+def linear_with_folded_scale(x: torch.Tensor, layer: nn.Linear, scale: torch.Tensor | None) -> torch.Tensor:
+    """layer(x) * scale (plain layer(x) when scale is None), with the per-channel scale applied to the (small)
+    weight and bias instead of the output: it saves a full pass over the output forward and two backward. The same
+    function, not the same rounding: the scale is rounded into each weight before the matmul instead of into the
+    output after it."""
+    if scale is None:
+        return layer(x)
+    bias = None if layer.bias is None else layer.bias * scale
+    return F.linear(x, layer.weight * scale[:, None], bias)
+
+
+def gelu_in_place_without_grad(h: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """F.gelu(h, approximate), for a fresh activation `h` that nothing else holds. Where autograd does not track
+    it (inference), the result is written over `h`: no new allocation for the largest tensor of an MLP."""
+    if torch.is_grad_enabled() and h.requires_grad:
+        return F.gelu(h, approximate=approximate)
+    return torch.ops.aten.gelu_(h, approximate=approximate)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# adaLN modulation
+# --------------------------------------------------------------------------------------------------------------
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """DiT adaLN: x * (1 + scale) + shift, with (B, C) or (B, N, C) modulation."""
     if shift.dim() == 2:
         shift, scale = shift.unsqueeze(1), scale.unsqueeze(1)
-    # Not torch.addcmul: it fuses into an FMA and would move the official parity off bit-exactness.
-    return add_into(x * (1 + scale), shift)
+    # A multiply, then an add, as the official SiT: torch.addcmul would fuse them into one FMA, which rounds once
+    # instead of twice, and the parity with the official model is bit-exact.
+    return x * (1 + scale) + shift
 
 
-def add_into(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """fresh + other, written into `fresh` (a temporary that no backward formula needs, e.g. a product's output)
-    when that keeps the result's shape and dtype: one allocation and one cold pass over memory fewer."""
-    if fresh.dtype == torch.promote_types(fresh.dtype, other.dtype) and \
-            fresh.shape == torch.broadcast_shapes(fresh.shape, other.shape):
-        return fresh.add_(other)
-    return fresh + other
+def modulate_latents(h: torch.Tensor, n_img: int, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`h` (B, n_img + L, C), a sequence [image tokens; L latent tokens], with the latent tokens modulated by the
+    latent: cat([h[:, :n_img], h[:, n_img:] * scale + shift]) (MAETok's decoder: a plain scale, not 1 + scale).
+
+    Its own backward writes the input gradient with one concatenation, where autograd's (cat, then two slices of
+    h) zero-fills two full-size gradients and sums them: the latent rows are a small part of the sequence."""
+    return _ModulateLatents.apply(h, shift, scale, n_img)
+
+
+class _ModulateLatents(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
+        ctx.save_for_backward(h, scale)
+        ctx.n, ctx.shift_dtype = n, shift.dtype  # under autocast the modulation is bf16 while h is float32
+        return torch.cat([h[:, :n], h[:, n:] * scale + shift], dim=1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        h, scale = ctx.saved_tensors
+        n = ctx.n
+        g_lat = grad[:, n:]
+        grad_h = torch.cat([grad[:, :n], g_lat * scale], dim=1).to(h.dtype) if ctx.needs_input_grad[0] else None
+        grad_shift = g_lat.to(ctx.shift_dtype) if ctx.needs_input_grad[1] else None
+        grad_scale = (g_lat * h[:, n:]).to(scale.dtype) if ctx.needs_input_grad[2] else None
+        return grad_h, grad_shift, grad_scale, None
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -60,6 +60,8 @@ def _combine(out: torch.Tensor, guided: bool, cfg_scale: float) -> torch.Tensor:
 
 
 def _prepare(model, noise, y, cfg_scale, null_label):
+    """Checks made once per run (guidance settings, the labels' shape and range); returns the state at t = 1 in
+    the state dtype, the model's input dtype and the null label."""
     if getattr(model, "training", False):
         warnings.warn("sampling a model in training mode (label dropout is active); call model.eval() first",
                       stacklevel=3)
@@ -75,7 +77,7 @@ def _prepare(model, noise, y, cfg_scale, null_label):
                          f"{tuple(y.shape)}")
     num_classes = getattr(getattr(model, "config", None), "num_classes", None)
     if y is not None and isinstance(num_classes, int) and num_classes > 0:
-        check_labels(y, num_classes, null_label=True)  # once per run: a compiled model skips its per-call check
+        check_labels(y, num_classes, null_label=True)  # once per run: the model itself checks shapes only
     return noise.to(state_dtype(noise.device)), _input_dtype(model, noise), null_label
 
 

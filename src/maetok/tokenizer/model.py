@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ConfigError, TokenizerConfig
-from ..layers import Attention, LayerScale, Mlp, PatchConv2d, RoPEMixed
+from ..layers import Attention, LayerScale, Mlp, PatchConv2d, RoPEMixed, modulate_latents
 from .masking import random_patch_mask, sample_mask_ratio
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Encoder
@@ -34,11 +36,11 @@ class EncoderBlock(nn.Module):
         self.mlp = Mlp(width, int(width * mlp_ratio))
         self.ls2 = LayerScale(width, ls_init)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | torch.Tensor,
-                rope_start: int) -> torch.Tensor:
-        # LayerScale is folded into the output projections' weights: no pass over the activations of its own.
-        x = x + self.attn(self.norm1(x), rope, rope_start, out_scale=self.ls1.gamma)
-        return x + self.mlp(self.norm2(x), out_scale=self.ls2.gamma)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        # x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))), each LayerScale folded into its branch's output
+        # projection: no pass over the activations of its own (the same function, another rounding).
+        x = x + self.attn(self.norm1(x), rope, folded_layerscale=self.ls1.gamma)
+        return x + self.mlp(self.norm2(x), folded_layerscale=self.ls2.gamma)
 
 
 class Encoder(nn.Module):
@@ -73,7 +75,10 @@ class Encoder(nn.Module):
         # RoPE on the patches [1, 1 + N) only: identity rotations elsewhere, so tables cover the whole sequence.
         tables = self.rope.tables(x.shape[1], start=1)
         for i, block in enumerate(self.blocks):
-            x = _maybe_checkpoint(block, self.grad_checkpointing, x, tables[i], 0)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, tables[i], use_reentrant=False)
+            else:
+                x = block(x, tables[i])
         latents = self.norm(x)[:, -self.latent_tokens.shape[1]:]
         return self.to_latent(latents)
 
@@ -99,36 +104,8 @@ class DecoderBlock(nn.Module):
                 rope: tuple[torch.Tensor, torch.Tensor] | torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(z).chunk(4, dim=-1)
         n_img = x.shape[1] - z.shape[1]
-        x = x + self.attn(_modulate_latents(self.norm1(x), n_img, shift_msa, scale_msa), rope, 0)
-        return x + self.mlp(_modulate_latents(self.norm2(x), n_img, shift_mlp, scale_mlp))
-
-
-def _modulate_latents(h: torch.Tensor, n_img: int, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """h with its latent rows [n_img:] replaced by h * scale + shift."""
-    return _ModulateLatents.apply(h, shift, scale, n_img)
-
-
-class _ModulateLatents(torch.autograd.Function):
-    """Forward as `cat([h[:, :n], h[:, n:] * scale + shift])`. The backward writes the input gradient with one
-    concatenation, where autograd's own (cat, then two slices of h) zero-fills two full-size gradients and sums
-    them; the latent rows are a small part of the sequence, the image rows most of it."""
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
-        ctx.save_for_backward(h, scale)
-        ctx.n, ctx.shift_dtype = n, shift.dtype  # under autocast the modulation is bf16 while h is float32
-        return torch.cat([h[:, :n], h[:, n:] * scale + shift], dim=1)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        h, scale = ctx.saved_tensors
-        n = ctx.n
-        g_lat = grad[:, n:]
-        grad_h = torch.cat([grad[:, :n], g_lat * scale], dim=1).to(h.dtype) if ctx.needs_input_grad[0] else None
-        grad_shift = g_lat.to(ctx.shift_dtype) if ctx.needs_input_grad[1] else None
-        grad_scale = (g_lat * h[:, n:]).to(scale.dtype) if ctx.needs_input_grad[2] else None
-        return grad_h, grad_shift, grad_scale, None
+        x = x + self.attn(modulate_latents(self.norm1(x), n_img, shift_msa, scale_msa), rope)
+        return x + self.mlp(modulate_latents(self.norm2(x), n_img, shift_mlp, scale_mlp))
 
 
 class LatentModulatedNorm(nn.Module):
@@ -141,7 +118,7 @@ class LatentModulatedNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(z).chunk(2, dim=-1)
-        return _modulate_latents(self.norm(x), x.shape[1] - z.shape[1], shift, scale)
+        return modulate_latents(self.norm(x), x.shape[1] - z.shape[1], shift, scale)
 
 
 class LatentDecoder(nn.Module):
@@ -172,15 +149,12 @@ class LatentDecoder(nn.Module):
         x = torch.cat([queries, self.from_latent(z) + self.latent_pos_embed], dim=1)
         tables = self.rope.tables(x.shape[1], start=0)  # image slots [0, N) rotated, latents not
         for i, block in enumerate(self.blocks):
-            x = _maybe_checkpoint(block, self.grad_checkpointing, x, z, tables[i])
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, z, tables[i], use_reentrant=False)
+            else:
+                x = block(x, z, tables[i])
         x = self.final_norm(x, z)
         return self.head(x[:, :self.num_image_tokens])
-
-
-def _maybe_checkpoint(block: nn.Module, enabled: bool, *args):
-    if enabled and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-    return block(*args)
 
 
 def unpatchify(tokens: torch.Tensor, patch: int, grid: tuple[int, int], channels: int) -> torch.Tensor:

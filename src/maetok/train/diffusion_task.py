@@ -27,9 +27,6 @@ class DiffusionTask(Task):
         self.tokenizer = tokenizer.to(device).eval().requires_grad_(False) if tokenizer is not None else None
         self.model = SiT.from_config(cfg.model).to(device)
         self.model.transport_path = cfg.transport.path  # saved with the weights (and the EMA copy's), for the SDE
-        # The labels are checked on the host in `check_batch`; SiT's own per-call check would sync the device at
-        # every step.
-        self.model.check_label_values = False
         self.losses: list[tuple[int, float]] = []
         self.preview_labels = None
         if cfg.model.num_classes:
@@ -51,6 +48,7 @@ class DiffusionTask(Task):
         return z, (y.long() if self.cfg.model.num_classes else None)
 
     def check_batch(self, batch: Any) -> None:
+        """The labels' range, on the host before the batch moves (SiT checks shapes only)."""
         n = self.cfg.model.num_classes
         if not n:
             return
