@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from maetok.cli import _train, build_parser, main
+from maetok.cli import build_parser, main
+from maetok.commands.training import run_training
 from maetok.config import SiTConfig, TokenizerConfig
 from maetok.io.pretrained import load_sit, load_tokenizer, save_pretrained
 
@@ -265,7 +266,7 @@ def test_convert_refuses_to_overwrite_without_force(models, tmp_path):
 
 
 def test_sample_with_the_wrong_tokenizer_fails_before_sampling(models, monkeypatch):
-    import maetok.diffusion.generate as G
+    import maetok.eval.generate as G
 
     def no_sampling(*args, **kwargs):
         raise AssertionError("sampling started")
@@ -304,7 +305,7 @@ def test_training_summary_printed_by_rank_0_only(monkeypatch, capsys, rank, prin
         return {"finished": True, "step": 3}
 
     args = argparse.Namespace(config="cpu-32", overrides=[], out="o", resume=False, force=False, device="cpu")
-    assert _train(args, TokenizerRunConfig, fake_run) == 0
+    assert run_training(args, TokenizerRunConfig, fake_run) == 0
     out = capsys.readouterr().out
     assert (json.loads(out) == {"finished": True, "step": 3}) if printed else out == ""
 
@@ -312,7 +313,7 @@ def test_training_summary_printed_by_rank_0_only(monkeypatch, capsys, rank, prin
 def test_from_pretrained_of_a_missing_local_folder_says_so(tmp_path, monkeypatch):
     # The Python API follows the CLI's rule: "runs/nonexist" is a mistyped local folder when runs/ exists here,
     # not a hub id to download.
-    from maetok.nets import hub
+    from maetok.io import hub
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()

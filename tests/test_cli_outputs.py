@@ -157,7 +157,7 @@ def test_sample_refuses_existing_samples_and_force_replaces_them(models):
 @pytest.mark.parametrize("option, words", [(["--cfg", "1.5"], ["--cfg 1.5", "class-conditional", "use --cfg 1"]),
                                            (["--balanced"], ["--balanced", "no classes to balance"])])
 def test_sample_refuses_guidance_and_balance_without_classes(models, monkeypatch, option, words):
-    import maetok.diffusion.generate as G
+    import maetok.eval.generate as G
 
     monkeypatch.setattr(G, "sample", lambda *a, **k: pytest.fail("sampling started"))
     line = refused("sample", "--model", models["sit-uncond"], "--tokenizer", models["tok"], *option, "--out", "s",

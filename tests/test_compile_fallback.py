@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from maetok.train.loop import CompiledOrEager
+from maetok.train.compiled import CompiledOrEager
 
 
 def test_a_compile_failure_falls_back_to_eager_once(failing_compile, caplog):

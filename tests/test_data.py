@@ -19,6 +19,7 @@ from PIL import Image
 from maetok.data import (DatasetError, ImageDecodeError, ShapesDataset, decode_image, load_image_file,
                          make_image_grid, open_dataset, save_image_grid)
 from maetok.data import datasets as D
+from maetok.data import decoded_cache
 
 RNG = np.random.default_rng(0)
 
@@ -414,7 +415,7 @@ def test_decoded_arrays_are_cached_and_invalidated(tmp_path, monkeypatch):
         raise AssertionError("decoded although the cache is valid")
 
     with monkeypatch.context() as m:
-        m.setattr(D, "decode_image", no_decoding)
+        m.setattr(decoded_cache, "decode_image", no_decoding)
         again = open_dataset(f"zip:{path}", "train", 8, cache_dir=cache)
         assert again.cache_path == first.cache_path
         assert all(torch.equal(again[i][0], first[i][0]) and again[i][1] == first[i][1] for i in range(len(first)))

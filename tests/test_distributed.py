@@ -223,7 +223,7 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(ddp: DDPRun):
 @pytest.mark.parametrize("sampler", ["euler", "heun"])
 def test_sharded_sampling_equals_single_process(ddp: DDPRun, tmp_path: Path, sampler: str):
     from maetok.config import SampleConfig
-    from maetok.diffusion.generate import generate_to_dir
+    from maetok.eval.generate import generate_to_dir
 
     folder = ddp.check("sample") / sampler
     model, tok = load_sit(ddp.inputs / "sit"), load_tokenizer(ddp.inputs / "tok")

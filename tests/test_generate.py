@@ -9,7 +9,7 @@ import torch
 
 from maetok.config import ConfigError, SampleConfig, TokenizerRunConfig, load_config
 from maetok.diffusion import SiT, sit_config
-from maetok.diffusion.generate import generate, generate_to_dir
+from maetok.eval.generate import generate, generate_to_dir
 from maetok.tokenizer import MAETok
 from maetok.io.pretrained import load_sit, save_pretrained
 
@@ -55,7 +55,7 @@ def test_an_error_of_the_model_itself_is_not_taken_for_a_compiler_failure(passth
 
 def test_labels_out_of_range_are_refused_once_before_sampling():
     sit, tok = _models()
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\]"):  # the sampler checks: a compiled SiT does not
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\]"):  # the sampler checks: SiT checks shapes only
         generate(sit, tok, 4, CFG, torch.full((4,), 99), batch_size=4, progress=False)
 
 
@@ -71,7 +71,7 @@ def test_compiled_sampling_gives_the_eager_images():
 
 def test_the_sde_converts_velocity_to_score_on_the_path_the_model_was_trained_on(tmp_path, monkeypatch):
     """The score the SDE needs depends on the interpolant; the model folder records it and sampling uses it."""
-    import maetok.diffusion.generate as gen_module
+    import maetok.eval.generate as gen_module
 
     sit, tok = _models()
     sit.transport_path = "cosine"

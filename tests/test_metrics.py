@@ -416,7 +416,7 @@ def test_lpips_random_init_shapes_and_missing_weights(tmp_path):
 
 def test_reconstruction_metrics_skip_lpips_with_a_reason(monkeypatch, tmp_path):
     monkeypatch.setenv("MAETOK_SHARED_DATA", str(tmp_path))  # no LPIPS files there
-    from maetok.nets import hub
+    from maetok.io import hub
 
     monkeypatch.setattr(hub, "shared_data_dir", lambda: tmp_path)
     metrics = ReconstructionMetrics()

@@ -1,8 +1,9 @@
 """Datasets and image files: `open_dataset(spec)` for every source, PNG grids, robust single-image loading."""
-from .datasets import (ArrayDataset, DatasetError, ImageDataset, LazyImageDataset, class_count,
-                       open_dataset, parse_spec)
+from .datasets import open_dataset, parse_spec
+from .image_datasets import ArrayDataset, ImageDataset, LazyImageDataset, class_count
 from .images import (ImageDecodeError, decode_image, float_to_uint8, load_image_file, make_image_grid,
                      resize_center_crop, save_image_grid, to_rgb, uint8_to_float)
+from .layout import DatasetError
 from .shapes import SHAPE_CLASSES, ShapesDataset
 
 __all__ = ["open_dataset", "parse_spec", "class_count", "ImageDataset", "ArrayDataset",

@@ -16,10 +16,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..io.files import atomic_write_bytes, save_safetensors
-from ..io.distributed import DistInfo, barrier
+from ..config import to_dict
 from ..diffusion.labels import check_labels
-from .datasets import DatasetError, class_count
+from ..io.distributed import DistInfo, barrier
+from ..io.files import atomic_write_bytes, save_safetensors
+from ..progress import progress_bar
+from .image_datasets import class_count
+from .layout import DatasetError
 
 
 META, REQUEST = "meta.json", "request.json"
@@ -45,9 +48,6 @@ def cache_latents(tokenizer, dataset, out_dir: str | Path, batch_size: int = 64,
     written by rank 0 once every shard is on disk. Every rank must see the same `out_dir` (a shared filesystem
     across nodes). Shard names depend only on (len(dataset), shard_size), so an interrupted cache can be
     finished with any number of ranks."""
-    from ..config import to_dict
-    from ..progress import progress_bar
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer.to(device).eval()

@@ -13,6 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from ..io.files import save_safetensors
+from ..progress import progress_bar
+
 
 class SmallCNN(nn.Module):
     def __init__(self, num_classes: int, width: int = 16, feature_dim: int = 64):
@@ -35,8 +38,6 @@ class SmallCNN(nn.Module):
 
     def save(self, out_dir: Path, meta: dict) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        from ..io.files import save_safetensors
-
         save_safetensors({k: v.contiguous() for k, v in self.state_dict().items()}, out_dir / "model.safetensors")
         (out_dir / "config.json").write_text(json.dumps({"num_classes": self.num_classes, "width": self.width,
                                                          "feature_dim": self.feature_dim, **meta}, indent=2))
@@ -52,8 +53,6 @@ class SmallCNN(nn.Module):
 def train_classifier(train_set, test_set, num_classes: int, steps: int = 600, batch_size: int = 64,
                      lr: float = 2e-3, seed: int = 0, progress: bool = True) -> tuple[SmallCNN, float]:
     """Train on `train_set` ((image, label) pairs), return the model and its held-out top-1 accuracy."""
-    from ..progress import progress_bar
-
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = SmallCNN(num_classes)

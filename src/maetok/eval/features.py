@@ -21,9 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..nets.resnet_cifar import ResNetCifar
-from ..progress import progress_bar
 from ..io.distributed import DistInfo, all_gather_list, shard_range
+from ..io.hub import find_weights
+from ..nets.inception import INPUT_SIZE, build_fid_inception
+from ..nets.resnet_cifar import ResNetCifar, build_resnet_cifar
+from ..progress import progress_bar
 
 
 @dataclass
@@ -120,17 +122,12 @@ def wrap_feature_net(module: nn.Module, name: str, input_size: int | None = None
 
 
 def _inception(path: str | Path | None = None, allow_download: bool = True) -> FeatureNet:
-    from ..nets.inception import INPUT_SIZE, build_fid_inception
-
     return FeatureNet(build_fid_inception(path, allow_download), "inception", INPUT_SIZE, has_logits=False,
                       resizes_itself=True)
 
 
 def _resnet_cifar(arch: str) -> Callable[..., FeatureNet]:
     def factory(weights: str | Path | None = None, pretrained: bool = True) -> FeatureNet:
-        from ..io.hub import find_weights
-        from ..nets.resnet_cifar import build_resnet_cifar
-
         path = None
         if pretrained:
             path = find_weights(f"{arch}-cifar10 feature net", weights, f"cifar10-{arch}.safetensors",

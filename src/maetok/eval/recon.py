@@ -13,6 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..io.distributed import all_gather_list
+from ..io.hub import MissingWeightsError
+from ..nets.lpips import build_lpips
 from .fid import metric_name
 
 
@@ -90,9 +93,6 @@ class ReconstructionMetrics:
         self.value_range, self.lpips_skipped = value_range, None
         self.lpips = None
         if lpips == "auto":
-            from ..io.hub import MissingWeightsError
-            from ..nets.lpips import build_lpips
-
             try:
                 self.lpips = build_lpips()
             except MissingWeightsError as e:
@@ -115,8 +115,6 @@ class ReconstructionMetrics:
 
     def all_gather(self, info) -> None:
         """Sharded evaluation under torchrun: every rank's per-image values, in rank order, on every rank."""
-        from ..io.distributed import all_gather_list
-
         mine = [{k: torch.cat(v) if v else torch.empty(0, dtype=torch.float64) for k, v in self._values.items()}]
         parts = all_gather_list(mine, info)
         self._values = {k: [p[k] for p in parts if len(p[k])] for k in self._values}

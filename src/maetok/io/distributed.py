@@ -8,6 +8,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -41,8 +43,6 @@ def init_distributed(device: str = "auto", timeout: timedelta | None = None) -> 
     """
     family = device.partition(":")[0]
     if family == "cuda" and not torch.cuda.is_available():
-        from ..config import ConfigError
-
         # Asked for explicitly: running on the CPU instead would cost days without a word.
         raise ConfigError(f"device 'cuda' requested but CUDA is not available (torch {torch.__version__}); use "
                           f"device 'cpu' or 'auto'")

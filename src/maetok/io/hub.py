@@ -65,7 +65,7 @@ def find_weights(what: str, local: str | Path | None, filename: str | None = Non
 def hub_download(repo_id: str, filename: str, what: str) -> Path:
     """Download one file from the Hugging Face hub, turning offline failures into a message a person can act on."""
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download  # optional dependency (maetok[teachers])
     except ImportError as e:  # pragma: no cover - depends on the install
         raise MissingWeightsError(f"{what}: huggingface_hub is not installed (pip install 'maetok[teachers]'), "
                                   f"or download {repo_id}/{filename} yourself and pass its local path.") from e

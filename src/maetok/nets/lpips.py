@@ -39,6 +39,7 @@ class _LinearHead(nn.Module):
 class LPIPS(nn.Module):
     def __init__(self):
         super().__init__()
+        # Optional dependency: torchvision comes with the `teachers` extra, and only LPIPS needs it here.
         from torchvision.models.vgg import cfgs, make_layers
 
         # vgg16().features without building the (large, unused) classifier; same module indices.

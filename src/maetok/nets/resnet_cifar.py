@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..io.hub import load_safetensors_strict
+
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
 DEPTH_BLOCKS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18}
@@ -74,7 +76,5 @@ def build_resnet_cifar(arch: str = "resnet56", weights: str | Path | None = None
         raise ValueError(f"unknown CIFAR ResNet {arch!r}; choose one of {sorted(DEPTH_BLOCKS)}")
     model = ResNetCifar(DEPTH_BLOCKS[arch])
     if weights is not None:
-        from ..io.hub import load_safetensors_strict
-
         load_safetensors_strict(model, weights)
     return model.eval()

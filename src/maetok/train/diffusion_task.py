@@ -12,11 +12,13 @@ import torch
 import torch.nn as nn
 
 from ..config import DiffusionRunConfig
+from ..data.images import save_image_grid
 from ..diffusion.labels import check_labels
+from ..diffusion.samplers import sample
 from ..diffusion.sit import SiT
 from ..diffusion.transport import training_loss
-from .loop import Task, pick_flipped
 from ..io.pretrained import save_pretrained
+from .loop import Task, pick_flipped
 
 
 class DiffusionTask(Task):
@@ -60,8 +62,6 @@ class DiffusionTask(Task):
 
     @torch.no_grad()
     def sample_images(self, model: nn.Module, n: int, seed: int, labels: torch.Tensor | None = None) -> torch.Tensor:
-        from ..diffusion.samplers import sample
-
         g = torch.Generator().manual_seed(seed)
         shape = (n, self.cfg.model.num_tokens, self.cfg.model.in_channels)
         noise = torch.randn(shape, generator=g).to(self.device)
@@ -73,8 +73,6 @@ class DiffusionTask(Task):
     def write_images(self, ema_model: nn.Module, step: int, out_dir: Path) -> None:
         if self.tokenizer is None:
             return
-        from ..data.images import save_image_grid
-
         n = 16
         images = self.sample_images(ema_model, n, seed=self.cfg.sample.seed, labels=self.preview_labels)
         save_image_grid(images.cpu(), out_dir / "images" / f"samples_{step:08d}.png", nrow=8)

@@ -18,9 +18,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,11 +30,14 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..config import ConfigError, OptimConfig, TrainConfig, dump_yaml
+from ..config import ConfigError, TrainConfig, dump_yaml
 from ..device import to_device
 from ..io.checkpoint import latest_checkpoint, load_checkpoint, remove_stale_temporaries, save_checkpoint
-from ..io.files import atomic_write_bytes, code_version
 from ..io.distributed import DistInfo, all_reduce_max_each, all_reduce_mean
+from ..io.files import atomic_write_bytes, code_version
+from ..progress import progress_bar
+from .compiled import CompiledOrEager, autocast_for
+from .optim import build_optimizer, ema_decay_at, ema_update, lr_factor
 
 log = logging.getLogger("maetok.train")
 
@@ -115,123 +118,6 @@ class StepBatchSampler(Sampler[list[int]]):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Optimisation helpers
-# --------------------------------------------------------------------------------------------------------------
-def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr_ratio (or constant). A pure function of step: resume-exact."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return 1.0
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases, norms, embeddings and tokens (1-D or named like them)."""
-    decay, no_decay = [], []
-    for p in params:
-        (decay if p.dim() >= 2 and p.numel() > 0 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # One fused kernel for the whole update on GPU instead of several per parameter.
-    fused = bool(params) and all(p.is_cuda for p in params)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    ema_params = dict(ema.named_parameters())
-    pairs = [(ema_params[name], p.detach()) for name, p in model.named_parameters()]
-    # One multi-tensor kernel instead of one launch per parameter (hundreds per step on GPU).
-    torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1.0 - decay)
-    ema_bufs = dict(ema.named_buffers())
-    for name, b in model.named_buffers():
-        ema_bufs[name].copy_(b)
-
-
-def ema_decay_at(step: int, target: float) -> float:
-    """Warm the EMA up so short runs are not dominated by the random init."""
-    return min(target, (1 + step) / (10 + step))
-
-
-def uses_bf16(device: torch.device, precision: str) -> bool:
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
-
-
-def autocast_for(device: torch.device, precision: str):
-    if uses_bf16(device, precision):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
-
-
-def is_compile_error(e: Exception) -> bool:
-    """Whether `e` came from torch.compile (backend, lowering, unsupported op) rather than from the model."""
-    module = type(e).__module__
-    return "dynamo" in module or "inductor" in module or "compile" in str(e).lower()
-
-
-class CompiledOrEager:
-    """Calls a module through torch.compile, or eagerly where compilation is off, unavailable or fails.
-
-    torch.compile compiles at the first call (and at each new input shape), so that is where a missing C compiler
-    or an unsupported operator shows: the first such error is logged once and the eager module runs from then on.
-    The backward graph is lowered during that forward call too (torch otherwise lowers it at the first backward,
-    outside this wrapper, where a failure would end the run). Errors of the module itself propagate.
-    Attributes not defined here (parameters, config, training, null_label) are read from the module; calls that
-    change it (eval, to) go to the module and return the bare module, so set those up before wrapping.
-    compile_options go to torch.compile (e.g. dynamic=False)."""
-
-    def __init__(self, module: nn.Module, name: str, enabled: bool = True, **compile_options):
-        self._module, self._name, self._compiled = module, name, None
-        if enabled and can_compile():
-            try:
-                self._compiled = torch.compile(module, **compile_options)
-            except Exception as e:  # e.g. a Python version torch.compile does not support yet
-                log.warning("torch.compile unavailable for %s (%s: %s); running it eagerly", name,
-                            type(e).__name__, str(e)[:200])
-
-    @property
-    def eager(self) -> nn.Module:
-        return self._module
-
-    @property
-    def is_compiled(self) -> bool:
-        return self._compiled is not None
-
-    def __getattr__(self, name: str):
-        if name.startswith("_"):  # own attributes not set yet (copying, unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self._module, name)
-
-    def __call__(self, *args, **kwargs):
-        if self._compiled is not None:
-            try:
-                with _backward_lowered_in_forward():
-                    return self._compiled(*args, **kwargs)
-            except Exception as e:  # torch.compile raises many types (backend, lowering, unsupported ops)
-                if not is_compile_error(e):
-                    raise
-                log.warning("torch.compile failed for %s (%s: %s); running it eagerly", self._name,
-                            type(e).__name__, str(e)[:200])
-                self._compiled = None
-        return self._module(*args, **kwargs)
-
-
-def _backward_lowered_in_forward():
-    """A context in which torch.compile lowers a training graph's backward with its forward (a private switch
-    of torch's AOT autograd; a no-op on versions without it)."""
-    import contextlib
-
-    try:
-        from torch._functorch import config
-    except ImportError:  # pragma: no cover - torch without AOT autograd
-        return contextlib.nullcontext()
-    if "force_non_lazy_backward_lowering" in getattr(config, "_config", {}):
-        return config.patch(force_non_lazy_backward_lowering=True)
-    return contextlib.nullcontext()
-
-
-# --------------------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------------------
 class Trainer:
@@ -254,7 +140,9 @@ class Trainer:
         if dist_info.enabled:
             self.ddp_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[dist_info.local_rank] if dist_info.device.type == "cuda" else None)
-        self.forward_model = CompiledOrEager(self.ddp_model, "the model", enabled=train_cfg.compile)
+        compiled = CompiledOrEager(self.ddp_model, "the model", enabled=train_cfg.compile)
+        # Eager from the start (compile off or unavailable): the model itself, one call frame fewer per step.
+        self.forward_model = compiled if compiled.is_compiled else self.ddp_model
 
     # ----- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -294,7 +182,7 @@ class Trainer:
         torch.set_rng_state(rng["torch"].cpu())
         if self.dist.device.type == "cuda":
             own = rng.get("cuda_device")
-            if own is None and rng.get("cuda"):  # older checkpoints: one state per GPU visible then
+            if own is None and rng.get("cuda"):  # a checkpoint with one state per GPU it saw: this GPU's
                 index = self.dist.device.index if self.dist.device.index is not None else torch.cuda.current_device()
                 own = rng["cuda"][index] if index < len(rng["cuda"]) else None
             if own is not None:
@@ -355,10 +243,7 @@ class Trainer:
         """Train until cfg.steps (or a signal). Returns a summary; writes logs, images and checkpoints."""
         cfg, dev = self.cfg, self.dist.device
         if self.dist.is_main:
-            (self.out / "config.yaml").write_text(dump_yaml(self.run_config))
-            for name in remove_stale_temporaries(self.out / "checkpoints"):
-                log.warning("removed %s, left by a save that was killed", name)
-            _trim_log(self.out / "log.jsonl", self.step)
+            self._prepare_run_files()
         previous = self._install_signals() if _in_main_thread() else {}
         batches = self._loader()
         log_f = open(self.out / "log.jsonl", "a") if self.dist.is_main else None
@@ -379,10 +264,9 @@ class Trainer:
                     out = self.task.training_step(self.forward_model, batch, self.step)
                 loss = out["loss"]
                 self.optimizer.zero_grad(set_to_none=True)
-                # Backward runs before the loss is checked: one host sync per step (below), not a second one
-                # between forward and backward, which left a GPU idle while the host launched the backward (the
-                # two cost 8% of a compiled maetok-b-128 step on an H200). Loss and gradient norm are checked
-                # together, so a non-finite loss is skipped as before, even one whose gradients are finite.
+                # Backward runs before the loss is checked, so a step has one host sync (below) and the GPU is not
+                # left idle between forward and backward. Loss and gradient norm are checked together: a
+                # non-finite loss is skipped even when its gradients are finite.
                 loss.backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip or float("inf"))
                 bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(gnorm))
@@ -403,18 +287,8 @@ class Trainer:
                     self.step += 1
                     n_last += _batch_size(batch) * self.dist.world
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                        dt = time.perf_counter() - t_last
-                        record = {"step": self.step, "lr": lr, "grad_norm": float(gnorm),
-                                  "images_per_s": n_last / max(dt, 1e-9), **_scalars(out), **extra}
-                        record = {k: (float(all_reduce_mean(torch.tensor(v), self.dist)) if k.startswith("loss")
-                                      else v) for k, v in record.items()}
-                        if log_f:
-                            log_f.write(json.dumps(record) + "\n")
-                            log_f.flush()
-                        # Shown at the bar's next redraw: a forced one per record would defeat the bar's interval
-                        # in a log file (maetok.progress).
-                        progress.set_postfix(loss=f"{record['loss']:.4f}", ips=f"{record['images_per_s']:.1f}",
-                                             refresh=False)
+                        images_per_s = n_last / max(time.perf_counter() - t_last, 1e-9)
+                        self._log_step(log_f, progress, lr, gnorm, images_per_s, out, extra)
                         t_last, n_last = time.perf_counter(), 0
                 progress.update(1)
                 saved = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps
@@ -438,6 +312,29 @@ class Trainer:
             self.task.finish(self.ema, self.out)
         return {"step": self.step, "finished": finished, "skipped_steps": self.skipped_steps,
                 "stopped_by": self.stop_requested, "world_size": self.dist.world}
+
+    def _prepare_run_files(self) -> None:
+        """Before the first step (main process): the run's config, no temporaries of a killed save, and no log
+        records past the step the run continues from."""
+        (self.out / "config.yaml").write_text(dump_yaml(self.run_config))
+        for name in remove_stale_temporaries(self.out / "checkpoints"):
+            log.warning("removed %s, left by a save that was killed", name)
+        _trim_log(self.out / "log.jsonl", self.step)
+
+    def _log_step(self, log_f, progress, lr: float, gnorm: torch.Tensor, images_per_s: float,
+                  out: dict[str, Any], extra: dict[str, float]) -> None:
+        """One record of log.jsonl (losses averaged over the ranks, a collective every rank joins) and the
+        progress bar's figures."""
+        record = {"step": self.step, "lr": lr, "grad_norm": float(gnorm), "images_per_s": images_per_s,
+                  **_scalars(out), **extra}
+        record = {k: (float(all_reduce_mean(torch.tensor(v), self.dist)) if k.startswith("loss") else v)
+                  for k, v in record.items()}
+        if log_f:
+            log_f.write(json.dumps(record) + "\n")
+            log_f.flush()
+        # Shown at the bar's next redraw: a forced one per record would defeat the bar's interval in a log file
+        # (maetok.progress).
+        progress.set_postfix(loss=f"{record['loss']:.4f}", ips=f"{record['images_per_s']:.1f}", refresh=False)
 
     def _stop(self, signal_name: str, saved: bool) -> None:
         """The agreed stop: every rank stops after the same step, with rank 0's checkpoint of it (unless the step
@@ -504,24 +401,11 @@ def rank_step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed % 2**64, step, rank]).generate_state(1, np.uint64)[0])
 
 
-def can_compile() -> bool:
-    try:
-        import torch._dynamo  # noqa: F401
-        return True
-    except Exception:  # pragma: no cover
-        log.warning("torch.compile unavailable; running eagerly")
-        return False
-
-
 def _in_main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
 def _progress(total: int, start: int, enabled: bool):
-    from ..progress import progress_bar
-
     return progress_bar(total=total, initial=start, disable=not enabled, desc="train")
 
 

@@ -12,14 +12,20 @@ from typing import Any
 import torch
 import yaml
 
-from ..version import __version__
 from ..config import (ConfigError, TokenizerConfig, TokenizerRunConfig, apply_overrides, config_source, from_dict,
                       set_config_source, to_dict, without_validation)
+from ..data import class_count, open_dataset
+from ..data.datasets import parse_spec
+from ..data.latents import LatentDataset
+from ..eval.recon import psnr
 from ..io.checkpoint import checkpoint_config, latest_checkpoint
 from ..io.distributed import cleanup, init_distributed
-from ..io.rundir import RunDir, RunDirExists, check_run_flags, read_run_marker
-from .loop import Trainer, check_global_batch
 from ..io.pretrained import load_tokenizer, save_pretrained
+from ..io.rundir import RunDir, RunDirExists, check_run_flags, read_run_marker
+from ..version import __version__
+from .diffusion_task import DiffusionTask
+from .loop import Trainer, check_global_batch
+from .tokenizer_task import TokenizerTask, stage2_config
 
 log = logging.getLogger("maetok.train")
 
@@ -50,7 +56,7 @@ def setup_logging(out_dir: Path | None = None, is_main: bool = True,
     return None
 
 
-class _Held(logging.Handler):
+class _LogBuffer(logging.Handler):
     """Keeps the records logged before the run directory exists (it is made only once the setup succeeded)."""
 
     def __init__(self):
@@ -62,14 +68,12 @@ class _Held(logging.Handler):
 
 
 def _open_training_data(data_cfg, image_size: int):
-    from ..data import open_dataset
-
     # Flips happen in the training step on the main RNG (resumable), so the dataset never flips.
     return open_dataset(data_cfg.spec, split=data_cfg.split, image_size=image_size, random_flip=False,
                         strict=data_cfg.strict, limit=data_cfg.limit, cache_dir=data_cfg.cache_dir or None)
 
 
-class _Session:
+class _TrainingRun:
     """Process group, run directory and log file of one training.
 
     Everything that can fail on bad input (config, data, model) is built between `start` and `open_run`: only
@@ -77,8 +81,8 @@ class _Session:
     blocks the retry nor costs the old run.
     """
 
-    def __init__(self, out_dir: str | Path, resume: bool, force: bool, kind: str, info, held: _Held):
-        self.info, self.kind, self._held = info, kind, held
+    def __init__(self, out_dir: str | Path, resume: bool, force: bool, kind: str, info, early_logs: _LogBuffer):
+        self.info, self.kind, self._early_logs = info, kind, early_logs
         self._saved_config: dict[str, Any] | None = None
         self.log_file: logging.FileHandler | None = None  # train.log, once the run directory is open
         refused = None
@@ -120,8 +124,8 @@ class _Session:
                   "preset_path": source.preset_path if source else None,
                   "overrides": list(source.overrides) if source else None}
         out = self.run_dir.open(marker)
-        logging.getLogger("maetok").removeHandler(self._held)
-        self.log_file = setup_logging(out, self.info.is_main, self._held.records)
+        logging.getLogger("maetok").removeHandler(self._early_logs)
+        self.log_file = setup_logging(out, self.info.is_main, self._early_logs.records)
         return out
 
     @classmethod
@@ -129,15 +133,15 @@ class _Session:
     def start(cls, out_dir, resume: bool, force: bool, device: str, kind: str):
         check_run_flags(resume, force)
         info = init_distributed(device)
-        held = _Held()
+        early_logs = _LogBuffer()
         session = None
         try:
             setup_logging(None, info.is_main)
-            logging.getLogger("maetok").addHandler(held)
-            session = cls(out_dir, resume, force, kind, info, held)
+            logging.getLogger("maetok").addHandler(early_logs)
+            session = cls(out_dir, resume, force, kind, info, early_logs)
             yield session
         finally:
-            logging.getLogger("maetok").removeHandler(held)
+            logging.getLogger("maetok").removeHandler(early_logs)
             if session is not None:
                 session.run_dir.close()
                 if session.log_file is not None:  # what is logged after this run is not this run's
@@ -200,8 +204,6 @@ def _absolute(text: str) -> str:
     shared data folder and paths that do not exist stay as given."""
     if not text:
         return text
-    from ..data.datasets import parse_spec
-
     _, location = parse_spec(text)
     if not location or not Path(location).expanduser().exists():
         return text
@@ -276,20 +278,11 @@ def exit_status(summary: dict[str, Any]) -> int:
     return 1
 
 
-def _fit(task, cfg, dataset, out: Path, info, resume: bool) -> tuple[Trainer, dict[str, Any]]:
-    trainer = Trainer(task, cfg.train, dataset, out, cfg, info, num_workers=cfg.data.num_workers)
-    if resume:
-        trainer.try_resume()
-    return trainer, trainer.fit()
-
-
 def run_tokenizer(cfg: TokenizerRunConfig, out_dir: str | Path, resume: bool = False, force: bool = False,
                   device: str = "auto") -> dict[str, Any]:
     """Train a tokenizer; writes checkpoints, logs, PNG grids and the final EMA weights (`<out>/model`)."""
-    with _Session.start(out_dir, resume, force, device, "tokenizer") as session:
+    with _TrainingRun.start(out_dir, resume, force, device, "tokenizer") as session:
         info = session.info
-        from .tokenizer_task import TokenizerTask, stage2_config
-
         # A resumed run's weights come from its checkpoint, which also records stage 1's model config: stage 2
         # then needs nothing from decoder_ft.init_from, which may have moved since.
         saved = session.saved_config()
@@ -306,7 +299,10 @@ def run_tokenizer(cfg: TokenizerRunConfig, out_dir: str | Path, resume: bool = F
         log.info("tokenizer %s: %.2fM parameters (%s stage %d)", cfg.model.variant, n_params / 1e6,
                  "training" if cfg.stage == 1 else "decoder fine-tuning", cfg.stage)
         out = session.open_run(cfg)
-        trainer, summary = _fit(task, cfg, dataset, out, info, resume)
+        trainer = Trainer(task, cfg.train, dataset, out, cfg, info, num_workers=cfg.data.num_workers)
+        if resume:
+            trainer.try_resume()
+        summary = trainer.fit()
         if summary["finished"] and info.is_main:
             summary.update(finalize_tokenizer(trainer.ema, dataset, cfg, out, info.device))
         return summary
@@ -331,8 +327,6 @@ def measure_latent_stats(model, dataset, batches: int, batch_size: int, device) 
 
 def finalize_tokenizer(ema_model, dataset, cfg: TokenizerRunConfig, out: Path, device) -> dict[str, Any]:
     """Measure the latent statistics, store them with the EMA weights, and save `<out>/model`."""
-    from ..eval.recon import psnr
-
     mean, std = measure_latent_stats(ema_model, dataset, cfg.stats_batches, min(64, cfg.train.batch_size), device)
     ema_model.config.latent_mean, ema_model.config.latent_std = mean, std
     save_pretrained(ema_model, out / "model")
@@ -347,11 +341,7 @@ def finalize_tokenizer(ema_model, dataset, cfg: TokenizerRunConfig, out: Path, d
 def run_diffusion(cfg, out_dir: str | Path, resume: bool = False, force: bool = False,
                   device: str = "auto") -> dict[str, Any]:
     """Train SiT / LightningDiT on a latent cache (or on images encoded online); saves `<out>/model` (EMA)."""
-    from ..data import class_count
-    from ..data.latents import LatentDataset
-    from .diffusion_task import DiffusionTask
-
-    with _Session.start(out_dir, resume, force, device, "diffusion") as session:
+    with _TrainingRun.start(out_dir, resume, force, device, "diffusion") as session:
         info = session.info
         cfg = session.config(cfg)
         torch.manual_seed(cfg.train.seed)
@@ -410,4 +400,7 @@ def run_diffusion(cfg, out_dir: str | Path, resume: bool = False, force: bool = 
                  cfg.model.variant, sum(p.numel() for p in task.model.parameters()) / 1e6, len(dataset), *shape,
                  mean, std)
         out = session.open_run(cfg)
-        return _fit(task, cfg, dataset, out, info, resume)[1]
+        trainer = Trainer(task, cfg.train, dataset, out, cfg, info, num_workers=cfg.data.num_workers)
+        if resume:
+            trainer.try_resume()
+        return trainer.fit()

@@ -11,18 +11,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import (ConfigError, TokenizerConfig, TokenizerRunConfig, config_source, from_dict, set_config_source,
                       to_dict)
+from ..data.images import save_image_grid
 from ..io.hub import MissingWeightsError
 from ..io.pretrained import TOKENIZER_KIND, load_tokenizer
 from ..io.teachers import build_discriminator, build_perceptual
 from ..tokenizer.losses import LeCAM, adaptive_gan_weight, diff_augment, hinge_d_loss, hinge_g_loss, kl_loss, ramp
 from ..tokenizer.model import MAETok
 from ..tokenizer.targets import TargetLosses, build_target
-from .loop import CompiledOrEager, Task, pick_flipped, uses_bf16
+from .compiled import CompiledOrEager, uses_bf16
+from .loop import Task, pick_flipped
 
 log = logging.getLogger("maetok.train")
 
@@ -294,8 +297,6 @@ class TokenizerTask(Task):
     def write_images(self, ema_model: nn.Module, step: int, out_dir: Path) -> None:
         if self.preview is None:
             return
-        from ..data.images import save_image_grid
-
         x = self.preview.to(self.device)
         recon = ema_model.eval().decode(ema_model.encode(x)).clamp(-1, 1)
         # Row pairs: originals above their reconstructions.
@@ -308,8 +309,6 @@ class TokenizerTask(Task):
 
 
 def _average_grads_across_ranks(module: nn.Module) -> None:
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     for p in module.parameters():

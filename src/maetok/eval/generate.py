@@ -6,13 +6,20 @@ Output: an ADM-evaluator-compatible `.npz` (`arr_0` uint8 NHWC, `arr_1` labels) 
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ..config import ConfigError, SampleConfig, to_dict
-from .samplers import sample
+from ..data.images import save_image_grid
+from ..diffusion.samplers import sample
+from ..io.distributed import init_distributed, resolve_device
+from ..io.files import atomic_write_bytes
+from ..progress import progress_bar
+from ..train.compiled import CompiledOrEager
 
 SETTINGS_FILE = "sampling.json"  # beside samples.npz: how the samples were drawn
 
@@ -56,9 +63,6 @@ def generate(model, tokenizer, num: int, cfg: SampleConfig, labels: torch.Tensor
     """This rank's share: (indices, uint8 images NHWC). Sample i belongs to rank i % world.
     compile: run the diffusion model through torch.compile (eagerly if compilation fails), with static shapes:
     it compiles once per batch shape (guided steps double the batch; the last chunk may be smaller)."""
-    from ..progress import progress_bar
-    from ..train.loop import CompiledOrEager
-
     check_compatible(model, tokenizer)
     transport_path = getattr(model, "transport_path", "linear")  # what the SDE's score conversion assumes
     model = CompiledOrEager(model.to(device).eval(), "the diffusion model", enabled=compile, dynamic=False)
@@ -85,9 +89,6 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def write_samples(out_dir: Path, images: np.ndarray, labels: torch.Tensor | None, grid_count: int = 64) -> Path:
     """samples.npz (arr_0 uint8 NHWC [+ arr_1 labels]) and samples.png (the first `grid_count`)."""
-    from ..data.images import save_image_grid
-    from ..io.files import atomic_write_bytes
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     arrays = {"arr_0": images}
@@ -103,10 +104,6 @@ def write_samples(out_dir: Path, images: np.ndarray, labels: torch.Tensor | None
 def write_settings(out_dir: Path, num: int, cfg: SampleConfig, balanced: bool, num_classes: int,
                    extra: dict | None = None) -> Path:
     """sampling.json: what it takes to draw the same samples again (and to tell two sample folders apart)."""
-    import json
-
-    from ..io.files import atomic_write_bytes
-
     settings = {"num_samples": int(num), **to_dict(cfg), "balanced": bool(balanced),
                 "num_classes": int(num_classes), **(extra or {})}
     path = Path(out_dir) / SETTINGS_FILE
@@ -119,10 +116,6 @@ def generate_to_dir(model, tokenizer, num: int, cfg: SampleConfig, out_dir: Path
                     settings: dict | None = None, compile: bool = False) -> Path:
     """Full generation under torchrun or alone: every rank samples its share, rank 0 assembles the npz and writes
     sampling.json (the sampler settings, the count, and `settings`, e.g. the model and tokenizer paths)."""
-    import torch.distributed as dist
-
-    from ..io.distributed import init_distributed, resolve_device
-
     if num < 1:
         raise ConfigError(f"number of samples {num} must be >= 1")
     check_compatible(model, tokenizer)  # before joining the process group: every rank fails alike, at once
@@ -143,8 +136,6 @@ def generate_to_dir(model, tokenizer, num: int, cfg: SampleConfig, out_dir: Path
     # Each rank leaves its share in the output folder and rank 0 assembles them. Gathering the images through the
     # process group instead would copy all of them to every rank (50k samples at 256 px are 10 GB; under NCCL
     # through every GPU too). So --out must be on a filesystem every rank sees, as for the latent cache.
-    from ..io.files import atomic_write_bytes
-
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(_shard_file(out_dir, info.rank, info.world),
                        lambda f: np.savez(f, indices=idx.numpy(), images=imgs))

@@ -1,0 +1,33 @@
+"""`maetok pilot` and `maetok demo`: the whole comparison, and its quick run on the built-in shapes."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..demo import run_demo
+from ..io.distributed import resolve_device
+from ..pilot import PilotInterrupted, pilot_settings, run_pilot
+
+
+def cmd_pilot(args: argparse.Namespace) -> int:
+    settings = pilot_settings(args.budget, args.overrides, args.tokenizer_set, args.diffusion_set)
+    try:
+        report = run_pilot(args.data, args.variants.split(","), args.budget, Path(args.out), resume=args.resume,
+                           force=args.force, device=resolve_device(args.device), inception=args.inception,
+                           settings=settings, collective_timeout=args.collective_timeout)
+    except PilotInterrupted as e:
+        print(f"maetok: pilot interrupted: {e}", file=sys.stderr)
+        return e.exit_code
+    if report is not None:  # None on ranks other than 0 under torchrun
+        print(f"report: {report}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        run_demo(Path(args.out), budget=args.budget, force=args.force)
+    except PilotInterrupted as e:
+        print(f"maetok: demo interrupted: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0

@@ -1,0 +1,34 @@
+"""`maetok tokenizer train` and `maetok diffusion train`."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..config import DiffusionRunConfig, TokenizerRunConfig, load_config
+from ..train.run import exit_status, run_diffusion, run_tokenizer
+from .common import is_main_process
+
+
+def run_training(args: argparse.Namespace, config_cls, run_fn) -> int:
+    """Load the run's config, train, print the summary (rank 0), and return the exit status."""
+    # `default`: a preset the user did not name, so that --resume may keep the run's own. Resuming without
+    # --config starts from the run's own config.yaml: the command's default preset may not even validate alone
+    # (a diffusion run needs its latents), and the run's saved config replaces it anyway.
+    default = getattr(args, "default_config", None)
+    saved = Path(args.out) / "config.yaml"
+    if args.resume and args.config is None and saved.is_file():
+        default = str(saved)
+    cfg = load_config(config_cls, args.config, args.overrides, default=default)
+    summary = run_fn(cfg, args.out, resume=args.resume, force=args.force, device=args.device)
+    if is_main_process():  # under torchrun every rank returns the summary; one copy is printed
+        print(json.dumps(summary, indent=2))
+    return exit_status(summary)  # 128 + N after signal N: a scheduler must not take a pre-empted run as done
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    return run_training(args, TokenizerRunConfig, run_tokenizer)
+
+
+def cmd_diffusion_train(args: argparse.Namespace) -> int:
+    return run_training(args, DiffusionRunConfig, run_diffusion)

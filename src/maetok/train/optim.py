@@ -1,0 +1,45 @@
+"""Optimisation helpers of the training loop: AdamW, the learning-rate schedule, and the EMA of the weights."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from ..config import OptimConfig
+
+def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio (or constant). A pure function of step: resume-exact."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, norms, embeddings and tokens (1-D or named like them)."""
+    decay, no_decay = [], []
+    for p in params:
+        (decay if p.dim() >= 2 and p.numel() > 0 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # One fused kernel for the whole update on GPU instead of several per parameter.
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    ema_params = dict(ema.named_parameters())
+    pairs = [(ema_params[name], p.detach()) for name, p in model.named_parameters()]
+    # One multi-tensor kernel instead of one launch per parameter (hundreds per step on GPU).
+    torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1.0 - decay)
+    ema_bufs = dict(ema.named_buffers())
+    for name, b in model.named_buffers():
+        ema_bufs[name].copy_(b)
+
+
+def ema_decay_at(step: int, target: float) -> float:
+    """Warm the EMA up so short runs are not dominated by the random init."""
+    return min(target, (1 + step) / (10 + step))
