@@ -16,22 +16,27 @@ training diverges (too many non-finite steps in a row) is recorded as such and t
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
 
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
 from common import machine, machine_line, markdown_table, utc_now, write_json
+from maetok.io.distributed import DistInfo
 from maetok.io.pretrained import load_tokenizer
+from maetok.pilot import PilotPlan, open_pilot_data, pilot_settings
+from maetok.pilot.evaluation import FeatureSpace, evaluate_reconstruction, pilot_feature_net
+from maetok.pilot.stages import open_variant_results, train_tokenizer
+from maetok.train.run import setup_logging
 
 METRICS = ("rfid", "psnr", "ssim")
 
 
 def main(argv: list[str] | None = None) -> int:
-    import json
-
-    from maetok.pilot import Pilot, Stage, pilot_settings
-    from maetok.train.run import setup_logging
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="shapes", help="data spec, as for `maetok pilot` (default: built-in shapes)")
     ap.add_argument("--budget", default="quick")
@@ -48,41 +53,42 @@ def main(argv: list[str] | None = None) -> int:
     if previous and previous.get("settings") != settings:
         raise SystemExit(f"{args.out} holds a sweep with other settings ({previous.get('settings')}); use a new --out")
     args.out.mkdir(parents=True, exist_ok=True)
-    # One feature network and one held-out reference for every run: a shared "pilot" holds them.
-    base = Pilot(args.data, args.variants, args.budget, args.out, device=args.device,
-                 settings=pilot_settings(args.budget, args.overrides))
-    base.open_data()
-    base.build_feature_net()
-    base.set_reference()
+    # One feature network and one held-out reference for every run: a shared plan in --out holds them.
+    budget = pilot_settings(args.budget, args.overrides)
+    data = open_pilot_data(args.data, budget)
+    base = PilotPlan(args.data, args.variants, args.budget, budget, args.out, data.facts, device=args.device)
+    dist = DistInfo(device=torch.device(args.device))
+    space = FeatureSpace(pilot_feature_net(base, data, dist.device)[0], base, data, dist)
     result = {"machine": machine(args.device), "date": utc_now(), "settings": settings,
-              # the rate the budget's own runs use (its override, else the preset's)
-              "budget_lr": base.tokenizer_config(args.variants[0], 1).train.optim.lr,
+              # the rate the budget's own runs use (its setting, else the preset's)
+              "budget_lr": base.tokenizer_runs[args.variants[0]][0].config.train.optim.lr,
               "runs": previous.get("runs", {})}
     for variant in args.variants:
         for lr in args.lrs:
             key = f"{variant}@{lr:g}"
             if key in result["runs"]:
                 continue  # measured already (or diverged: resuming it would only diverge again)
-            run_dir = args.out / key
-            pilot = Pilot(args.data, [variant], args.budget, run_dir, device=args.device, settings=pilot_settings(
-                args.budget, args.overrides, tokenizer_set=[f"train.optim.lr={lr}"]))
-            pilot.train_set, pilot.test_set, pilot.num_classes = base.train_set, base.test_set, base.num_classes
-            pilot.feature_net, pilot.ref_feats = base.feature_net, base.ref_feats
-            vdir = run_dir / variant
-            vdir.mkdir(parents=True, exist_ok=True)
-            stage = Stage(vdir / "results.json", pilot.dist)
+            plan = PilotPlan.from_budget(args.budget, args.data, [variant], args.out / key, data.facts,
+                                         overrides=args.overrides, tokenizer_set=[f"train.optim.lr={lr}"],
+                                         device=args.device)
+            run_results = open_variant_results(plan, variant, dist)
+            runs = plan.tokenizer_runs[variant]  # MAETok: stage 1, then decoder fine-tuning at the same rate
             try:
-                tok_dir = pilot.train_tokenizer(variant, stage)
+                for run in runs:
+                    if run_results.pending(run.stage):
+                        trained = train_tokenizer(run.config, plan.out / variant / run.folder, dist)
+                        run_results.record(run.stage, trained)
             except FloatingPointError as e:  # too high a rate: the finding, not a failure of the sweep
                 print(f"{key}: diverged ({e})", file=sys.stderr)
                 result["runs"][key] = {"variant": variant, "lr": lr, "diverged": True}
                 write_json(results_path, result)
                 continue
-            tok = load_tokenizer(tok_dir / "model")
-            recon = stage("reconstruction", lambda: pilot.eval_reconstruction(tok, vdir))
-            result["runs"][key] = {"variant": variant, "lr": lr, **_pick(recon),
-                                   "train_wall_s": sum(stage.results[k].get("wall_s", 0.0) for k in
-                                                       ("tokenizer_train", "decoder_finetune") if k in stage.results)}
+            tok = load_tokenizer(plan.tokenizer_dir(variant) / "model")
+            if run_results.pending("reconstruction"):
+                run_results.record("reconstruction", evaluate_reconstruction(plan, variant, tok, data, space, dist))
+            train_wall_s = sum(run_results.stages[run.stage].get("wall_s", 0.0) for run in runs)
+            result["runs"][key] = {"variant": variant, "lr": lr, **_pick(run_results.stages["reconstruction"]),
+                                   "train_wall_s": train_wall_s}
             write_json(results_path, result)  # after every run: an interrupted sweep keeps what it measured
     md = markdown(result, args.variants)
     (args.out / "lr_sweep.md").write_text(md + "\n")
@@ -133,9 +139,6 @@ def markdown(result: dict, variants: list[str]) -> str:
 
 
 def plot(result: dict, variants: list[str], path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(8, 3.2), dpi=120)
     FigureCanvasAgg(fig)
     for i, (metric, label) in enumerate((("rfid", "rFID (lower is better)"), ("psnr", "PSNR dB (higher is better)"))):

@@ -13,17 +13,21 @@ import argparse
 import json
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from common import markdown_table, write_json
+from maetok.config import from_dict
+from maetok.io.distributed import DistInfo
 from maetok.io.pretrained import load_tokenizer
+from maetok.pilot import PilotBudget, PilotPlan, open_pilot_data
+from maetok.pilot.budgets import recorded_settings, with_settings
+from maetok.pilot.evaluation import FeatureSpace, evaluate_generation, pilot_feature_net
+from maetok.pilot.stages import train_diffusion
+from maetok.train.run import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
-    from maetok.config import from_dict
-    from maetok.pilot import Pilot, PilotBudget, _train_run
-    from maetok.train.run import run_diffusion, setup_logging
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pilot", type=Path, required=True, help="a finished pilot's directory")
     ap.add_argument("--seeds", type=int, nargs="+", required=True, help="diffusion training seeds besides 0")
@@ -31,33 +35,33 @@ def main(argv: list[str] | None = None) -> int:
     plan_path = args.pilot / "pilot_results.json"
     if not plan_path.is_file():
         raise SystemExit(f"{args.pilot}: no pilot_results.json; run the pilot first")
-    plan = json.loads(plan_path.read_text())["plan"]
+    recorded = json.loads(plan_path.read_text())["plan"]
     setup_logging(None)
-    pilot = Pilot(plan["data"], plan["variants"], plan["budget"], args.pilot,
-                  settings=from_dict(PilotBudget, plan["settings"]))
-    pilot.open_data()
-    pilot.build_feature_net()
-    pilot.set_reference()
+    settings = from_dict(PilotBudget, recorded_settings(recorded["settings"]))
+    data = open_pilot_data(recorded["data"], settings)
+    plan = PilotPlan(recorded["data"], recorded["variants"], recorded["budget"], settings, args.pilot, data.facts)
+    dist = DistInfo()
+    space = FeatureSpace(pilot_feature_net(plan, data, dist.device)[0], plan, data, dist)
     out = args.pilot / "seeds"
     results_path = out / "seeds.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    for variant in plan["variants"]:
+    for variant in plan.variants:
         own = json.loads((args.pilot / variant / "results.json").read_text())
         per_seed = results.setdefault(variant, {})
-        per_seed["0"] = {name: _gfid(own[f"generation_{name}"]) for name in ("nocfg", "cfg")}
-        tok_dir = pilot.tokenizer_dir(variant)
-        tok = load_tokenizer(tok_dir / "model")
+        per_seed["0"] = {name: _gfid(own[f"generation_{name}"]) for name in plan.sampling}
+        tok = load_tokenizer(plan.tokenizer_dir(variant) / "model")
         for seed in args.seeds:
             if str(seed) in per_seed:
                 continue
             run = out / f"{variant}-seed{seed}"
-            dcfg = pilot.diffusion_config(args.pilot / variant, tok.config, tok_dir, [f"train.seed={seed}"])
-            _train_run(run_diffusion, dcfg, run / "diffusion", pilot.dist, pilot.device)
-            per_seed[str(seed)] = {name: _gfid(pilot.eval_generation(run, tok, dcfg, scale, run / f"samples-{name}"))
-                                   for name, scale in (("nocfg", 1.0), ("cfg", pilot.b.cfg_scale))}
+            seeded = replace(settings, diffusion=with_settings(settings.diffusion, [f"train.seed={seed}"]))
+            config = PilotPlan(plan.data, [variant], plan.budget, seeded, plan.out, plan.facts).diffusion_runs[variant]
+            train_diffusion(config, run / "diffusion", dist)
+            per_seed[str(seed)] = {name: _gfid(evaluate_generation(plan, run, name, tok, space, dist))
+                                   for name in plan.sampling}
             write_json(results_path, results)  # after every seed: an interrupted run keeps what it measured
     write_json(results_path, results)
-    md = markdown(results, plan)
+    md = markdown(results, recorded)
     (out / "seeds.md").write_text(md + "\n")
     print(md)
     return 0

@@ -244,7 +244,7 @@ def scenario_sigterm(out: Path, info: DistInfo, inputs: Path) -> None:
 
 
 def scenario_sample(out: Path, info: DistInfo, inputs: Path) -> None:
-    from maetok.diffusion.generate import generate_to_dir
+    from maetok.eval.generate import generate_to_dir
 
     model, tok = load_sit(inputs / "sit"), load_tokenizer(inputs / "tok")
     for sampler in ("euler", "heun"):
@@ -323,17 +323,19 @@ def pilot_evaluation(inputs: Path, out: Path, info: DistInfo | None) -> dict:
     and generation, 13 images each (unequal shares), and how many images this process embedded."""
     import shutil
 
-    from maetok.pilot import Pilot, pilot_settings
+    from maetok.pilot import PilotPlan, open_pilot_data, pilot_settings
+    from maetok.pilot.evaluation import FeatureSpace, evaluate_generation, evaluate_reconstruction, real_floor
 
-    settings = pilot_settings("smoke", ["n_eval=13", "image_size=16", "sample_steps=3"])
-    pilot = Pilot("shapes", ["ae"], "smoke", out, dist=info, settings=settings)
+    settings = pilot_settings("smoke", ["n_eval=13", "image_size=16", "sample_steps=3", "cfg_scale=1.5"])
+    info = info or DistInfo()
     vdir = out / "ae"
-    if info is None or info.is_main:
+    if info.is_main:
         shutil.copytree(inputs / "sit", vdir / "diffusion" / "model")
-    if info is not None:
+    if info.enabled:
         dist.barrier()
-    pilot.open_data()
-    pilot.feature_net = net = toy_feature_net()
+    data = open_pilot_data("shapes", settings)
+    plan = PilotPlan("shapes", ["ae"], "smoke", settings, out, data.facts)
+    net = toy_feature_net()
     embedded, embed = [0], net.embed
 
     def counting_embed(images):
@@ -341,10 +343,11 @@ def pilot_evaluation(inputs: Path, out: Path, info: DistInfo | None) -> dict:
         return embed(images)
 
     net.embed = counting_embed
-    pilot.ref_feats = pilot.features(pilot.first(pilot.test_set, pilot.n_eval))
+    space = FeatureSpace(net, plan, data, info)  # embeds the held-out reference
     tok = load_tokenizer(inputs / "tok")
-    return {"floor": pilot.real_floor(), "recon": pilot.eval_reconstruction(tok, vdir),
-            "gen": pilot.eval_generation(vdir, tok, None, 1.5, vdir / "samples"), "embedded": embedded[0]}
+    return {"floor": real_floor(plan, data, space),
+            "recon": evaluate_reconstruction(plan, "ae", tok, data, space, info),
+            "gen": evaluate_generation(plan, vdir, "cfg", tok, space, info), "embedded": embedded[0]}
 
 
 def scenario_pilot_eval(out: Path, info: DistInfo, inputs: Path) -> None:
@@ -381,23 +384,25 @@ def scenario_latents(out: Path, info: DistInfo, inputs: Path) -> None:
 
 
 def scenario_pilot_stage(out: Path, info: DistInfo, inputs: Path) -> None:
-    """Rank 1 reaches the pilot's Stage late: rank 0 must not record a stage before rank 1 has read the file,
+    """Rank 1 opens the pilot's results file late: rank 0 must not record a stage before rank 1 has read the file,
     or rank 1 skips that stage's barrier and the ranks' collectives pair up wrongly from then on."""
     import time
 
-    from maetok.pilot import Stage
+    from maetok.pilot.stages import ResultsFile
 
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     if info.rank == 1:
         time.sleep(1.0)
-    stage = Stage(out / "results.json", info)
-    stage("rank0_only", lambda: {"x": 1})
-    stage("every_rank", lambda: {"world": float(dist.get_world_size())}, every_rank=True)
+    results = ResultsFile(out / "results.json", info)
+    if results.pending("rank0_only"):
+        results.record("rank0_only", {"x": 1} if info.is_main else None)
+    if results.pending("every_rank"):
+        results.record("every_rank", {"world": float(dist.get_world_size())})
     checked = torch.tensor([float(info.rank)])
     dist.all_reduce(checked)  # a collective after the stages: it pairs up only if both ranks took every barrier
-    _json(out / f"seen-{info.rank}.json", {"keys": sorted(stage.results), "sum": float(checked)})
+    _json(out / f"seen-{info.rank}.json", {"keys": sorted(results.stages), "sum": float(checked)})
 
 
 def scenario_refused_run_dir(out: Path, info: DistInfo, inputs: Path) -> None:

@@ -48,16 +48,16 @@ def test_lr_sweep_scores_every_rate_and_continues_where_it_stopped(benchmarks, t
 
 def test_lr_sweep_records_a_diverging_rate_and_goes_on(benchmarks, tmp_path, monkeypatch):
     import lr_sweep
-    import maetok.pilot
+    import maetok.pilot.stages
 
-    real = maetok.pilot._train_run
+    real = maetok.pilot.stages.run_tokenizer
 
-    def diverge_at_high_rates(run_fn, cfg, out, dist, device):
+    def diverge_at_high_rates(cfg, out, **kwargs):
         if cfg.train.optim.lr > 1e-2:
             raise FloatingPointError("10 consecutive non-finite steps")  # what the Trainer raises
-        return real(run_fn, cfg, out, dist, device)
+        return real(cfg, out, **kwargs)
 
-    monkeypatch.setattr(maetok.pilot, "_train_run", diverge_at_high_rates)
+    monkeypatch.setattr(maetok.pilot.stages, "run_tokenizer", diverge_at_high_rates)
     out = tmp_path / "sweep"
     toy = ["n_train=64", "n_eval=32", "tokenizer_steps=3", "classifier_steps=5"]
     assert lr_sweep.main(["--budget", "smoke", "--variants", "ae", "--lrs", "1", "1e-3", "--out", str(out),
@@ -69,7 +69,8 @@ def test_lr_sweep_records_a_diverging_rate_and_goes_on(benchmarks, tmp_path, mon
     # A rerun retrains nothing the JSON records: not the diverged rate, nor a run whose folder is gone (a
     # committed sweep keeps only its JSON, and is extended from it).
     shutil.rmtree(out / "ae@0.001")
-    monkeypatch.setattr(maetok.pilot, "_train_run", lambda *a: pytest.fail("retrained a finished sweep"))
+    monkeypatch.setattr(maetok.pilot.stages, "run_tokenizer",
+                        lambda *args, **kwargs: pytest.fail("retrained a finished sweep"))
     assert lr_sweep.main(["--budget", "smoke", "--variants", "ae", "--lrs", "1", "1e-3", "--out", str(out),
                           *toy]) == 0
 

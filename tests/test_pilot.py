@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from maetok.cli import main
 from maetok.config import ConfigError, to_dict
 from maetok.eval import features as features_module
 from maetok.eval.features import FeatureNet
-from maetok.pilot import BUDGETS, pilot_settings, run_pilot
+from maetok.pilot import BUDGETS, DataFacts, PilotPlan, open_pilot_data, pilot_settings, run_pilot, run_plan
 from maetok.io.rundir import RunDirExists
 
 
@@ -93,28 +94,31 @@ def test_pilot_settings_take_overrides_on_the_budget_and_on_its_runs():
     b = pilot_settings("quick", ["image_size=64", "tokenizer_preset=cpu-64", "gmm_ks=[1, 3]"],
                        tokenizer_set=["model.latent_tokens=8"], diffusion_set=["train.batch_size=16"])
     assert (b.image_size, b.tokenizer_preset, b.gmm_ks) == (64, "cpu-64", (1, 3))
-    assert b.tokenizer[-1] == "model.latent_tokens=8" and b.diffusion[-1] == "train.batch_size=16"
-    assert BUDGETS["quick"].image_size == 32 and "model.latent_tokens=8" not in BUDGETS["quick"].tokenizer
+    # The run settings given last win: they are applied after the budget's own.
+    assert list(b.tokenizer.items())[-1] == ("model.latent_tokens", 8)
+    assert list(b.diffusion.items())[-1] == ("train.batch_size", 16)
+    assert BUDGETS["quick"].image_size == 32 and BUDGETS["quick"].tokenizer["model.latent_tokens"] == 16
     with pytest.raises(ConfigError, match="imagesize"):
         pilot_settings("quick", ["imagesize=64"])
     with pytest.raises(ConfigError, match="unknown budget"):
         pilot_settings("huge")
 
 
-def test_the_cifar_teacher_default_yields_to_a_tokenizer_override(tmp_path: Path, monkeypatch):
+CIFAR_FACTS = DataFacts(num_classes=10, cifar10=True, train_images=256, held_out_images=64)
+
+
+def test_the_cifar_teacher_default_yields_to_a_tokenizer_override(tmp_path: Path):
     """On CIFAR-10 the pilot gives MAETok the ResNet teacher; an explicit `--tokenizer-set model.aux_targets=...`
     (an ablation: HOG only) must replace it, not be replaced by it. Other variants get no teacher."""
-    from maetok.pilot import Pilot
-
-    monkeypatch.setattr(Pilot, "is_cifar10", lambda self: True)
     names = lambda cfg: [t.name for t in cfg.model.aux_targets]  # noqa: E731
-    default = Pilot("shapes", ["maetok"], "smoke", tmp_path)
-    assert names(default.tokenizer_config("maetok", 1)) == ["hog", "resnet-cifar"]
-    hog_only = pilot_settings("smoke", tokenizer_set=["model.aux_targets=[{name: hog, weight: 1.0}]"])
-    ablation = Pilot("shapes", ["maetok"], "smoke", tmp_path, settings=hog_only)
-    assert names(ablation.tokenizer_config("maetok", 1)) == ["hog"]
-    assert names(ablation.tokenizer_config("maetok", 2, str(tmp_path / "maetok" / "tokenizer"))) == ["hog"]
-    assert default.tokenizer_config("ae", 1).model.variant == "ae"
+    default = PilotPlan.from_budget("smoke", "shapes", ["maetok", "ae"], tmp_path, CIFAR_FACTS)
+    assert names(default.tokenizer_runs["maetok"][0].config) == ["hog", "resnet-cifar"]
+    ablation = PilotPlan.from_budget("smoke", "shapes", ["maetok"], tmp_path, CIFAR_FACTS,
+                                     tokenizer_set=["model.aux_targets=[{name: hog, weight: 1.0}]"])
+    stage1, stage2 = ablation.tokenizer_runs["maetok"]
+    assert names(stage1.config) == ["hog"]
+    assert names(stage2.config) == ["hog"] and stage2.config.stage == 2
+    assert default.tokenizer_runs["ae"][0].config.model.variant == "ae"
 
 
 def _image_folder(root: Path, splits: dict[str, int], size: int = 32) -> Path:
@@ -160,16 +164,60 @@ def test_pilot_refuses_typos_before_any_work_and_before_force_deletes(tmp_path: 
 
 
 def test_a_resumed_pilot_with_another_budget_names_both(tmp_path: Path):
-    from maetok.pilot import Pilot
-
-    pilot = Pilot("shapes", ["ae"], "quick", tmp_path)
+    plan = PilotPlan.from_budget("quick", "shapes", ["ae"], tmp_path, CIFAR_FACTS)
     with pytest.raises(ConfigError, match="it ran --budget smoke, this asks for --budget quick"):
-        pilot.check_same_settings({"data": "shapes", "budget": "smoke", "settings": to_dict(BUDGETS["smoke"])})
+        plan.check_same_settings({"data": "shapes", "budget": "smoke", "settings": to_dict(BUDGETS["smoke"])})
+
+
+def test_a_pilot_recorded_with_run_overrides_as_strings_resumes_with_the_same_settings(tmp_path: Path):
+    """pilot_results.json may hold the run settings as lists of KEY=VALUE strings; the same values resume."""
+    plan = PilotPlan.from_budget("smoke", "shapes", ["ae"], tmp_path, CIFAR_FACTS, tokenizer_set=["train.seed=1"])
+    as_strings = {**to_dict(plan.settings),
+                  "tokenizer": [f"{k}={v}" for k, v in BUDGETS["smoke"].tokenizer.items() if k != "train.optim.lr"]
+                  + ["train.optim.lr=5e-3", "train.seed=1"],
+                  "diffusion": [f"{k}={v}" for k, v in plan.settings.diffusion.items()]}
+    plan.check_same_settings({"data": "shapes", "budget": "smoke", "settings": as_strings})
+    as_strings["tokenizer"][-1] = "train.seed=2"
+    with pytest.raises(ConfigError, match="other settings"):
+        plan.check_same_settings({"data": "shapes", "budget": "smoke", "settings": as_strings})
+
+
+def test_a_plan_survives_json_and_refuses_run_configs_its_settings_do_not_give(tmp_path: Path):
+    plan = PilotPlan.from_budget("quick", "zip:data.zip", ["ae", "maetok"], tmp_path / "p", CIFAR_FACTS,
+                                 overrides=["n_eval=32", "gmm_ks=[1, 3]"], tokenizer_set=["train.optim.lr=1e-3"],
+                                 diffusion_set=["model.depth=2"], inception=True)
+    data = json.loads(json.dumps(plan.to_dict()))
+    again = PilotPlan.from_dict(data)
+    assert again == plan and again.to_dict() == plan.to_dict()
+    assert again.tokenizer_runs["maetok"][1].config.train.optim.lr == 1e-3
+    assert again.diffusion_runs["ae"].model.depth == 2 and again.n_eval == 32 and again.settings.gmm_ks == (1, 3)
+    data["diffusion_runs"]["ae"]["model"]["depth"] = 3
+    with pytest.raises(ConfigError, match="diffusion_runs differ from what its settings give now"):
+        PilotPlan.from_dict(data)
+
+
+def test_a_plan_made_in_python_runs(tmp_path: Path):
+    """What a search does for each trial: a budget with a few settings changed, made into a plan, then run."""
+    settings = pilot_settings("smoke", ["n_train=64", "n_eval=16", "tokenizer_steps=3", "diffusion_steps=3",
+                                        "classifier_steps=3", "sample_steps=2", "gmm_ks=[1, 2]"],
+                              tokenizer_set=["train.batch_size=16"], diffusion_set=["train.batch_size=16"])
+    facts = open_pilot_data("shapes", settings).facts
+    plan = PilotPlan("shapes", ["ae"], "smoke", settings, tmp_path / "pilot", facts)
+    settings = replace(settings, cfg_scale=1.5)
+    plan = replace(plan, settings=settings)  # resolves the runs again
+    assert plan.sampling["cfg"].cfg_scale == 1.5
+    plan = PilotPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    report = run_plan(plan)
+    assert report == tmp_path / "pilot" / "report.md"
+    results = json.loads((tmp_path / "pilot" / "ae" / "results.json").read_text())
+    assert results["generation_cfg"]["cfg_scale"] == 1.5 and results["tokenizer_train"]["step"] == 3
+    recorded = json.loads((tmp_path / "pilot" / "pilot_results.json").read_text())["plan"]["settings"]
+    assert recorded == json.loads(json.dumps(to_dict(settings)))
 
 
 def test_an_interrupted_pilot_exits_with_the_signal(tmp_path: Path, monkeypatch):
     # What run_tokenizer returns when SIGTERM stopped it: checkpoint written, not finished.
-    monkeypatch.setattr("maetok.train.run.run_tokenizer",
+    monkeypatch.setattr("maetok.pilot.stages.run_tokenizer",
                         lambda cfg, out, **kw: {"finished": False, "stopped_by": "SIGTERM", "step": 3})
     code = main(["pilot", "--budget", "smoke", "--variants", "ae", "--out", str(tmp_path / "p")])
     assert code == 128 + signal.SIGTERM  # a scheduler sees a pre-empted job, not a finished one

@@ -2,7 +2,7 @@
 sample's noise, no MAETok verdict when MAETok was not run, and the GMM's dimensions laid open."""
 from __future__ import annotations
 
-from maetok.report import _verdicts
+from maetok.pilot.report import _verdicts
 
 
 def _inputs(probe: dict[str, float], nll: dict[str, float], n: int = 2000):

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .pilot import run_pilot
+
 
 def run_demo(out: Path, budget: str = "quick", force: bool = False) -> Path:
-    from .pilot import run_pilot
-
     report = run_pilot("shapes", ["ae", "vae", "maetok"], budget, Path(out), resume=not force, force=force)
     print(f"\nDemo finished. Report: {report}\nPictures and per-variant runs are under {Path(out)}/")
     return report
