@@ -265,12 +265,13 @@ def evaluate_both(inputs: Path, out: Path, dist_info: DistInfo | None) -> dict:
     """`maetok eval gen` and `eval recon` through the Python API: 13 samples and 13 held-out images, so the two
     ranks' shares differ in size. The reconstruction runs twice on one stats cache: written, then read."""
     import maetok.eval.api as api
+    import maetok.eval.inputs as eval_inputs
     from maetok.data import open_dataset
 
     out.mkdir(parents=True, exist_ok=True)
     net = toy_feature_net()
     embedded, saved = [0], [0]  # images this process embedded, caches it wrote: each rank should do its share
-    embed, save = net.embed, api._save_cache
+    embed, save = net.embed, eval_inputs._save_stats_cache
 
     def counting_embed(images):
         embedded[0] += len(images)
@@ -280,7 +281,7 @@ def evaluate_both(inputs: Path, out: Path, dist_info: DistInfo | None) -> dict:
         saved[0] += 1
         return save(*args)
 
-    net.embed, api._save_cache = counting_embed, counting_save
+    net.embed, eval_inputs._save_stats_cache = counting_embed, counting_save
     try:
         gen = api.evaluate_generation(str(inputs / "samples.npz"), "shapes", net, split="test", num_ref=13,
                                       batch_size=4, stats_cache=out / "ref-stats.npz", kid_subsets=2,
@@ -290,7 +291,7 @@ def evaluate_both(inputs: Path, out: Path, dist_info: DistInfo | None) -> dict:
                                                        stats_cache=out / "recon-stats.npz", dist=dist_info)
                            for _ in range(2))
     finally:
-        api._save_cache = save
+        eval_inputs._save_stats_cache = save
     return {"gen": gen, "recon": rec, "recon_cached": rec_cached, "embedded": embedded[0], "saved": saved[0]}
 
 
