@@ -18,10 +18,13 @@ Decoding: small enough sources (decoded size <= 2 GiB) are decoded once into a u
 ~/.cache/maetok), keyed by the source's size and modification time, the spec, split, size and limit, and memory-
 mapped on the next open. Larger folders decode per item. Unreadable files are skipped, listed in
 `dataset.skipped` as (path, reason) and logged; `strict=True` turns the first one into an error naming it.
+Folders are listed following links, each folder entered once (a link loop is skipped and named); an image
+reached again through a link is used once (`layout.list_folder`); `dataset.files` says which file each item is.
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import zipfile
 from pathlib import Path, PurePosixPath
 
@@ -122,7 +125,8 @@ def open_dataset(spec: str, split: str = "train", image_size: int = 32, random_f
     elif path.is_dir():
         reader = FolderReader(path)
         files = list_folder(path)
-        items, class_names = index_members(files, split, str(path), lambda n: (path / n).read_text("utf-8", "replace"))
+        items, class_names = index_members(files, split, reader.location,
+                                           lambda n: (path / n).read_text("utf-8", "replace"))
     else:
         raise DatasetError(f"dataset {spec!r}: {path} is not a folder; prefix zip:, cifar: or npz: for archives")
 
@@ -144,11 +148,17 @@ def open_dataset(spec: str, split: str = "train", image_size: int = 32, random_f
 
 
 def _folder_digest(root: Path, items: list[tuple[str, int]]) -> str:
-    """A folder's cache key: the selected files' names, sizes and modification times."""
+    """A folder's cache key: the selected files' names (their bytes: os.fsencode takes names that are not UTF-8),
+    sizes and modification times. A file that cannot be stat'ed (a broken link) enters by its error, to be skipped
+    and named when decoded."""
     digest = hashlib.sha256()
     for rel, _ in items:
-        st = (root / rel).stat()
-        digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        try:
+            st = os.stat(root / rel)
+            state = f"{st.st_size}\0{st.st_mtime_ns}"
+        except OSError as e:
+            state = f"unreadable {e.errno}"
+        digest.update(os.fsencode(rel) + f"\0{state}\n".encode())
     return digest.hexdigest()
 
 

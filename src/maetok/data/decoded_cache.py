@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .image_datasets import ArrayDataset, log_skip, log_summary
+from .image_datasets import ArrayDataset, log_skip, log_summary, read_failure
 from .images import ImageDecodeError, decode_image, resize_center_crop
 from .layout import DatasetError, MemberReader
 
@@ -24,7 +24,7 @@ log = logging.getLogger("maetok.data")
 
 EAGER_MAX_BYTES = 2 << 30       # decode everything up front when the uint8 array stays under this
 CACHE_MIN_IMAGES = 1000         # below this, decoding is quick: do not litter the cache
-CACHE_FORMAT = 1                # bump when the decoded content would change for the same key
+CACHE_FORMAT = 2                # bump when the decoded content would change for the same key (2: NaN refused)
 
 
 def default_cache_dir() -> Path:
@@ -32,7 +32,10 @@ def default_cache_dir() -> Path:
 
 
 def cache_paths(cache_dir: Path, stem: str, key: dict) -> tuple[Path, Path]:
+    """The cache files for `key`: named after the source (its odd characters, bytes that are not UTF-8 among
+    them, as `_`) and the key's digest (json.dumps escapes them, so any name has one)."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
     name = f"{stem}-{key['split']}-{key['image_size']}px-{digest}"
     return cache_dir / f"{name}.npy", cache_dir / f"{name}.json"
 
@@ -75,7 +78,9 @@ def from_cache(hit: tuple[np.ndarray, dict], npy: Path, where: str, split: str, 
         raise ImageDecodeError(skipped[0][1])
     dataset = ArrayDataset(images, np.asarray(info["labels"], np.int64), where, split, info["class_names"],
                            random_flip, has_labels=info.get("has_labels", True))
-    dataset.skipped, dataset.cache_path = skipped, npy
+    dataset.skipped, dataset.cache_path, dataset.files = skipped, npy, info.get("files")
+    for count, (_, reason) in enumerate(skipped, 1):  # each run names what it leaves out, cached or not
+        log_skip(where, count, reason)
     log_summary(dataset)
     return dataset
 
@@ -87,15 +92,17 @@ def decode_to_array(reader: MemberReader, items: list[tuple[str, int]], split: s
     if len(items) >= CACHE_MIN_IMAGES:
         log.info("%s [%s]: decoding %d images once into a %dx%d uint8 array", reader.location, split, len(items),
                  image_size, image_size)
-    images, labels, skipped = decode_all(reader, items, image_size, strict, reader.location)
+    images, labels, files, skipped = decode_all(reader, items, image_size, strict, reader.location)
     if not len(images):
         raise DatasetError(f"{reader.location} [{split}]: none of the {len(items)} image files could be read "
-                           f"(first: {skipped[0] if skipped else None})")
+                           f"(first: {skipped[0][1] if skipped else None})")
     dataset = ArrayDataset(images, labels, reader.location, split, class_names, random_flip)
-    dataset.skipped = skipped
+    dataset.skipped, dataset.files = skipped, files
     if cache is not None:
         npy, meta, key = cache
-        info = {"labels": labels.tolist(), "class_names": class_names, "skipped": skipped, "key": key}
+        # json.dumps writes names that are not UTF-8 (lone surrogates) as \udcXX escapes, read back the same.
+        info = {"labels": labels.tolist(), "class_names": class_names, "skipped": skipped, "key": key,
+                "files": files}
         if save_cache(npy, meta, images, info):
             dataset.cache_path = npy
     log_summary(dataset)
@@ -103,8 +110,9 @@ def decode_to_array(reader: MemberReader, items: list[tuple[str, int]], split: s
 
 
 def decode_all(reader: MemberReader, items: list[tuple[str, int]], image_size: int, strict: bool, where: str
-               ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
-    """Decode every item with a thread pool (Pillow releases the GIL); bytes are read in the calling thread."""
+               ) -> tuple[np.ndarray, np.ndarray, list[str], list[tuple[str, str]]]:
+    """Decode every item with a thread pool (Pillow releases the GIL); bytes are read in the calling thread.
+    (images, labels, the files they come from, [(name, reason)] of the files skipped)."""
     images = np.empty((len(items), image_size, image_size, 3), np.uint8)
     ok = np.zeros(len(items), bool)
     skipped: list[tuple[str, str]] = []
@@ -112,7 +120,7 @@ def decode_all(reader: MemberReader, items: list[tuple[str, int]], image_size: i
     def decode(job: tuple[int, bytes | Exception]) -> tuple[int, str | None]:
         i, data = job
         if isinstance(data, Exception):
-            return i, f"{reader.display(items[i][0])}: cannot read ({data})"
+            return i, read_failure(reader.display(items[i][0]), data)
         try:
             images[i] = decode_image(data, image_size, reader.display(items[i][0]))
             return i, None
@@ -136,11 +144,12 @@ def decode_all(reader: MemberReader, items: list[tuple[str, int]], image_size: i
                 if strict:
                     raise ImageDecodeError(error)
                 skipped.append((reader.display(items[i][0]), error))
-                log_skip(where, len(skipped), reader.display(items[i][0]), error)
+                log_skip(where, len(skipped), error)
     labels = np.array([label for _, label in items], np.int64)
+    files = [key for (key, _), kept in zip(items, ok) if kept]
     if not ok.all():
         images, labels = images[ok], labels[ok]
-    return images, labels, skipped
+    return images, labels, files, skipped
 
 
 def resize_array(images: np.ndarray, image_size: int) -> np.ndarray:

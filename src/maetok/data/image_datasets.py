@@ -1,6 +1,7 @@
 """The dataset classes `open_dataset` returns: images held as one uint8 array, or image files decoded per item.
 
-Each item is `(float32 (3, S, S) in [-1, 1], int label)`; unreadable files are skipped and listed in `skipped`.
+Each item is `(float32 (3, S, S) in [-1, 1], int label)`; unreadable files are skipped, listed in `skipped` and
+named in the log (the first LOGGED_SKIPS of them one by one).
 """
 from __future__ import annotations
 
@@ -13,15 +14,17 @@ import torch
 from torch.utils.data import Dataset
 
 from .images import ImageDecodeError, decode_image, uint8_to_float
-from .layout import DatasetError, MemberReader
+from .layout import DatasetError, MemberReader, printable
 
 log = logging.getLogger("maetok.data")
 
-LOGGED_SKIPS = 10               # individual warnings before only the summary is logged
+LOGGED_SKIPS = 100              # unreadable files named one by one before only their count is logged
 
 
 class ImageDataset(Dataset):
-    """What every dataset here offers: `num_classes`, `class_names`, `has_labels`, `skipped`, `describe()`."""
+    """What every dataset here offers: `num_classes`, `class_names`, `has_labels`, `skipped`, `describe()`, and
+    `files`: for a folder or zip, the member each item was decoded from (a key of its reader: relative to the
+    folder, as os.fsdecode gives names that are not UTF-8), else None."""
 
     def __init__(self, where: str, split: str, image_size: int, class_names: list[str], random_flip: bool,
                  has_labels: bool = True):
@@ -30,6 +33,7 @@ class ImageDataset(Dataset):
         self.num_classes = len(self.class_names)
         self.skipped: list[tuple[str, str]] = []
         self.cache_path: Path | None = None
+        self.files: list[str] | None = None
 
     def _finish(self, image: torch.Tensor) -> torch.Tensor:
         if self.random_flip and torch.rand(()) < 0.5:
@@ -82,6 +86,7 @@ class LazyImageDataset(ImageDataset):
                  has_labels: bool = True):
         super().__init__(where, split, image_size, class_names, random_flip, has_labels)
         self.reader, self.items, self.strict = reader, items, strict
+        self.files = [key for key, _ in items]
         self._bad: set[int] = set()
 
     def __len__(self) -> int:
@@ -96,21 +101,28 @@ class LazyImageDataset(ImageDataset):
             try:
                 array = decode_image(self.reader.read(key), self.image_size, self.reader.display(key))
             except (ImageDecodeError, OSError, KeyError, zipfile.BadZipFile) as e:
-                reason = str(e)
+                reason = str(e) if isinstance(e, ImageDecodeError) else read_failure(self.reader.display(key), e)
                 if self.strict:
-                    raise ImageDecodeError(reason if isinstance(e, ImageDecodeError) else
-                                           f"{self.reader.display(key)}: {e}") from None
+                    raise ImageDecodeError(reason) from None
                 self._bad.add(i)
                 self.skipped.append((self.reader.display(key), reason))
-                log_skip(self.where, len(self.skipped), self.reader.display(key), reason)
+                log_skip(self.where, len(self.skipped), reason)
                 continue
             return self._finish(uint8_to_float(array)), label
         raise DatasetError(f"{self.where}: no readable image at all ({len(self.skipped)} files skipped)")
 
 
-def log_skip(where: str, count: int, path: str, reason: str) -> None:
+def read_failure(name: str, error: Exception) -> str:
+    """The reason a member could not be read, on one line naming it once (an OSError's own text repeats the
+    path, in repr's quoting)."""
+    detail = error.strerror if isinstance(error, OSError) and error.strerror else f"{type(error).__name__}: {error}"
+    return f"{name}: cannot read ({printable(detail)})"
+
+
+def log_skip(where: str, count: int, reason: str) -> None:
+    """Name the `count`-th unreadable file of `where`; `reason` starts with its name."""
     if count <= LOGGED_SKIPS:
-        log.warning("skipping unreadable image %s (%s)", path, reason)
+        log.warning("skipping unreadable image %s", reason)
     elif count == LOGGED_SKIPS + 1:
         log.warning("%s: more unreadable images; see dataset.skipped for the full list", where)
 

@@ -7,7 +7,8 @@ Decoding converts whatever Pillow can open to 8-bit RGB:
 - anything with alpha (RGBA, LA, PA, palette or RGB with a transparent colour) is composited on a WHITE
   background, so transparent regions look like the page they were drawn for, not like arbitrary hidden colours;
 - 16-bit and 32-bit integer images (I;16, I) are read as 16-bit intensities (0..65535) and scaled to 8 bits;
-  float images (F) as [0, 1] when their maximum is at most 1, else as [0, 255];
+  float images (F) as [0, 1] when their maximum is at most 1, else as [0, 255]; NaN or infinite values make the
+  file unreadable (no pixel value stands for them);
 - the EXIF orientation tag is applied.
 Empty, truncated, corrupt or non-image files raise `ImageDecodeError`, whose message names the file.
 """
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .layout import printable
+
 WHITE = (255, 255, 255)
 
 
@@ -29,14 +32,18 @@ class ImageDecodeError(ValueError):
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow image -> 8-bit RGB (see the module docstring for the conventions)."""
+    """Any Pillow image -> 8-bit RGB (see the module docstring for the conventions); ImageDecodeError for float
+    pixels that are NaN or infinite."""
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         values = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise ImageDecodeError(f"non-finite pixel values ({np.isnan(values).sum()} NaN, "
+                                   f"{np.isinf(values).sum()} infinite, of {values.size})")
         if img.mode == "F":
-            scale = 1.0 if values.size and np.nanmax(values) <= 1.0 else 255.0
+            scale = 1.0 if values.size and values.max() <= 1.0 else 255.0
         else:
             scale = 65535.0
-        grey = np.clip(np.nan_to_num(values / scale) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        grey = np.clip(values / scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(grey, "L").convert("RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or img.has_transparency_data:
         rgba = img.convert("RGBA")
@@ -59,8 +66,15 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
         img = img.resize((img.width // 2, img.height // 2), Image.Resampling.BOX)
     scale = size / min(img.size)
     new_w, new_h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
-    img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
     left, top = (new_w - size) // 2, (new_h - size) // 2
+    if new_w * new_h > 256 * size * size:
+        # A long thin image (1 x 100,000) enlarged whole would take gigabytes: resample only the part the crop
+        # keeps, on the same grid (Pillow's box: the crop's corners in source pixels). Close to, not bit-equal
+        # to, the whole resize; images up to 256 times longer than wide take the exact path below.
+        sx, sy = img.width / new_w, img.height / new_h
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        return img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
     return img.crop((left, top, left + size, top + size))
 
 
@@ -68,7 +82,7 @@ def decode_image(source: bytes | str | Path | BinaryIO, image_size: int | None, 
     """Decode one image file (bytes, path or file object) to uint8 (S, S, 3) RGB, or its own size when
     `image_size` is None. Raises `ImageDecodeError` naming `name` (or the path) for anything unreadable, and
     FileNotFoundError for a path that does not exist."""
-    name = name or (str(source) if isinstance(source, (str, Path)) else "<image bytes>")
+    name = name or (printable(str(source)) if isinstance(source, (str, Path)) else "<image bytes>")
     if isinstance(source, (bytes, bytearray)):
         if not source:
             raise ImageDecodeError(f"{name}: empty file")
@@ -84,8 +98,10 @@ def decode_image(source: bytes | str | Path | BinaryIO, image_size: int | None, 
             if image_size:
                 rgb = resize_center_crop(rgb, image_size)
             out = np.array(rgb, dtype=np.uint8)  # a writable copy: torch warns on read-only arrays
-    except (ImageDecodeError, FileNotFoundError):
+    except FileNotFoundError:
         raise
+    except ImageDecodeError as e:  # to_rgb's, which does not know the name
+        raise ImageDecodeError(f"{name}: {e}") from None
     except Image.UnidentifiedImageError:
         raise ImageDecodeError(f"{name}: not an image file Pillow can identify") from None
     except Exception as e:  # Pillow signals broken files with OSError, SyntaxError, ValueError, EOFError, ...
