@@ -1,7 +1,10 @@
-"""Reliability of training runs: a real SIGKILL mid-run, then --resume, gives bit-identical weights on CPU.
+"""Reliability of training runs: a real SIGKILL mid-run, then --resume, gives bit-identical weights on CPU, also
+with DataLoader workers and an immediate restart.
 
-Also: run directories are never silently overwritten, checkpoints are atomic, pickles are refused, non-finite
-steps are skipped and eventually stop the run with an emergency checkpoint, SIGTERM writes a final checkpoint.
+Also: run directories are never silently overwritten, checkpoints are atomic and never in place without their
+digest, one that cannot be verified is not trusted, pickles are refused, non-finite steps are skipped and
+eventually stop the run with an emergency checkpoint rolled back to the last good one, SIGTERM writes a final
+checkpoint.
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from maetok.io.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+import maetok.io.checkpoint as checkpoint_module
+from maetok.io.checkpoint import latest_checkpoint, load_checkpoint, resume_checkpoint, save_checkpoint
 from maetok.io.pretrained import save_pretrained
 
 TINY = ["model.image_size=16", "data.image_size=16", "model.patch_size=4", "model.latent_tokens=4",
@@ -28,13 +32,20 @@ TINY = ["model.image_size=16", "data.image_size=16", "model.patch_size=4", "mode
         "loss.gan.lecam_weight=0.01"]
 
 
-def _train(out: Path, steps: int, *extra: str, resume: bool = False, new_session: bool = False) -> subprocess.Popen:
-    """`maetok tokenizer train` of the TINY model; `new_session`: in its own process group, as a job's."""
+def _train(out: Path, steps: int, *extra: str, resume: bool = False, new_session: bool = False,
+           output: Path | None = None) -> subprocess.Popen:
+    """`maetok tokenizer train` of the TINY model; `new_session`: in its own process group, as a job's; `output`:
+    a file for its output instead of a pipe (whose end a DataLoader worker outliving the trainer would hold)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "maetok.cli", "tokenizer", "train", "--config", "cpu-32", "--out", str(out),
            "--device", "cpu", *(["--resume"] if resume else []), *TINY, f"train.steps={steps}", *extra]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=new_session)
+    stdout = open(output, "w") if output else subprocess.PIPE
+    try:
+        return subprocess.Popen(cmd, env=env, stdout=stdout, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=new_session)
+    finally:
+        if output:
+            stdout.close()  # the child holds its own copy
 
 
 def _final_state(out: Path) -> dict[str, torch.Tensor]:
@@ -57,12 +68,29 @@ def _kill_after_checkpoint(proc: subprocess.Popen, run: Path, min_step: int) -> 
     return int(latest_checkpoint(run / "checkpoints").stem.split("-")[1])
 
 
-def test_sigkill_then_resume_is_bit_identical(tmp_path: Path):
-    steps = 14
-    ref = _train(tmp_path / "ref", steps)
+STEPS = 14
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    """The uninterrupted TINY run of STEPS steps (no DataLoader workers) that killed and resumed runs must match."""
+    out = tmp_path_factory.mktemp("reference") / "ref"
+    ref = _train(out, STEPS)
     out_ref, _ = ref.communicate(timeout=300)
     assert ref.returncode == 0, out_ref
+    return out
 
+
+def _assert_same_final_state(ref: Path, run: Path, killed_at: int) -> None:
+    a, b = _final_state(ref), _final_state(run)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"killed at step {killed_at}; resumed weights differ in {different[:5]}"
+    assert (run / "model" / "model.safetensors").is_file()
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path: Path, reference_run: Path):
+    steps = STEPS
     run = tmp_path / "killed"
     killed_at = _kill_after_checkpoint(_train(run, steps), run, 5)
     assert killed_at < steps, "the run finished before it could be killed"
@@ -70,11 +98,37 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path):
     again = _train(run, steps, resume=True)
     out_again, _ = again.communicate(timeout=300)
     assert again.returncode == 0, out_again
-    a, b = _final_state(tmp_path / "ref"), _final_state(run)
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"killed at step {killed_at}; resumed weights differ in {different[:5]}"
-    assert (run / "model" / "model.safetensors").is_file()
+    _assert_same_final_state(reference_run, run, killed_at)
+
+
+def _orphaned_workers_of(run: Path) -> list[int]:
+    """Processes still running the killed command line (its forked DataLoader workers), but not as --resume."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(run).encode() in argv and b"--resume" not in argv:
+            found.append(int(proc.name))
+    return found
+
+
+def test_a_run_with_dataloader_workers_killed_and_restarted_at_once_is_bit_identical(tmp_path: Path,
+                                                                                      reference_run: Path):
+    """A scheduler (Slurm, Kubernetes) restarts a killed job at once, while the DataLoader workers the SIGKILL
+    orphaned still live (they notice a dead parent only within seconds): their inherited descriptor must not
+    keep the run directory locked. Workers change nothing in what is trained: the reference has none."""
+    run = tmp_path / "killed"
+    proc = _train(run, STEPS, "data.num_workers=2", output=tmp_path / "killed.log")
+    killed_at = _kill_after_checkpoint(proc, run, 5)
+    assert killed_at < STEPS, "the run finished before it could be killed"
+    orphans = _orphaned_workers_of(run)
+    again = _train(run, STEPS, "data.num_workers=2", resume=True)  # no wait for the orphans
+    out_again, _ = again.communicate(timeout=300)
+    assert orphans, "no DataLoader worker outlived the killed trainer: the test did not test the restart"
+    assert again.returncode == 0, out_again
+    _assert_same_final_state(reference_run, run, killed_at)
 
 
 def test_existing_run_dir_needs_resume_or_force(tmp_path: Path):
@@ -126,6 +180,53 @@ def test_checkpoint_is_atomic_and_keeps_last_k(tmp_path: Path):
 class _Payload:
     def __reduce__(self):
         return (os.system, ("echo pwned > /dev/null",))
+
+
+def _flip_a_byte(path: Path, where: float = 0.5) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * where)] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_a_save_killed_before_its_digest_is_written_leaves_no_checkpoint_without_one(tmp_path: Path, monkeypatch):
+    """A SIGKILL between a checkpoint's rename and its digest's write left a checkpoint that loaded unchecked (a
+    flipped byte then resumed as silently wrong weights): the digest is committed before the checkpoint."""
+    weights = {"w": torch.arange(4096, dtype=torch.float32)}
+    save_checkpoint(tmp_path, 1, {"step": 1, **weights})
+
+    class Killed(BaseException):
+        pass
+
+    real_write = checkpoint_module.atomic_write_bytes
+
+    def killed_at_the_digest(path, *args, **kwargs):
+        if Path(path).name.endswith(".sha256") and "00000002" in Path(path).name:
+            raise Killed()
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "atomic_write_bytes", killed_at_the_digest)
+    with pytest.raises(Killed):
+        save_checkpoint(tmp_path, 2, {"step": 2, **weights})
+    monkeypatch.undo()
+    for ckpt in tmp_path.glob("*.pt"):  # whatever the kill left in place is refused once a byte flips
+        _flip_a_byte(ckpt)
+        with pytest.raises(ValueError, match=ckpt.name):
+            load_checkpoint(ckpt)
+
+
+def test_a_checkpoint_without_its_digest_is_not_trusted(tmp_path: Path):
+    """A checkpoint that cannot be verified (its digest lost, or written before digests) is not loaded as good;
+    resuming names the newest one that verifies."""
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, {"step": step, "w": torch.arange(4096, dtype=torch.float32)})
+    unverified = tmp_path / "ckpt-00000002.pt"
+    (tmp_path / "ckpt-00000002.pt.sha256").unlink()
+    _flip_a_byte(unverified)
+    with pytest.raises(ValueError, match=r"ckpt-00000002.pt: has no digest"):
+        load_checkpoint(unverified)
+    with pytest.raises(ValueError, match=r"no digest(.|\n)*--resume=verified(.|\n)*ckpt-00000001.pt \(step 1\)"):
+        resume_checkpoint(tmp_path)
+    assert resume_checkpoint(tmp_path, fallback=True).name == "ckpt-00000001.pt"
 
 
 def test_pickle_payload_is_refused(tmp_path: Path):
@@ -229,6 +330,25 @@ def test_resume_continues_from_the_emergency_checkpoint(tmp_path: Path):
     assert resumed.try_resume() and resumed.step == 6 and resumed.bad_steps == 0  # a new streak count
     assert all(torch.equal(resumed.model.state_dict()[k], v) for k, v in good.items())
     assert resumed.fit()["finished"] and latest_checkpoint(tmp_path / "checkpoints").name == "ckpt-00000012.pt"
+
+
+def test_a_divergence_rolls_back_to_the_last_checkpoint_before_the_loss_blew_up(tmp_path: Path):
+    """Weights that already exploded can give finite (huge) losses for a few steps before non-finite ones: the
+    rollback goes to the last checkpoint before the loss spiked, which pruning keeps however long the streak."""
+    def hook(call, loss):
+        return loss * 1e6 if call in (11, 12) else loss * float("nan") if call > 12 else loss
+
+    trainer = _toy_trainer(tmp_path, 50, hook, max_bad_steps=3, ckpt_every=1, keep_last=1)
+    with pytest.raises(FloatingPointError, match=r"step 9 \(ckpt-00000009.pt\)(.|\n)*--resume continues from there"):
+        trainer.fit()
+    ckpts = tmp_path / "checkpoints"
+    anchor, emergency = load_checkpoint(ckpts / "ckpt-00000009.pt"), load_checkpoint(ckpts / "emergency-00000015.pt")
+    for part in ("model", "ema"):
+        assert all(torch.equal(anchor[part][k], v) for k, v in emergency[part].items()), part
+    # steps 12-14 skipped, and the updates of steps 9-11 undone; the data continues from where the run stopped
+    assert emergency["step"] == 15 and emergency["counters"]["skipped_steps"] == 6
+    resumed = _toy_trainer(tmp_path, 18, ckpt_every=1, keep_last=1)
+    assert resumed.try_resume() and resumed.step == 15 and resumed.fit()["finished"]
 
 
 def test_a_resumed_run_logs_each_step_once_and_clears_dead_temporaries(tmp_path: Path):

@@ -1,18 +1,27 @@
 """Run directories and resume: a resumed run keeps its saved config (and refuses conflicting requests), bad input
 fails before the run directory is touched, --force deletes only a maetok run, a failed start does not block the
-retry, a stopped run's exit status says so, files are written with the umask's permissions."""
+retry, a stopped run's exit status says so, files are written with the umask's permissions. A forked child does
+not keep the run locked, a damaged checkpoint is refused with the fallback named (--resume=verified takes it), and
+a diverged run rolls back so that the suggested --resume with a lower learning rate finishes."""
 from __future__ import annotations
 
+import json
 import logging
+import math
+import multiprocessing
 import os
+import re
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from maetok.cli import build_parser
+from maetok.commands.training import resume_request
 from maetok.config import ConfigError, DiffusionRunConfig, TokenizerRunConfig, load_config
 from maetok.data.datasets import DatasetError
 from maetok.tokenizer import MAETok
@@ -199,6 +208,101 @@ def test_a_run_directory_in_use_is_not_touched(run: Path):
     finally:
         first.close()
     RunDir(run, resume=True, force=False).close()  # free again
+
+
+def _report_then_sleep(started) -> None:
+    started.set()
+    time.sleep(60)
+
+
+def test_a_forked_child_does_not_keep_the_run_directory_locked(run: Path):
+    """DataLoader workers are forked while the trainer holds the lock; one orphaned by a SIGKILL lives on for
+    seconds, and must not make an immediate restart fail as "in use"."""
+    first = RunDir(run, resume=True, force=False)
+    fork = multiprocessing.get_context("fork")
+    started = fork.Event()
+    child = fork.Process(target=_report_then_sleep, args=(started,), daemon=True)
+    try:
+        child.start()
+        assert started.wait(30)
+        first.close()  # as the kernel does for a killed trainer
+        RunDir(run, resume=True, force=False).close()
+    finally:
+        first.close()
+        child.kill()
+        child.join()
+
+
+# ----- a damaged checkpoint: refused with the fallback named, taken with --resume=verified ---------------------
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[:len(data) // 2])
+    else:  # a flipped byte in the zip's central directory, at the end of the file
+        path.write_bytes(data[:-60] + bytes([data[-60] ^ 0x40]) + data[-59:])
+
+
+@pytest.mark.parametrize("how", ["truncated", "zip directory flipped"])
+def test_a_damaged_newest_checkpoint_names_the_fallback_and_resume_verified_takes_it(run: Path, how: str, caplog):
+    ckpts = run / "checkpoints"
+    _damage(ckpts / "ckpt-00000002.pt", how)
+    before = _snapshot(run)
+    with pytest.raises(ValueError, match=r"ckpt-00000002.pt(.|\n)*--resume=verified(.|\n)*ckpt-00000001.pt "
+                                         r"\(step 1\)"):
+        run_tokenizer(_cfg(), run, resume=True, device="cpu")
+    assert _snapshot(run) == before
+    with caplog.at_level(logging.WARNING, logger="maetok"):
+        summary = run_tokenizer(_cfg(), run, resume="verified", device="cpu")
+    assert summary["finished"] and summary["step"] == 2
+    assert re.search(r"ckpt-00000002.pt(.|\n)*resuming from ckpt-00000001.pt \(step 1\)", caplog.text)
+    assert "resuming from ckpt-00000001.pt" in (run / "train.log").read_text()
+    assert load_checkpoint(latest_checkpoint(ckpts))["step"] == 2  # written again, whole
+
+
+def test_when_no_checkpoint_verifies_resume_says_so(run: Path):
+    for path in (run / "checkpoints").glob("*.pt"):
+        _damage(path, "truncated")
+    before = _snapshot(run)
+    for mode in (True, "verified"):
+        with pytest.raises(ValueError, match=r"no checkpoint in .* verifies") as e:
+            run_tokenizer(_cfg(), run, resume=mode, device="cpu")
+        assert "--resume=verified" not in str(e.value) and "--force" in str(e.value)
+    assert _snapshot(run) == before
+
+
+def test_resume_takes_an_optional_mode_and_leaves_overrides_alone():
+    """`--resume` alone, `--resume=verified`, and an override written right after a bare --resume (which
+    argparse hands to the flag as its value) is still an override."""
+    def parse(*args: str):
+        return resume_request(build_parser().parse_args(["tokenizer", "train", "--out", "x", *args]))
+
+    assert parse("train.steps=3") == (False, ["train.steps=3"])
+    assert parse("--resume") == ("latest", [])
+    assert parse("--resume=verified", "train.steps=3") == ("verified", ["train.steps=3"])
+    assert parse("--resume", "train.optim.lr=1e-4", "train.steps=3") == ("latest", ["train.optim.lr=1e-4",
+                                                                                    "train.steps=3"])
+    with pytest.raises(ConfigError, match="--resume=newest: unknown"):
+        parse("--resume=newest")
+
+
+# ----- divergence: rolled back to the last checkpoint before it, and the suggested resume works ---------------
+def test_a_diverged_run_rolls_back_and_the_suggested_resume_finishes(run: Path):
+    with pytest.raises(FloatingPointError) as e:
+        run_tokenizer(_cfg("train.steps=10", "train.optim.lr=1e30", "train.max_bad_steps=3"), run, resume=True,
+                      device="cpu")
+    message = str(e.value)
+    suggested = re.search(r"--resume (train\.optim\.lr=[0-9.e+-]+)", message)
+    assert suggested, message
+    stopped_at = latest_checkpoint(run / "checkpoints")
+    summary = run_tokenizer(_cfg(suggested.group(1)), run, resume=True, device="cpu")
+    assert summary["finished"] and summary["step"] == 10 and math.isfinite(summary["psnr_train"])
+    # every step after the stop trained (a skipped step logs no record)
+    logged = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    first = int(stopped_at.stem.split("-")[1])
+    assert logged[-(10 - first):] == list(range(first + 1, 11)), (stopped_at, logged)
+    state = load_checkpoint(latest_checkpoint(run / "checkpoints"))
+    assert all(torch.isfinite(v).all() for part in ("model", "ema") for v in state[part].values())
+    assert "step 2 (ckpt-00000002.pt)" in message
 
 
 # ----- 6, 7: exit status, flags, permissions ---------------------------------------------------------------------

@@ -11,6 +11,11 @@ Every training command takes dotted `key=value` overrides after its options. Com
 one that already holds their output (`latents cache` resumes an unfinished cache); --force replaces it. Counts are
 `--num-samples` (`--num` still works alone, but not under torchrun, whose parser reads it as an abbreviation of
 --numa-binding).
+
+Exit codes: 0 done; 1 a bug (shown with its traceback); 2 a command line, config or input refused; 3 a file that
+cannot be read or verified (corrupt checkpoint, pickle); 4 training stopped by non-finite steps; 5 disk full or not
+writable; 128+N stopped by signal N (130 Ctrl-C, 143 SIGTERM; --resume continues). Errors to act on are one
+`maetok: error:` line.
 """
 from __future__ import annotations
 
@@ -131,9 +136,11 @@ def _add_run_args(p: argparse.ArgumentParser, default_config: str, example: str)
                         f"run's own)")
     p.set_defaults(default_config=default_config)
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with "
-                   "its saved config (overrides may change only train.steps, intervals, workers, compile, precision, "
-                   "train.optim.lr and grad_clip); "
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="verified",
+                   help="continue the run in --out from its newest checkpoint, refused when that does not verify "
+                   "against its SHA-256 (--resume=verified: from the newest checkpoint that verifies, logging those "
+                   "passed over), with its saved config (overrides may change only train.steps, intervals, "
+                   "workers, compile, precision, train.optim.lr and grad_clip); "
                    "a missing --out starts a new run there (so one command line both starts and resumes a "
                    "scheduled job), so check the path")
     p.add_argument("--force", action="store_true", help="delete the maetok run in --out and start over")
@@ -319,13 +326,21 @@ def main(argv: list[str] | None = None) -> int:
     module_name, _, function_name = args.handler.partition(":")
     # Start-up time: the command modules import torch and the models (seconds), which parsing and --help skip.
     handler = getattr(importlib.import_module(f".commands.{module_name}", __package__), function_name)
-    from .commands.common import REPORTED_ERRORS  # start-up time, as above (loaded with the handler's module)
+    from .commands.common import error_report  # start-up time, as above (loaded with the handler's module)
 
     try:
         return handler(args)
-    except REPORTED_ERRORS as e:
-        print(f"maetok: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        # One line and a documented exit code (README: exit codes) for what the user can act on; a traceback only
+        # for a bug. Under torchrun every rank that fails reports its own line.
+        report = error_report(e, args)
+        if report is None:
+            raise
+    # Printed once the error is gone, and with it the frames that held open progress bars: their last redraw
+    # comes before the line, not after it.
+    code, line = report
+    print(f"maetok: error: {line}", file=sys.stderr)
+    return int(code)
 
 
 if __name__ == "__main__":

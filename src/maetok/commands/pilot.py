@@ -8,9 +8,11 @@ from pathlib import Path
 from ..demo import run_demo
 from ..io.distributed import resolve_device
 from ..pilot import PilotInterrupted, pilot_settings, run_pilot
+from .common import out_folder
 
 
 def cmd_pilot(args: argparse.Namespace) -> int:
+    out_folder(args.out, "pilots")
     settings = pilot_settings(args.budget, args.overrides, args.tokenizer_set, args.diffusion_set)
     try:
         report = run_pilot(args.data, args.variants.split(","), args.budget, Path(args.out), resume=args.resume,
@@ -25,6 +27,7 @@ def cmd_pilot(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    out_folder(args.out, "pilots")
     try:
         run_demo(Path(args.out), budget=args.budget, force=args.force)
     except PilotInterrupted as e:

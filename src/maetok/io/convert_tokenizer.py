@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from ..config import ConfigError, TokenizerConfig
 from ..tokenizer.model import MAETok
-from .hub import hub_download, local_path_reason, training_run_hint
+from .hub import (UnreadableFileError, hub_download, local_path_reason, quiet_pickle_protocol, read_safetensors,
+                  training_run_hint, weights_only_refusal)
 
 # timm ViT sizes by name fragment: (width, depth, heads)
 VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16),
@@ -121,13 +121,19 @@ def official_config(meta: dict, shapes: dict[str, tuple[int, ...]] | None = None
 def config_from_official_shapes(shapes: dict[str, tuple[int, ...]], heads: tuple[int, int] | None = None
                                 ) -> TokenizerConfig:
     """Infer the whole config from a state dict's shapes alone (heads default to width/64, the ViT norm)."""
+    lacking = [k for k in ("encoder.model.cls_token", "decoder.mask_token", "encoder.model.patch_embed.proj.weight",
+                           "encoder.model.pos_embed", "encoder.latent_tokens", "quant_conv.weight") if k not in shapes]
+    if lacking:
+        raise ConfigError(f"the weights lack {lacking}: not an official MAETok tokenizer (AEModel)")
     W = shapes["encoder.model.cls_token"][-1]
     Wd = shapes["decoder.mask_token"][-1]
     patch = shapes["encoder.model.patch_embed.proj.weight"][-1]
     n = shapes["encoder.model.pos_embed"][1] - 1
     grid = int(round(n ** 0.5))
-    depth = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.model\.blocks\.(\d+)\.", k)))
-    ddepth = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"decoder\.model\.blocks\.(\d+)\.", k)))
+    depth = 1 + max((int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.model\.blocks\.(\d+)\.", k))),
+                    default=-1)
+    ddepth = 1 + max((int(m.group(1)) for k in shapes if (m := re.match(r"decoder\.model\.blocks\.(\d+)\.", k))),
+                     default=-1)
     eh, dh = heads or (W // 64, Wd // 64)
     return TokenizerConfig(variant="maetok", image_size=grid * patch, patch_size=patch,
                            latent_tokens=shapes["encoder.latent_tokens"][1],
@@ -156,22 +162,22 @@ def convert_state_dict(official: dict[str, torch.Tensor], cfg: TokenizerConfig):
             report.unused.append(key)
             continue
         if ours is None:
-            raise ValueError(f"official key {key!r} {tuple(value.shape)} has no counterpart in maetok; "
-                             f"this checkpoint is not an AEModel of the supported family")
+            raise ConfigError(f"official key {key!r} {tuple(value.shape)} has no counterpart in maetok; "
+                              f"this checkpoint is not an AEModel of the supported family")
         if ours not in own:
             # e.g. blocks.0.attn.q_norm.weight: a part the model built from this config lacks. Dropping it would
             # load without error and encode / decode wrongly.
-            raise ValueError(f"official key {key!r} {tuple(value.shape)} would load into {ours!r}, which the "
-                             f"model built from this config does not have; the checkpoint uses an option "
-                             f"(such as qk-norm) that maetok's config does not describe")
+            raise ConfigError(f"official key {key!r} {tuple(value.shape)} would load into {ours!r}, which the "
+                              f"model built from this config does not have; the checkpoint uses an option "
+                              f"(such as qk-norm) that maetok's config does not describe")
         if tuple(own[ours].shape) != tuple(value.shape):
-            raise ValueError(f"official key {key!r} has shape {tuple(value.shape)}, but {ours!r} needs "
-                             f"{tuple(own[ours].shape)}")
+            raise ConfigError(f"official key {key!r} has shape {tuple(value.shape)}, but {ours!r} needs "
+                              f"{tuple(own[ours].shape)}")
         new_state[ours] = value.to(own[ours].dtype)
     report.initialised = sorted(set(own) - set(new_state))
     lacking = sorted(set(report.initialised) - TRAINING_ONLY)
     if lacking:
-        raise ValueError(f"official checkpoint lacks required tensors: {lacking}")
+        raise ConfigError(f"official checkpoint lacks required tensors: {lacking}")
     model.load_state_dict({**own, **new_state}, strict=True)
     report.mapped = len(new_state)
     return model.eval(), report
@@ -180,19 +186,20 @@ def convert_state_dict(official: dict[str, torch.Tensor], cfg: TokenizerConfig):
 def read_official_weights(path: Path) -> dict[str, torch.Tensor]:
     """safetensors, or a torch file read with weights_only=True (no code runs); unwraps {'model'|'state_dict'}."""
     if path.suffix == ".safetensors":
-        state = load_file(str(path))
+        state = read_safetensors(path)
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with quiet_pickle_protocol():
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"{path}: could not be read as a weights-only torch file ({e}); "
-                             f"refusing to unpickle arbitrary objects") from e
+            raise weights_only_refusal(path, e) from e
         for wrapper in ("ema", "model", "state_dict"):
             if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
                 state = state[wrapper]
                 break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: not a flat state dict of tensors")
+        raise UnreadableFileError(f"{path}: not a flat state dict of tensors (nor one under 'ema', 'model' or "
+                                  f"'state_dict'); give the weights file of an official MAETok tokenizer")
     return state
 
 
@@ -239,7 +246,14 @@ def load_official_tokenizer(src: str | Path, weights: str | Path | None = None, 
     cfg_path = Path(config) if config else src / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"official config {cfg_path} not found; pass --config FILE")
-    meta = json.loads(cfg_path.read_text())
-    state = read_official_weights(_find_weights_file(src, weights))
-    cfg = official_config(meta, {k: tuple(v.shape) for k, v in state.items()})
-    return convert_state_dict(state, cfg)
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{cfg_path}: not valid JSON ({e})") from e
+    weights_path = _find_weights_file(src, weights)
+    state = read_official_weights(weights_path)
+    try:
+        cfg = official_config(meta, {k: tuple(v.shape) for k, v in state.items()})
+        return convert_state_dict(state, cfg)
+    except ConfigError as e:  # named here: neither knows the files
+        raise ConfigError(f"{weights_path} (config {cfg_path}): {e}") from e

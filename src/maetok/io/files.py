@@ -23,8 +23,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, write_fn) -> None:
-    """Write through `write_fn(file)` into a temporary file, fsync it, rename over `path`, fsync the folder."""
+def atomic_write_bytes(path: Path, write_fn, before_rename=None) -> None:
+    """Write through `write_fn(file)` into a temporary file, fsync it, rename over `path`, fsync the folder.
+    `before_rename()` runs once the data is on disk and before `path` appears (a checkpoint's digest is written
+    there, so that no checkpoint is ever in place without it); if it raises, `path` is left as it was."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -32,6 +34,8 @@ def atomic_write_bytes(path: Path, write_fn) -> None:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     finally:
         if tmp.exists():

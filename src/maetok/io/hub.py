@@ -1,18 +1,29 @@
-"""Finding pretrained weights: a local file first, then the hub, and a clear message when neither works.
+"""Finding pretrained weights: a local file first, then the hub, and a clear message when neither works; reading
+them, with a one-line message naming a file that is there but cannot be read.
 
 Nothing here unpickles: weights are safetensors, or TorchScript for the FID Inception network.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 
 class MissingWeightsError(FileNotFoundError):
     """Pretrained weights that are needed but cannot be found locally nor downloaded."""
+
+
+class UnreadableFileError(ValueError):
+    """A file that is there but cannot be read or verified as what it should be: corrupt or truncated, not the
+    format its name says (a pickle renamed .safetensors), a pickle where only tensors are accepted, or weights that
+    do not fit their model. The message is one line naming the file and what to do (`maetok` exits with 3)."""
 
 
 def shared_data_dir() -> Path | None:
@@ -84,12 +95,65 @@ def training_run_hint(folder: Path) -> str:
         else ""
 
 
+def file_kind(path: Path) -> str:
+    """What a file's first bytes say it is, for messages about a file that failed to load as something else."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive, as torch.save writes"
+    # A safetensors file: the header's length in 8 bytes, then its JSON. A pickle of protocol 2 and later: the
+    # PROTO opcode and the protocol.
+    if head[8:9] != b"{" and head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a Python pickle"
+    return "corrupt or truncated" if head else "empty"
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """`safetensors.torch.load_file`, raising UnreadableFileError naming the file when it is not one."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise safetensors_refusal(path, e) from None
+
+
+def safetensors_refusal(path: str | Path, error: Exception) -> UnreadableFileError:
+    """The error for a .safetensors file that safetensors could not read, saying what the file is instead."""
+    kind = file_kind(Path(path))
+    if kind in ("corrupt or truncated", "empty"):
+        return UnreadableFileError(f"{path}: not a safetensors file ({error}): it is {kind}; download or copy it "
+                                   f"again")
+    return UnreadableFileError(f"{path}: not a safetensors file ({error}) but {kind}, renamed without being "
+                               f"converted; convert it with safetensors.torch.save_file where you trust it (maetok "
+                               f"never unpickles)")
+
+
+@contextlib.contextmanager
+def quiet_pickle_protocol():
+    """Around torch.load(weights_only=True): its warning about a pickle protocol it may not support would stand
+    before the one line that says whether the file was read."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        yield
+
+
+def weights_only_refusal(path: str | Path, error: Exception) -> UnreadableFileError:
+    """The error for a file that `torch.load(weights_only=True)` refused: one line, whatever torch's message."""
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    if isinstance(error, pickle.UnpicklingError):  # torch's own message is a page advising weights_only=False
+        why = "it holds Python objects besides tensors and plain containers"
+    else:
+        why = type(error).__name__ + (f": {first_line}" if first_line else "")
+    return UnreadableFileError(f"{path}: could not be read as a weights-only torch file ({why}); refusing to unpickle "
+                               f"arbitrary objects: re-save just the state dict, or as safetensors")
+
+
 def load_safetensors_strict(model: torch.nn.Module, path: str | Path) -> None:
     """Load a safetensors state dict, naming missing/unexpected keys and shape mismatches in the error."""
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: weights are read from .safetensors files only (pickles can execute code)")
-    state = load_file(str(path))
+        raise UnreadableFileError(f"{path}: weights are read from .safetensors files only (pickles can execute "
+                                  f"code); convert it with safetensors.torch.save_file")
+    state = read_safetensors(path)
     own = model.state_dict()
     # BatchNorm's step counter is bookkeeping, not weights; published files often leave it out.
     missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
@@ -97,6 +161,7 @@ def load_safetensors_strict(model: torch.nn.Module, path: str | Path) -> None:
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in set(own) & set(state) if state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
-        raise ValueError(f"{path} does not match {type(model).__name__}: missing {missing[:8]}, "
-                         f"unexpected {unexpected[:8]}, shape mismatches {shapes[:8]}")
+        raise UnreadableFileError(f"{path} does not match {type(model).__name__}: missing {missing[:8]}, "
+                                  f"unexpected {unexpected[:8]}, shape mismatches {shapes[:8]}; the weights and "
+                                  f"the config they are loaded with come from different models")
     model.load_state_dict({**{k: v for k, v in own.items() if k not in state}, **state}, strict=True)

@@ -1,7 +1,8 @@
 """Run directories: decided on before anything is built, never silently overwritten, locked while in use.
 
 A run directory holds what one training writes (config, logs, checkpoints, images, model) and a marker file
-naming it as ours; --force deletes only such a directory, --resume continues it.
+naming it as ours; --force deletes only such a directory, --resume continues it (from its newest checkpoint when
+that verifies; --resume=verified from the newest that does).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any
 import yaml
 
 from ..config import ConfigError
-from .checkpoint import latest_checkpoint
+from .checkpoint import resume_checkpoint
 from .files import atomic_write_bytes
 
 try:
@@ -84,10 +85,43 @@ def training_traces(out: Path) -> list[str]:
     return traces
 
 
-def check_run_flags(resume: bool, force: bool) -> None:
-    if resume and force:
+# What --resume resumes from: the newest checkpoint (refused when it does not verify), or the newest that verifies.
+RESUME_MODES = ("latest", "verified")
+
+
+def resume_mode(resume: bool | str | None) -> str | None:
+    """--resume as a mode: None (no resume), "latest" (also True) or "verified"."""
+    if resume is True:
+        return "latest"
+    if not resume:
+        return None
+    if resume not in RESUME_MODES:
+        raise ConfigError(f"--resume={resume}: unknown; --resume continues from the newest checkpoint, "
+                          f"--resume=verified from the newest one that verifies")
+    return resume
+
+
+def check_run_flags(resume: bool | str | None, force: bool) -> None:
+    if resume_mode(resume) and force:
         raise ConfigError("--resume and --force contradict each other: --resume continues the run in the "
                           "directory, --force deletes it and starts over; pass one of them")
+
+
+# The run directories this process holds locked, by descriptor. A flock belongs to the open file, which a forked
+# child (a DataLoader worker) shares: one orphaned by a SIGKILL kept the directory locked for seconds, and a
+# scheduler's immediate restart was refused as "in use". Forked children close their copies at once.
+_LOCKS_HELD: dict[int, "RunDir"] = {}
+
+
+def _drop_locks_in_forked_child() -> None:
+    for fd, run_dir in list(_LOCKS_HELD.items()):
+        os.close(fd)  # only closed: flock(LOCK_UN) would unlock the parent's lock as well
+        run_dir._lock_fd = None
+    _LOCKS_HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; Windows has no fork and no flock
+    os.register_at_fork(after_in_child=_drop_locks_in_forked_child)
 
 
 class RunDir:
@@ -96,13 +130,16 @@ class RunDir:
     Never silently overwritten: an existing run needs --resume (continue) or --force (delete and start over);
     a failed start (no checkpoint, weights, logged step or image) is reused. --force deletes only what a run
     writes, and refuses a directory holding anything else. While a training uses the directory it holds a lock
-    on it (flock), so a second training cannot resume, reuse or delete it under the first.
+    on it (flock, which dies with the process), so a second training cannot resume, reuse or delete it under
+    the first. `resume`: False, True or "latest", or "verified" (see resume_checkpoint).
     """
 
-    def __init__(self, out: Path, resume: bool, force: bool, is_main: bool = True):
+    def __init__(self, out: Path, resume: bool | str, force: bool, is_main: bool = True):
         check_run_flags(resume, force)
-        self.out, self.resume, self.force, self.is_main = Path(out), resume, force, is_main
-        self.action = "resume" if resume else "new"
+        self.out, self.resume, self.force, self.is_main = Path(out), resume_mode(resume), force, is_main
+        self.action = "resume" if self.resume else "new"
+        # The checkpoint a resumed run continues from: rank 0 decides, and tells the other ranks (train/run.py).
+        self.checkpoint: Path | None = None
         self._lock_fd: int | None = None
         if is_main:
             # Rank 0 alone checks and prepares: checking on every rank races with it (a fresh directory already
@@ -115,8 +152,8 @@ class RunDir:
 
     @property
     def resuming(self) -> bool:
-        """Whether the run continues from a checkpoint (the same answer on every rank)."""
-        return self.resume and latest_checkpoint(self.out / "checkpoints") is not None
+        """Whether the run continues from a checkpoint (`checkpoint`)."""
+        return self.checkpoint is not None
 
     def _decide(self) -> None:
         out = self.out
@@ -137,7 +174,9 @@ class RunDir:
                 f"it. Choose another --out.")
         self._lock()
         traces = training_traces(out)
-        if self.resume and latest_checkpoint(out / "checkpoints") is not None:
+        if self.resume:
+            self.checkpoint = resume_checkpoint(out / "checkpoints", fallback=self.resume == "verified")
+        if self.checkpoint is not None:
             self.action = "resume"
         elif not traces:
             self.action = "reuse"  # a failed start: there is nothing in it to lose
@@ -178,6 +217,7 @@ class RunDir:
             os.close(fd)
             return
         self._lock_fd = fd
+        _LOCKS_HELD[fd] = self
 
     def open(self, marker: dict[str, Any] | None = None) -> Path:
         """Make the directory ready for this run (delete, create) once everything that can fail has been built."""
@@ -202,6 +242,7 @@ class RunDir:
 
     def close(self) -> None:
         if self._lock_fd is not None:
+            _LOCKS_HELD.pop(self._lock_fd, None)
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
 
@@ -218,3 +259,23 @@ def prepare_run_dir(out: Path, resume: bool, force: bool, is_main: bool = True) 
         return run_dir.open()
     finally:
         run_dir.close()
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop the records of log.jsonl past `step` (written after the checkpoint a run resumes from), so that the
+    resumed run does not log those steps twice."""
+    if not path.is_file():
+        return
+
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except ValueError:  # a line cut short by a killed process
+            return False
+
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and keep(line)]
+    if len(kept) != len(lines):
+        atomic_write_bytes(path, lambda f: f.write("".join(kept).encode()))
+        log.info("log.jsonl: dropped %d records past step %d, the checkpoint resumed from", len(lines) - len(kept),
+                 step)

@@ -2,7 +2,7 @@
 
 A *task* supplies the model and the loss; the loop owns everything that must be right for every run: the run
 directory, deterministic data order, AdamW with warmup + cosine, gradient clipping, EMA, bf16 autocast on GPU,
-DDP, non-finite step skipping, signals, logging and exact resume.
+DDP, non-finite step skipping with rollback on divergence, signals, logging and exact resume.
 
 Exact resume: the data order is a pure function of (seed, step), the learning rate a pure function of step, and
 every checkpoint holds model, EMA, optimizer, step, RNG and the task's own state (e.g. the discriminator). A run
@@ -12,6 +12,7 @@ Under DDP the global RNG is reseeded every step from (seed, step, rank): ranks d
 and times (identical streams would repeat rank 0's draws on every rank), and a resumed run draws what it would
 have. Decisions that change the control flow (skip a non-finite step, stop on a signal) are agreed across ranks,
 since backward() is a collective and a rank that goes its own way deadlocks the others.
+A run stopped by non-finite steps rolls back to its last good checkpoint (io.checkpoint.LastGoodCheckpoint).
 """
 from __future__ import annotations
 
@@ -32,9 +33,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import ConfigError, TrainConfig, dump_yaml
 from ..device import to_device
-from ..io.checkpoint import latest_checkpoint, load_checkpoint, remove_stale_temporaries, save_checkpoint
+from ..io.checkpoint import (CheckpointError, LastGoodCheckpoint, load_checkpoint, remove_stale_temporaries,
+                             resume_checkpoint, save_checkpoint)
 from ..io.distributed import DistInfo, all_reduce_max_each, all_reduce_mean
-from ..io.files import atomic_write_bytes, code_version
+from ..io.files import code_version
+from ..io.rundir import trim_log
 from ..progress import progress_bar
 from .compiled import CompiledOrEager, autocast_for
 from .optim import build_optimizer, ema_decay_at, ema_update, lr_factor
@@ -124,16 +127,13 @@ class Trainer:
     def __init__(self, task: Task, train_cfg: TrainConfig, dataset: Dataset, out_dir: Path, run_config: Any,
                  dist_info: DistInfo, collate=None, num_workers: int = 0):
         self.task, self.cfg, self.dataset, self.out = task, train_cfg, dataset, Path(out_dir)
-        self.num_workers = num_workers
-        self.run_config, self.dist = run_config, dist_info
-        self.collate = collate
+        self.run_config, self.dist, self.collate, self.num_workers = run_config, dist_info, collate, num_workers
         self.model = task.model
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.params = [p for p in task.trainable_parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, train_cfg.optim)
-        self.step = 0
-        self.bad_steps = 0
-        self.skipped_steps = 0
+        self.step = self.bad_steps = self.skipped_steps = 0
+        self.last_good = LastGoodCheckpoint(self.out / "checkpoints")  # what a divergence rolls back to
         self.signal_received: str | None = None  # set by the handler, on this rank only
         self.stop_requested: str | None = None  # the stop every rank agreed on
         self.ddp_model = self.model
@@ -151,7 +151,8 @@ class Trainer:
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": {"kind": f"warmup+{self.cfg.optim.schedule}", "step": self.step},
+            "scheduler": {"kind": f"warmup+{self.cfg.optim.schedule}", "step": self.step,
+                          "base_lr": self.cfg.optim.lr},
             "task": self.task.state_dict(),
             # This process's GPU only: a state per visible GPU could not be restored with fewer visible.
             "rng": {"torch": torch.get_rng_state(),
@@ -160,11 +161,13 @@ class Trainer:
             "data_position": {"step": self.step, "seed": self.cfg.seed, "global_batch": self.cfg.batch_size,
                               "num_items": len(self.dataset)},
             "counters": {"skipped_steps": self.skipped_steps, "bad_steps_in_a_row": self.bad_steps},
+            "divergence_guard": self.last_good.state_dict(),
             "config": dump_yaml(self.run_config),
             "code_version": code_version(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def _load_training_state(self, state: dict[str, Any]) -> None:
+        """What is trained: model, EMA, optimizer and the task's own state."""
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         # The device decides fused / foreach (fused AdamW on a GPU), not the machine the checkpoint came from;
@@ -174,10 +177,14 @@ class Trainer:
         self.optimizer.load_state_dict({**saved, "param_groups": [{**g, **f} for g, f in
                                                                   zip(saved["param_groups"], flags)]})
         self.task.load_state_dict(state["task"])
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._load_training_state(state)
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("counters", {}).get("skipped_steps", 0))
         # Checkpoints are written on skipped steps too: a streak of them continues counting towards max_bad_steps.
         self.bad_steps = int(state.get("counters", {}).get("bad_steps_in_a_row", 0))
+        self.last_good = LastGoodCheckpoint(self.out / "checkpoints", state.get("divergence_guard"))
         rng = state["rng"]
         torch.set_rng_state(rng["torch"].cpu())
         if self.dist.device.type == "cuda":
@@ -194,26 +201,25 @@ class Trainer:
                         len(self.dataset))
 
     def save(self, name: str | None = None) -> Path | None:
+        self.last_good.holding(name or f"ckpt-{self.step:08d}.pt", self.step)
         if not self.dist.is_main:
             return None
-        return save_checkpoint(self.out / "checkpoints", self.step, self.state_dict(), self.cfg.keep_last, name)
+        return save_checkpoint(self.out / "checkpoints", self.step, self.state_dict(), self.cfg.keep_last, name,
+                               keep=self.last_good.name)
 
-    def try_resume(self) -> bool:
-        ckpt = latest_checkpoint(self.out / "checkpoints")
+    def try_resume(self, checkpoint: Path | None = None) -> bool:
+        """Continue from `checkpoint`, or the newest one if it verifies (resume_checkpoint); False if there is none."""
+        ckpt = checkpoint or resume_checkpoint(self.out / "checkpoints")
         if ckpt is None:
             return False
         # Read on the CPU: RNG states must stay CPU byte tensors; modules and optimizer copy to their device.
-        try:
-            state = load_checkpoint(ckpt, map_location="cpu")
-        except ValueError as e:
-            older = sorted(p.name for p in ckpt.parent.glob("*.pt") if p != ckpt)
-            hint = (f"; delete it to resume from the one before ({', '.join(older)})" if older else "")
-            raise ValueError(f"{e}{hint}") from e
+        state = load_checkpoint(ckpt, map_location="cpu")
         try:
             self.load_state_dict(state)
         except (RuntimeError, KeyError, ValueError, IndexError) as e:
             raise ConfigError(f"{ckpt} does not fit the model built from the run's config ({type(e).__name__}: "
                               f"{str(e)[:500]}); was the checkpoint written by another run or version?") from e
+        self.last_good.holding(ckpt.name, self.step)
         log.info("resumed from %s at step %d", ckpt, self.step)
         return True
 
@@ -271,15 +277,18 @@ class Trainer:
                 gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip or float("inf"))
                 bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(gnorm))
                 # Every rank must take the same branches: a rank's loss alone may be non-finite, and a signal may
-                # reach one rank only, or ranks at different steps. Both flags are agreed in that one sync; a
-                # signal that arrives later in the step is agreed at the next one.
+                # reach one rank only, or ranks at different steps. Both flags (and the loss's size, the largest
+                # over the ranks, for LastGoodCheckpoint) are agreed in that one sync; a signal that arrives later
+                # in the step is agreed at the next one.
                 local_signal = signal.Signals[self.signal_received].value if self.signal_received else 0
-                bad_anywhere, agreed_signal = all_reduce_max_each(  # float32: MPS has no float64
-                    torch.stack([bad.float(), torch.full((), float(local_signal), device=bad.device)]), self.dist)
+                bad_anywhere, agreed_signal, loss_size = all_reduce_max_each(  # float32: MPS has no float64
+                    torch.stack([bad.float(), torch.full((), float(local_signal), device=bad.device),
+                                 loss.detach().float().abs()]), self.dist)
                 stop = signal.Signals(int(agreed_signal)).name if agreed_signal else None
                 if bad_anywhere:
                     self._skip_step(out)  # no update, no log record; checkpoints, images and stops as below
                 else:
+                    self.last_good.finite_loss(self.step, loss_size)
                     self.bad_steps = 0
                     self.optimizer.step()
                     ema_update(self.ema, self.model, ema_decay_at(self.step, cfg.ema_decay))
@@ -319,7 +328,7 @@ class Trainer:
         (self.out / "config.yaml").write_text(dump_yaml(self.run_config))
         for name in remove_stale_temporaries(self.out / "checkpoints"):
             log.warning("removed %s, left by a save that was killed", name)
-        _trim_log(self.out / "log.jsonl", self.step)
+        trim_log(self.out / "log.jsonl", self.step)
 
     def _log_step(self, log_f, progress, lr: float, gnorm: torch.Tensor, images_per_s: float,
                   out: dict[str, Any], extra: dict[str, float]) -> None:
@@ -353,12 +362,40 @@ class Trainer:
                     {k: v for k, v in _scalars(out).items()}, self.bad_steps)
         self.step += 1
         if self.bad_steps >= self.cfg.max_bad_steps:
-            streak, self.bad_steps = self.bad_steps, 0  # a run resumed from here (after a fix) counts anew
-            path = self.save(name=f"emergency-{self.step:08d}.pt")
-            raise FloatingPointError(
-                f"{streak} consecutive non-finite steps (up to step {self.step}); the last good weights "
-                f"are saved in {path}, and --resume continues from there. Lower the learning rate (e.g. --resume "
-                f"train.optim.lr={self.cfg.optim.lr / 4:g}) or the gradient clip, or check the data.")
+            raise FloatingPointError(self._stop_diverged())
+
+    def _stop_diverged(self) -> str:
+        """max_bad_steps non-finite steps in a row: roll back to the last good checkpoint, write that as this
+        step's emergency checkpoint, and say what happened and what to run next."""
+        streak, self.bad_steps = self.bad_steps, 0  # a run resumed from here (after a fix) counts anew
+        began, lr, what = self.step - streak, self.cfg.optim.lr, f"{streak} consecutive non-finite steps"
+        good = self._roll_back()
+        if good is not None:
+            self.skipped_steps += began - int(good["step"])  # the updates since it are undone
+        path = self.save(name=f"emergency-{self.step:08d}.pt") or "the emergency checkpoint"
+        if good is None:
+            return (f"{what} (steps {began}-{self.step - 1}), and no checkpoint from before them to roll back to: "
+                    f"{path} holds the weights as they are, which gave those losses. --resume continues from there "
+                    f"if the data was at fault; if the run diverged, start it over with a lower learning rate (e.g. "
+                    f"--force train.optim.lr={lr / 10:g}), or check the data.")
+        good_lr = float(good.get("scheduler", {}).get("base_lr", lr))
+        return (f"{what} (steps {began}-{self.step - 1}); rolled back to step {good['step']} ({self.last_good.name}), "
+                f"the last checkpoint whose weights still gave a sane loss, and saved that in {path} at step "
+                f"{self.step} (the batches in between are skipped). --resume continues from there: lower the "
+                f"learning rate (e.g. --resume train.optim.lr={good_lr if good_lr < lr else lr / 10:g}) or the "
+                f"gradient clip, or check the data.")
+
+    def _roll_back(self) -> dict[str, Any] | None:
+        """The last good checkpoint's state, loaded into model, EMA, optimizer and task (step, data position and
+        RNG stay where the run stopped, past the batches of the trouble); None when there is none to load."""
+        try:
+            state = load_checkpoint(self.out / "checkpoints" / self.last_good.name) if self.last_good.name else None
+        except CheckpointError as e:
+            log.warning("cannot roll back: %s", e)
+            return None
+        if state is not None:
+            self._load_training_state(state)
+        return state
 
 
 def _leave_stop_signals_to_main(worker_id: int) -> None:
@@ -367,26 +404,6 @@ def _leave_stop_signals_to_main(worker_id: int) -> None:
     its checkpoint. The main process stops them when it is done."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def _trim_log(path: Path, step: int) -> None:
-    """Drop log records past `step` (written after the checkpoint a run resumes from), so that the resumed run
-    does not log those steps twice."""
-    if not path.is_file():
-        return
-
-    def keep(line: str) -> bool:
-        try:
-            return json.loads(line).get("step", 0) <= step
-        except ValueError:  # a line cut short by a killed process
-            return False
-
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and keep(line)]
-    if len(kept) != len(lines):
-        atomic_write_bytes(path, lambda f: f.write("".join(kept).encode()))
-        log.info("log.jsonl: dropped %d records past step %d, the checkpoint resumed from", len(lines) - len(kept),
-                 step)
 
 
 def pick_flipped(x: torch.Tensor, x_flipped: torch.Tensor) -> torch.Tensor:

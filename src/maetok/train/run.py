@@ -18,7 +18,7 @@ from ..data import class_count, open_dataset
 from ..data.datasets import parse_spec
 from ..data.latents import LatentDataset
 from ..eval.recon import psnr
-from ..io.checkpoint import checkpoint_config, latest_checkpoint
+from ..io.checkpoint import CheckpointError, checkpoint_config, latest_checkpoint
 from ..io.distributed import cleanup, init_distributed
 from ..io.pretrained import load_tokenizer, save_pretrained
 from ..io.rundir import RunDir, RunDirExists, check_run_flags, read_run_marker
@@ -73,6 +73,10 @@ def _open_training_data(data_cfg, image_size: int):
                         strict=data_cfg.strict, limit=data_cfg.limit, cache_dir=data_cfg.cache_dir or None)
 
 
+# What refuses a run before anything is built (rank 0 decides, and the other ranks raise the same).
+REFUSALS = (RunDirExists, ConfigError, CheckpointError)
+
+
 class _TrainingRun:
     """Process group, run directory and log file of one training.
 
@@ -81,22 +85,29 @@ class _TrainingRun:
     blocks the retry nor costs the old run.
     """
 
-    def __init__(self, out_dir: str | Path, resume: bool, force: bool, kind: str, info, early_logs: _LogBuffer):
+    def __init__(self, out_dir: str | Path, resume: bool | str, force: bool, kind: str, info,
+                 early_logs: _LogBuffer):
         self.info, self.kind, self._early_logs = info, kind, early_logs
         self._saved_config: dict[str, Any] | None = None
         self.log_file: logging.FileHandler | None = None  # train.log, once the run directory is open
         refused = None
         try:
             self.run_dir = RunDir(Path(out_dir), resume, force, info.is_main)
-        except (RunDirExists, ConfigError) as e:
+        except REFUSALS as e:
             refused = e
         if info.enabled:
-            # Rank 0 alone decides on the directory. Share its verdict, so that a refusal stops every rank now
-            # instead of leaving the others in their next collective until the timeout.
-            verdict = [None if refused is None else (type(refused) is ConfigError, str(refused))]
+            # Rank 0 alone decides on the directory and the checkpoint to resume from. Share its verdict, so that a
+            # refusal stops every rank now instead of leaving the others in their next collective until the
+            # timeout, and every rank resumes from the checkpoint rank 0 verified.
+            refusal = None if refused is None else (
+                next(i for i, cls in enumerate(REFUSALS) if isinstance(refused, cls)), str(refused))
+            resumed_from = self.run_dir.checkpoint.name if refused is None and self.run_dir.checkpoint else None
+            verdict = [refusal, resumed_from]
             torch.distributed.broadcast_object_list(verdict, src=0)
             if refused is None and verdict[0] is not None:
-                refused = (ConfigError if verdict[0][0] else RunDirExists)(verdict[0][1])
+                refused = REFUSALS[verdict[0][0]](verdict[0][1])
+            elif refused is None and verdict[1] is not None:
+                self.run_dir.checkpoint = self.run_dir.out / "checkpoints" / verdict[1]
         if refused is not None:
             raise refused
         self.out = self.run_dir.out
@@ -109,12 +120,12 @@ class _TrainingRun:
         marker = read_run_marker(self.out)
         if marker and marker.get("run") not in (None, self.kind):
             raise ConfigError(f"{self.out} is a {marker['run']} run; it cannot be resumed as a {self.kind} run")
-        return resolve_resume_config(requested, self.out, marker, self.saved_config())
+        return resolve_resume_config(requested, self.out, marker, self.saved_config(), self.run_dir.checkpoint)
 
     def saved_config(self) -> dict[str, Any] | None:
         """The config of the checkpoint a resumed run continues from (None for a new run); read once."""
         if self._saved_config is None and self.run_dir.resuming:
-            self._saved_config = saved_run_config(latest_checkpoint(self.out / "checkpoints"))
+            self._saved_config = saved_run_config(self.run_dir.checkpoint)
         return self._saved_config
 
     def open_run(self, cfg) -> Path:
@@ -130,7 +141,7 @@ class _TrainingRun:
 
     @classmethod
     @contextlib.contextmanager
-    def start(cls, out_dir, resume: bool, force: bool, device: str, kind: str):
+    def start(cls, out_dir, resume: bool | str, force: bool, device: str, kind: str):
         check_run_flags(resume, force)
         info = init_distributed(device)
         early_logs = _LogBuffer()
@@ -223,15 +234,16 @@ def with_absolute_paths(cfg):
 
 
 def resolve_resume_config(requested, out: Path, marker: dict[str, Any] | None = None,
-                          saved_config: dict[str, Any] | None = None):
-    """The config a run resumed from its latest checkpoint continues with: the config saved in the checkpoint,
-    with the changes the request makes (`saved_config`: that config, when the caller has read it already).
+                          saved_config: dict[str, Any] | None = None, ckpt: Path | None = None):
+    """The config a run resumed from checkpoint `ckpt` (default: its newest) continues with: the config saved in
+    the checkpoint, with the changes the request makes (`saved_config`: that config, when the caller has read it
+    already).
     From `load_config`, the request is the overrides, applied to the saved
     config (so a resume without overrides continues as it was) -- unless it explicitly names another preset
     than the run was started from, which is compared in full, as is a config built in code. Changes to RESUME_MAY_CHANGE
     are applied and logged; any other is refused with a ConfigError listing each."""
     cls = type(requested)
-    ckpt = latest_checkpoint(out / "checkpoints")
+    ckpt = ckpt or latest_checkpoint(out / "checkpoints")
     data = saved_config if saved_config is not None else saved_run_config(ckpt)
     try:
         with without_validation():  # rules added since it was saved apply to what the run continues with
@@ -278,9 +290,11 @@ def exit_status(summary: dict[str, Any]) -> int:
     return 1
 
 
-def run_tokenizer(cfg: TokenizerRunConfig, out_dir: str | Path, resume: bool = False, force: bool = False,
+def run_tokenizer(cfg: TokenizerRunConfig, out_dir: str | Path, resume: bool | str = False, force: bool = False,
                   device: str = "auto") -> dict[str, Any]:
-    """Train a tokenizer; writes checkpoints, logs, PNG grids and the final EMA weights (`<out>/model`)."""
+    """Train a tokenizer; writes checkpoints, logs, PNG grids and the final EMA weights (`<out>/model`).
+    `resume`: True or "latest" (the newest checkpoint, refused when it does not verify), "verified" (the newest
+    one that verifies)."""
     with _TrainingRun.start(out_dir, resume, force, device, "tokenizer") as session:
         info = session.info
         # A resumed run's weights come from its checkpoint, which also records stage 1's model config: stage 2
@@ -300,8 +314,8 @@ def run_tokenizer(cfg: TokenizerRunConfig, out_dir: str | Path, resume: bool = F
                  "training" if cfg.stage == 1 else "decoder fine-tuning", cfg.stage)
         out = session.open_run(cfg)
         trainer = Trainer(task, cfg.train, dataset, out, cfg, info, num_workers=cfg.data.num_workers)
-        if resume:
-            trainer.try_resume()
+        if session.run_dir.resuming:
+            trainer.try_resume(session.run_dir.checkpoint)
         summary = trainer.fit()
         if summary["finished"] and info.is_main:
             summary.update(finalize_tokenizer(trainer.ema, dataset, cfg, out, info.device))
@@ -338,9 +352,10 @@ def finalize_tokenizer(ema_model, dataset, cfg: TokenizerRunConfig, out: Path, d
     return {"latent_mean": mean, "latent_std": std, "psnr_train": value, "model_dir": str(out / "model")}
 
 
-def run_diffusion(cfg, out_dir: str | Path, resume: bool = False, force: bool = False,
+def run_diffusion(cfg, out_dir: str | Path, resume: bool | str = False, force: bool = False,
                   device: str = "auto") -> dict[str, Any]:
-    """Train SiT / LightningDiT on a latent cache (or on images encoded online); saves `<out>/model` (EMA)."""
+    """Train SiT / LightningDiT on a latent cache (or on images encoded online); saves `<out>/model` (EMA).
+    `resume` as for run_tokenizer."""
     with _TrainingRun.start(out_dir, resume, force, device, "diffusion") as session:
         info = session.info
         cfg = session.config(cfg)
@@ -401,6 +416,6 @@ def run_diffusion(cfg, out_dir: str | Path, resume: bool = False, force: bool = 
                  mean, std)
         out = session.open_run(cfg)
         trainer = Trainer(task, cfg.train, dataset, out, cfg, info, num_workers=cfg.data.num_workers)
-        if resume:
-            trainer.try_resume()
+        if session.run_dir.resuming:
+            trainer.try_resume(session.run_dir.checkpoint)
         return trainer.fit()
