@@ -430,12 +430,42 @@ def scenario_refused_run_dir(out: Path, info: DistInfo, inputs: Path) -> None:
     _json(out / f"refused-{info.rank}.json", {"error": raised, "seconds": time.perf_counter() - start})
 
 
+def scenario_disk_full(out: Path, info: DistInfo, inputs: Path) -> None:
+    """Rank 0's checkpoint write fails as on a full disk (inside torch.save, as a RuntimeError over the OSError):
+    every rank must stop with the same errno at once, not wait for rank 0 in the next step's collective."""
+    import errno
+    import time
+
+    import maetok.train.loop as loop_mod
+    from maetok.train.run import run_diffusion
+
+    def full_disk(*args, **kwargs):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:
+            raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file") from e
+
+    real_save, loop_mod.save_checkpoint = loop_mod.save_checkpoint, full_disk
+    overrides = [f"latents={inputs / 'cache'}", "model.in_channels=4", "model.num_tokens=4", "train.steps=4",
+                 "train.batch_size=8", "train.ckpt_every=2"]
+    start = time.perf_counter()
+    try:
+        run_diffusion(load_config(DiffusionRunConfig, "sit-cpu", overrides), out / "run", device="cpu")
+        raised = {}
+    except (OSError, RuntimeError) as e:
+        cause = e if isinstance(e, OSError) else e.__cause__
+        raised = {"type": type(e).__name__, "errno": getattr(cause, "errno", None)}
+    finally:
+        loop_mod.save_checkpoint = real_save
+    _json(out / f"disk-full-{info.rank}.json", {**raised, "seconds": time.perf_counter() - start})
+
+
 # Control-flow scenarios last: if one deadlocks, the collective timeout breaks the group for what follows.
 SCENARIOS = {"tok_ae": scenario_tok_ae, "tok_gan": scenario_tok_gan, "tok_masks": scenario_tok_masks,
              "sit": scenario_sit, "diffusion_run": scenario_diffusion_run, "sample": scenario_sample,
              "eval": scenario_eval, "pilot_eval": scenario_pilot_eval, "latents": scenario_latents,
              "pilot_stage": scenario_pilot_stage,
-             "refused_run_dir": scenario_refused_run_dir,
+             "refused_run_dir": scenario_refused_run_dir, "disk_full": scenario_disk_full,
              "nan": scenario_nan, "sigterm": scenario_sigterm}
 
 

@@ -12,6 +12,7 @@ really differ across ranks is checked separately.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -339,6 +340,15 @@ def test_shards_cover_every_item_once_in_order(n: int, world: int):
     shares = [shard_range(n, DistInfo(rank=r, world=world)) for r in range(world)]
     assert [i for s in shares for i in s] == list(range(n))
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_a_checkpoint_that_rank_0_cannot_write_stops_every_rank_with_its_errno(ddp: DDPRun):
+    # A full disk under torch.save on rank 0: rank 1 raises an OSError with the same errno (exit code 5, one line)
+    # instead of dying in the next collective with a connection error.
+    folder = ddp.check("disk_full")
+    seen = [json.loads((folder / f"disk-full-{r}.json").read_text()) for r in (0, 1)]
+    assert seen[0]["type"] == "RuntimeError" and seen[1]["type"] == "OSError", seen
+    assert seen[0]["errno"] == seen[1]["errno"] == errno.ENOSPC and seen[1]["seconds"] < 20, seen
 
 
 def test_a_refused_run_directory_stops_every_rank_at_once(ddp: DDPRun):

@@ -71,31 +71,31 @@ def cache_latents(tokenizer, dataset, out_dir: str | Path, batch_size: int = 64,
     elif rank == 0:
         atomic_write_bytes(request_path, lambda f: f.write(json.dumps(request, indent=2).encode()))
     mine = sum(min(shard_size, n - start) for s, start in enumerate(range(0, n, shard_size)) if s % world == rank)
-    bar = progress_bar(total=mine, desc="encode latents", disable=not progress or rank != 0)
-    for s, start in enumerate(range(0, n, shard_size)):
-        name = f"shard-{s:05d}.safetensors"
-        shards.append(name)
-        stop = min(n, start + shard_size)
-        if s % world != rank:
-            continue
-        if (out / name).is_file():  # written atomically, so present means complete
-            bar.update(stop - start)
-            continue
-        subset = torch.utils.data.Subset(dataset, range(start, stop))
-        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers)
-        zs, zfs, ys = [], [], []
-        for images, labels in loader:
-            images = images.to(device)
-            zs.append(tokenizer.encode(images).float().cpu())
+    # closed on an error too, so that the error line is not followed by a last redraw of the bar
+    with progress_bar(total=mine, desc="encode latents", disable=not progress or rank != 0) as bar:
+        for s, start in enumerate(range(0, n, shard_size)):
+            name = f"shard-{s:05d}.safetensors"
+            shards.append(name)
+            stop = min(n, start + shard_size)
+            if s % world != rank:
+                continue
+            if (out / name).is_file():  # written atomically, so present means complete
+                bar.update(stop - start)
+                continue
+            subset = torch.utils.data.Subset(dataset, range(start, stop))
+            loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers)
+            zs, zfs, ys = [], [], []
+            for images, labels in loader:
+                images = images.to(device)
+                zs.append(tokenizer.encode(images).float().cpu())
+                if flip:
+                    zfs.append(tokenizer.encode(images.flip(-1)).float().cpu())
+                ys.append(torch.as_tensor(labels, dtype=torch.int64))
+                bar.update(images.shape[0])
+            tensors = {"latents": torch.cat(zs), "labels": torch.cat(ys)}
             if flip:
-                zfs.append(tokenizer.encode(images.flip(-1)).float().cpu())
-            ys.append(torch.as_tensor(labels, dtype=torch.int64))
-            bar.update(images.shape[0])
-        tensors = {"latents": torch.cat(zs), "labels": torch.cat(ys)}
-        if flip:
-            tensors["latents_flip"] = torch.cat(zfs)
-        save_safetensors(tensors, out / name)  # atomic: a killed run never leaves half a shard
-    bar.close()
+                tensors["latents_flip"] = torch.cat(zfs)
+            save_safetensors(tensors, out / name)  # atomic: a killed run never leaves half a shard
     if world > 1:
         barrier(dist)
         # Every rank checks, so all raise together (a rank left waiting for rank 0 would hang until the timeout).

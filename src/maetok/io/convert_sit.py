@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
-from maetok.config import ConfigError, SiTConfig, from_dict
-from maetok.diffusion.sit import SiT
-from maetok.diffusion.transport import PATHS
-from maetok.layers import sincos_1d
+from ..config import ConfigError, SiTConfig, from_dict
+from ..diffusion.sit import SiT
+from ..diffusion.transport import PATHS
+from ..layers import sincos_1d
+from .hub import quiet_pickle_protocol, read_safetensors, weights_only_refusal
 from .pretrained import save_pretrained
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -71,17 +71,15 @@ def load_official_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor],
     path = Path(path)
     notes: list[str] = []
     if path.suffix == ".safetensors":
-        raw: Any = load_file(str(path))
+        raw: Any = read_safetensors(path)
     elif path.suffix in PICKLE_SUFFIXES:
         # weights_only refuses arbitrary objects; official training checkpoints also carry `args`
         # (an argparse.Namespace), which is plain data and safe to allow.
         try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
+            with torch.serialization.safe_globals([argparse.Namespace]), quiet_pickle_protocol():
                 raw = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ConversionError(f"{path}: cannot be read with torch.load(weights_only=True) ({type(e).__name__}: "
-                                  f"{e}). Re-save just the state dict (or as safetensors); arbitrary pickles are "
-                                  f"never loaded") from e
+            raise weights_only_refusal(path, e) from e
     else:
         raise ConversionError(f"{path}: unsupported weights file type {path.suffix!r}; expected .safetensors or "
                               f"one of {list(PICKLE_SUFFIXES)}")

@@ -18,7 +18,8 @@ from ..diffusion.samplers import sample
 from ..diffusion.sit import SiT
 from ..diffusion.transport import training_loss
 from ..io.pretrained import save_pretrained
-from .loop import Task, pick_flipped
+from .loop import Task
+from .randomness import pick_flipped
 
 
 class DiffusionTask(Task):

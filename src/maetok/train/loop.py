@@ -26,21 +26,20 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import ConfigError, TrainConfig, dump_yaml
-from ..device import to_device
 from ..io.checkpoint import (CheckpointError, LastGoodCheckpoint, load_checkpoint, remove_stale_temporaries,
                              resume_checkpoint, save_checkpoint)
-from ..io.distributed import DistInfo, all_reduce_max_each, all_reduce_mean
+from ..io.distributed import DistInfo, all_reduce_max_each, all_reduce_mean, raise_on_every_rank
 from ..io.files import code_version
 from ..io.rundir import trim_log
 from ..progress import progress_bar
 from .compiled import CompiledOrEager, autocast_for
 from .optim import build_optimizer, ema_decay_at, ema_update, lr_factor
+from .randomness import rank_step_seed
 
 log = logging.getLogger("maetok.train")
 
@@ -202,10 +201,15 @@ class Trainer:
 
     def save(self, name: str | None = None) -> Path | None:
         self.last_good.holding(name or f"ckpt-{self.step:08d}.pt", self.step)
-        if not self.dist.is_main:
-            return None
-        return save_checkpoint(self.out / "checkpoints", self.step, self.state_dict(), self.cfg.keep_last, name,
-                               keep=self.last_good.name)
+        path, failure = None, None
+        if self.dist.is_main:
+            try:
+                path = save_checkpoint(self.out / "checkpoints", self.step, self.state_dict(), self.cfg.keep_last,
+                                       name, keep=self.last_good.name)
+            except Exception as e:  # e.g. a full disk: every rank stops with it, none waits in the next collective
+                failure = e
+        raise_on_every_rank(failure, self.dist, f"writing the checkpoint of step {self.step}")
+        return path
 
     def try_resume(self, checkpoint: Path | None = None) -> bool:
         """Continue from `checkpoint`, or the newest one if it verifies (resume_checkpoint); False if there is none."""
@@ -404,18 +408,6 @@ def _leave_stop_signals_to_main(worker_id: int) -> None:
     its checkpoint. The main process stops them when it is done."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def pick_flipped(x: torch.Tensor, x_flipped: torch.Tensor) -> torch.Tensor:
-    """Per item, `x` or `x_flipped` with probability 1/2, drawn on the main process's CPU RNG: part of the
-    resumable state, and reseeded per step and rank under DDP (the tasks' one kind of data augmentation)."""
-    pick = to_device(torch.rand(x.shape[0]) < 0.5, x.device)
-    return torch.where(pick.view(-1, *([1] * (x.dim() - 1))), x_flipped, x)
-
-
-def rank_step_seed(seed: int, step: int, rank: int) -> int:
-    """The global RNG's seed for one step of one DDP rank: well mixed, distinct for every (seed, step, rank)."""
-    return int(np.random.SeedSequence([seed % 2**64, step, rank]).generate_state(1, np.uint64)[0])
 
 
 def _in_main_thread() -> bool:

@@ -47,7 +47,8 @@ def setup_logging(out_dir: Path | None = None, is_main: bool = True,
             if isinstance(h, logging.FileHandler):
                 root.removeHandler(h)
                 h.close()
-        fh = logging.FileHandler(Path(out_dir) / "train.log")
+        # Names from the file system may hold bytes that are not UTF-8: escaped, never a logging error.
+        fh = logging.FileHandler(Path(out_dir) / "train.log", encoding="utf-8", errors="backslashreplace")
         fh.setFormatter(fmt)
         for record in earlier:
             fh.handle(record)

@@ -25,7 +25,8 @@ from ..tokenizer.losses import LeCAM, adaptive_gan_weight, diff_augment, hinge_d
 from ..tokenizer.model import MAETok
 from ..tokenizer.targets import TargetLosses, build_target
 from .compiled import CompiledOrEager, uses_bf16
-from .loop import Task, pick_flipped
+from .loop import Task
+from .randomness import pick_flipped
 
 log = logging.getLogger("maetok.train")
 
