@@ -22,7 +22,7 @@ PLACES = [
     ("maetok.progress", "core"), ("maetok.tokenizer", "core"), ("maetok.diffusion", "core"),
     ("maetok.io", "io"), ("maetok.nets", "io"),
     ("maetok.train", "apps"), ("maetok.eval", "apps"), ("maetok.data", "apps"), ("maetok.pilot", "apps"),
-    ("maetok.cli", "apps"), ("maetok.commands", "apps"), ("maetok.demo", "apps"),
+    ("maetok.cli", "apps"), ("maetok.commands", "apps"), ("maetok.demo", "apps"), ("maetok.sweep", "apps"),
 ]
 FACE = "maetok"  # the package face re-exports the public API from every layer
 MAX_FILE_LINES = 450

@@ -308,6 +308,42 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "diffusion_steps=400000 (see maetok.pilot.PilotBudget)")
     p.set_defaults(handler="pilot:cmd_pilot")
 
+    p = sub.add_parser("sweep", help="Bayesian optimisation (Optuna) of a tokenizer's settings on your data: "
+                                     "each trial a pilot; one report")
+    p.add_argument("--data", default="shapes", help="data spec (default: built-in shapes, no download)")
+    p.add_argument("--space", default="maetok", help="search space: a YAML file, or maetok / vae (configs/sweep/)")
+    p.add_argument("--trials", type=_count(1), default=20, help="finished trials to reach, the default "
+                   "configuration's included (a resumed sweep counts those it has)")
+    p.add_argument("--budget", default="quick", choices=["smoke", "quick", "standard", "full"])
+    p.add_argument("--out", default="runs/sweep", help="folder of the trials' pilots, the study (SQLite) and the "
+                                                       "report; shared by every worker")
+    p.add_argument("--objective", default="gfid", help="KPI to optimise, or several comma-separated for a Pareto "
+                   "front (gfid, gfid_cfg, rfid, psnr, ssim, probe, gmm_nll, generation_gflops, peak_memory_gib, ...)")
+    p.add_argument("--proxy", default="rfid", help="latent KPI the pruner judges a trial on before its diffusion "
+                                                   "stage (one objective only)")
+    p.add_argument("--constraint", action="append", default=[], metavar="KPI<=VALUE",
+                   help="e.g. generation_gflops<=2.5 or peak_memory_gib<=40 (repeatable); a constraint on GFLOPs or "
+                        "parameters is checked before training")
+    p.add_argument("--sampler", default="gp", choices=["gp", "tpe", "random"])
+    p.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
+    p.add_argument("--seed", type=_count(0), default=0)
+    p.add_argument("--storage", default=None, metavar="URL", help="Optuna storage shared by the workers: "
+                   "postgresql://USER@HOST/DB, sqlite:///FILE or journal:FILE (default: sqlite in --out)")
+    p.add_argument("--study", default=None, help="study name (default: the --out folder's name)")
+    p.add_argument("--worker", action="store_true", help="join the study and run trials, without writing the report")
+    p.add_argument("--heartbeat", type=_count(1), default=60, metavar="SECONDS",
+                   help="database storages: a trial whose worker is silent 4x this long is failed and retried")
+    p.add_argument("--inception", action="store_true", help="also compute Inception FIDs (slow on CPU)")
+    p.add_argument("--device", default="auto", type=_device_type(indexed=False), help=TRAIN_DEVICE_HELP)
+    p.add_argument("--collective-timeout", type=_positive_seconds, default=None, metavar="SECONDS",
+                   help="under torchrun: how long a rank may wait for the others; default 12 hours")
+    p.add_argument("--tokenizer-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="setting of every trial's tokenizer runs, before the trial's own (repeatable)")
+    p.add_argument("--diffusion-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="setting of every trial's diffusion runs, before the trial's own (repeatable)")
+    p.add_argument("overrides", nargs="*", help="budget fields, as for maetok pilot")
+    p.set_defaults(handler="sweep:cmd_sweep")
+
     p = sub.add_parser("demo", help="the CPU demo: the quick pilot on the built-in shapes data (resumes)")
     p.add_argument("--out", default="runs/pilot-quick")
     p.add_argument("--budget", default="quick", choices=["smoke", "quick"])

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Subset
 from ..data.images import save_image_grid
 from ..data.latents import LatentDataset
 from ..diffusion.samplers import forward_passes_per_sample
+from ..diffusion.sit import SiT
 from ..eval.classifier import SmallCNN, train_classifier
 from ..eval.cost import count_flops, count_params, throughput
 from ..eval.features import build_feature_net, extract_features, features_of, gather_features, wrap_feature_net
@@ -29,6 +30,7 @@ from ..eval.recon import ReconstructionMetrics, to_uint8_levels
 from ..io.distributed import DistInfo, barrier, shard_range
 from ..io.pretrained import load_sit
 from ..progress import progress_bar
+from ..tokenizer import MAETok
 from .plan import PilotPlan
 from .stages import PilotData, ResultsFile, first, real_images, training_log
 
@@ -182,15 +184,12 @@ def _mean_throughput(run_dir: Path) -> float:
     return float(np.median(ips)) if ips else float("nan")
 
 
-def measure_cost(plan: PilotPlan, variant: str, tokenizer, data: PilotData, device: torch.device) -> dict:
-    """Parameters, GFLOPs and throughput of the variant's tokenizer and diffusion model."""
-    folder = plan.out / variant
-    sit = load_sit(folder / "diffusion" / "model").to(device).eval()
-    x = real_images(data.test_set, 64).to(device)
-    z = tokenizer.encode(x[:1]).detach()
-    t, y = torch.full((1,), 0.5, device=device), torch.zeros(1, dtype=torch.long, device=device)
-    xb = x[:64]
-    zb = tokenizer.encode(xb).detach()
+def model_cost(plan: PilotPlan, tokenizer, sit, image: torch.Tensor) -> dict:
+    """Parameters and GFLOPs of a tokenizer and diffusion model, from one (1, 3, H, W) `image`: properties of
+    the architectures, the same for trained and untrained weights."""
+    z = tokenizer.encode(image).detach()
+    t = torch.full((1,), 0.5, device=image.device)
+    y = torch.zeros(1, dtype=torch.long, device=image.device)
     decode_gflops = count_flops(lambda: tokenizer.decode(z)) / 1e9
     sit_gflops = count_flops(lambda: sit(tokenizer.normalize(z), t, y if sit.null_label else None)) / 1e9
     # What one image costs to generate with the pilot's sampler: every forward pass (two where guided) and
@@ -202,11 +201,33 @@ def measure_cost(plan: PilotPlan, variant: str, tokenizer, data: PilotData, devi
         "encoder_params_M": count_params(tokenizer.encoder) / 1e6,
         "decoder_params_M": count_params(tokenizer.decoder) / 1e6,
         "sit_params_M": count_params(sit) / 1e6,
-        "encode_gflops": count_flops(lambda: tokenizer.encode(x[:1])) / 1e9,
+        "encode_gflops": count_flops(lambda: tokenizer.encode(image)) / 1e9,
         "decode_gflops": decode_gflops,
         "sit_forward_gflops": sit_gflops,
         **generation,
         "latent_shape": list(z.shape[1:]),
+    }
+
+
+@torch.no_grad()
+def architecture_cost(plan: PilotPlan, variant: str) -> dict:
+    """`model_cost` of the variant's models as its plan configures them, untrained and on the CPU: known before
+    any training (a search skips a trial whose cost breaks a constraint without training it)."""
+    settings = plan.settings
+    tokenizer = MAETok(plan.tokenizer_runs[variant][-1].config.model).eval()
+    sit = SiT(plan.diffusion_runs[variant].model).eval()
+    return model_cost(plan, tokenizer, sit, torch.zeros(1, 3, settings.image_size, settings.image_size))
+
+
+def measure_cost(plan: PilotPlan, variant: str, tokenizer, data: PilotData, device: torch.device) -> dict:
+    """Parameters, GFLOPs and throughput of the variant's tokenizer and diffusion model."""
+    folder = plan.out / variant
+    sit = load_sit(folder / "diffusion" / "model").to(device).eval()
+    x = real_images(data.test_set, 64).to(device)
+    xb = x[:64]
+    zb = tokenizer.encode(xb).detach()
+    return {
+        **model_cost(plan, tokenizer, sit, x[:1]),
         "encode_images_per_s": throughput(lambda: tokenizer.encode(xb), len(xb), device=device),
         "decode_images_per_s": throughput(lambda: tokenizer.decode(zb), len(zb), device=device),
         "tokenizer_train_images_per_s": _mean_throughput(folder / "tokenizer"),

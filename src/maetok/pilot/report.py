@@ -117,9 +117,15 @@ def _verdicts(variants: list[str], flat: dict[str, dict[str, Any]], analysis: di
     return lines
 
 
+LATENT_NOTE = ("**Latent fidelity**: this pilot stopped after the latent stages (tokenizers, reconstruction, latent "
+               "caches, latent analysis); it has no diffusion model, so no gFID, samples or generation cost. "
+               "Continue it at the full fidelity for those.")
+
+
 def write_report(out: Path, top: dict[str, Any], per_variant: dict[str, dict], analysis: dict,
-                 resources: dict[str, Any] | None = None) -> Path:
-    """report.json + report.md in `out`. `resources`: measured by the caller (peak memory of the process)."""
+                 resources: dict[str, Any] | None = None, fidelity: str = "full") -> Path:
+    """report.json + report.md in `out`. `resources`: measured by the caller (peak memory of the process).
+    `fidelity`: how far the pilot went ("latent": no generation metrics, said at the top)."""
     variants = list(per_variant)
     flat = {v: _flat_metrics(per_variant[v]) for v in variants}
     for v in variants:
@@ -133,7 +139,7 @@ def write_report(out: Path, top: dict[str, Any], per_variant: dict[str, dict], a
               "gmm_pca_dim": analysis["pca_dim"], "settings": top["plan"]["settings"],
               "environment": {**{k: top["plan"][k] for k in ("device", "torch", "threads") if k in top["plan"]},
                               **(resources or {})},
-              **{v: flat[v] for v in variants}}
+              **({} if fidelity == "full" else {"fidelity": fidelity}), **{v: flat[v] for v in variants}}
     (out / "report.json").write_text(json.dumps(report, indent=2))
 
     net = top["feature_net"]["feature_net"]
@@ -147,6 +153,8 @@ def write_report(out: Path, top: dict[str, Any], per_variant: dict[str, dict], a
     lines += [same + " The same diffusion model is trained on each.",
               f"Feature network for FID/KID/IS/PR: **{net}** ({top['feature_net'].get('why', '')}). "
               "Every metric name carries its feature network and sample count.", ""]
+    if fidelity != "full":
+        lines += [LATENT_NOTE, ""]
     floor = report["real_floor"]
     if floor:
         lines += ["Real-data floor (training images vs held-out images, same count): "
@@ -173,13 +181,15 @@ def write_report(out: Path, top: dict[str, Any], per_variant: dict[str, dict], a
     lines += ["", "## Does the paper's ordering hold here?", "", PAPER_NOTE, ""]
     lines += _verdicts(variants, flat, analysis)
     lines += ["", "## Pictures", "", "GMM held-out NLL vs number of components (lower = fewer modes needed):", "",
-              "![GMM NLL vs K](gmm_nll.png)", "", "Diffusion training loss per tokenizer:", "",
-              "![diffusion loss](diffusion_loss.png)", ""]
+              "![GMM NLL vs K](gmm_nll.png)", ""]
+    if fidelity == "full":
+        lines += ["Diffusion training loss per tokenizer:", "", "![diffusion loss](diffusion_loss.png)", ""]
     for v in variants:
         lines += [f"### {v}", "", f"Held-out reconstructions (originals above reconstructions): "
-                  f"![{v} reconstructions]({v}/reconstructions.png)", "",
-                  f"Samples without CFG: ![{v} samples]({v}/samples-nocfg/samples.png)", "",
-                  f"Samples with CFG: ![{v} samples cfg]({v}/samples-cfg/samples.png)", ""]
+                  f"![{v} reconstructions]({v}/reconstructions.png)", ""]
+        if fidelity == "full":
+            lines += [f"Samples without CFG: ![{v} samples]({v}/samples-nocfg/samples.png)", "",
+                      f"Samples with CFG: ![{v} samples cfg]({v}/samples-cfg/samples.png)", ""]
     lines += ["## Settings", "", "```json", json.dumps(top["plan"]["settings"], indent=1), "```", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))

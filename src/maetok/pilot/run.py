@@ -6,6 +6,9 @@ model, sample with and without CFG, and measure rFID / gFID / IS / precision-rec
 K (one PCA dimension for all), linear-probe accuracy, parameters, GFLOPs and throughput. Writes `report.md`,
 `report.json`, PNG grids and plots.
 Every stage writes its result to disk before the next starts, so re-running with --resume continues.
+`fidelity="latent"` stops after the latent stages (tokenizers, reconstruction, latent caches, latent analysis) and
+writes a report without generation metrics; the same pilot continued at `fidelity="full"` reuses them all (a
+search trains its promising trials on to gFID this way, `maetok.sweep`).
 
 Under torchrun every rank runs the training stages (DDP), and shares latent caching, generation and the
 feature extraction of every FID (each rank its contiguous share); rank 0 alone computes the metrics from the
@@ -22,6 +25,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..config import ConfigError
 from ..io.distributed import DistInfo, barrier, cleanup, init_distributed
 from ..io.pretrained import load_tokenizer
 from ..io.rundir import RunDirExists
@@ -37,15 +41,25 @@ from .stages import (PEAK_GPU, PEAK_RSS, ResultsFile, cache_variant_latents, loa
 # Ranks other than 0 wait at barriers while rank 0 evaluates (minutes to hours at full size): the default
 # collective timeout (10-30 min) would kill a healthy job.
 PILOT_COLLECTIVE_TIMEOUT = timedelta(hours=12)
+# How far a pilot goes: "latent" stops before the diffusion stages, "full" runs them all.
+FIDELITIES = ("latent", "full")
+
+
+def check_fidelity(fidelity: str) -> None:
+    if fidelity not in FIDELITIES:
+        raise ConfigError(f"unknown pilot fidelity {fidelity!r}; choose one of {', '.join(FIDELITIES)}")
 
 
 def run_pilot(data_spec: str, variants: list[str], budget: str, out: Path, resume: bool = False,
               force: bool = False, device: str = "cpu", inception: bool = False,
-              settings: PilotBudget | None = None, collective_timeout: float | None = None) -> Path | None:
+              settings: PilotBudget | None = None, collective_timeout: float | None = None,
+              fidelity: str = "full") -> Path | None:
     """Run (or continue) the pilot in `out`; alone or under torchrun. The report's path on rank 0, else None.
     `settings`: the budget's settings when changed from BUDGETS[budget] (see `pilot_settings`).
     `collective_timeout`: seconds a rank may wait for the others (default PILOT_COLLECTIVE_TIMEOUT); past it the
-    waiting collective raises with a traceback instead of hanging."""
+    waiting collective raises with a traceback instead of hanging.
+    `fidelity`: "full" (every stage), or "latent" (no diffusion model, sampling or cost: see the module's doc)."""
+    check_fidelity(fidelity)
     timeout = PILOT_COLLECTIVE_TIMEOUT if collective_timeout is None else timedelta(seconds=collective_timeout)
     dist = init_distributed(device, timeout=timeout)
     if not dist.enabled:
@@ -68,6 +82,8 @@ def run_pilot(data_spec: str, variants: list[str], budget: str, out: Path, resum
         if top.pending("real_floor"):
             top.record("real_floor", real_floor(plan, data, space))
         per_variant = {}
+        # The stages inline (not in a function per variant): a helper frame between the handler and the model
+        # costs a level of call depth (tests/test_call_depth.py).
         for variant in plan.variants:
             results, folder = open_variant_results(plan, variant, dist), plan.out / variant
             for run in plan.tokenizer_runs[variant]:  # MAETok: stage 1, then decoder fine-tuning on its encoder
@@ -78,6 +94,9 @@ def run_pilot(data_spec: str, variants: list[str], budget: str, out: Path, resum
                 results.record("reconstruction", evaluate_reconstruction(plan, variant, tokenizer, data, space, dist))
             if results.pending("latents"):
                 results.record("latents", cache_variant_latents(plan, variant, tokenizer, data, dist))
+            per_variant[variant] = results.stages
+            if fidelity != "full":
+                continue
             if results.pending("diffusion_train"):
                 results.record("diffusion_train", train_diffusion(plan.diffusion_runs[variant], folder / "diffusion",
                                                                   dist))
@@ -88,20 +107,20 @@ def run_pilot(data_spec: str, variants: list[str], budget: str, out: Path, resum
             if results.pending("cost"):
                 results.record("cost", measure_cost(plan, variant, tokenizer, data, dist.device)
                                if dist.is_main else None)
-            per_variant[variant] = results.stages
         if top.pending("latent_analysis"):
             top.record("latent_analysis", analyse_latents(plan) if dist.is_main else None)
-        return write_pilot_report(plan, top, per_variant, dist) if dist.is_main else None
+        return write_pilot_report(plan, top, per_variant, dist, fidelity) if dist.is_main else None
     finally:
         cleanup(dist)
 
 
 def run_plan(plan: PilotPlan, resume: bool = False, force: bool = False,
-             collective_timeout: float | None = None) -> Path | None:
+             collective_timeout: float | None = None, fidelity: str = "full") -> Path | None:
     """Run the pilot a plan made in Python describes (see `run_pilot`); its run configs are resolved again from
     its settings and the data, as `from_dict` does."""
     return run_pilot(plan.data, plan.variants, plan.budget, plan.out, resume=resume, force=force, device=plan.device,
-                     inception=plan.inception, settings=plan.settings, collective_timeout=collective_timeout)
+                     inception=plan.inception, settings=plan.settings, collective_timeout=collective_timeout,
+                     fidelity=fidelity)
 
 
 def prepare_pilot_folder(out: Path, resume: bool, force: bool, dist: DistInfo) -> None:
@@ -122,17 +141,19 @@ def prepare_pilot_folder(out: Path, resume: bool, force: bool, dist: DistInfo) -
     barrier(dist)
 
 
-def write_pilot_report(plan: PilotPlan, top: ResultsFile, per_variant: dict[str, dict], dist: DistInfo) -> Path:
+def write_pilot_report(plan: PilotPlan, top: ResultsFile, per_variant: dict[str, dict], dist: DistInfo,
+                       fidelity: str = "full") -> Path:
     """The loss plot, and report.md / report.json with the pilot's peak memory over all its attempts (each stage
     records its process's: a resumed pilot may have run only the last stages itself)."""
-    plot_losses({v: plan.out / v / "diffusion" for v in plan.variants}, plan.out / "diffusion_loss.png")
+    if fidelity == "full":  # a pilot stopped at the latent fidelity has no diffusion training to plot
+        plot_losses({v: plan.out / v / "diffusion" for v in plan.variants}, plan.out / "diffusion_loss.png")
     memory = peak_memory(dist.device, dist.world)
     for path in (top.path, *(plan.out / v / "results.json" for v in plan.variants)):
         recorded = load_json(path)
         for key in (PEAK_RSS, PEAK_GPU):
             if isinstance(recorded.get(key), float) and key in memory:
                 memory[key] = max(memory[key], recorded[key])
-    return write_report(plan.out, top.stages, per_variant, top.stages["latent_analysis"], memory)
+    return write_report(plan.out, top.stages, per_variant, top.stages["latent_analysis"], memory, fidelity)
 
 
 def plot_losses(run_dirs: dict[str, Path], path: Path) -> Path:
