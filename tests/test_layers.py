@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from maetok.io.teachers import _patch_embed_as_matmul
-from maetok.layers import (Attention, Mlp, PatchConv2d, apply_rope, gelu_in_place_without_grad,
+from maetok.layers import (Attention, DropPath, Mlp, PatchConv2d, apply_rope, gelu_in_place_without_grad,
                            linear_with_folded_scale, modulate, modulate_latents, pad_rope_table, rope_table,
                            rotate_pairs)
 
@@ -217,3 +217,29 @@ def test_patch_conv_refuses_other_convolutions_and_shapes():
         assert vit.patch_embed.proj is conv
     with pytest.raises(ValueError, match=r"multiples of 4; got \(1, 3, 10, 8\)"):
         PatchConv2d(3, 8, 4).as_matmul(torch.zeros(1, 3, 10, 8))
+
+
+def test_drop_path_is_the_identity_at_rate_zero_and_in_eval_and_draws_nothing():
+    x = torch.randn(4, 5, 8)
+    state = torch.get_rng_state()
+    assert DropPath(0.0).train()(x) is x  # runs without stochastic depth keep their random stream
+    assert DropPath(0.3).eval()(x) is x
+    assert torch.equal(torch.get_rng_state(), state)
+    with pytest.raises(ValueError, match="must lie in"):
+        DropPath(1.0)
+
+
+def test_drop_path_drops_whole_samples_and_keeps_the_expectation():
+    """Each sample's branch is either 0 or branch / (1 - rate); the mean over many samples is the branch's."""
+    torch.manual_seed(0)
+    rate, x = 0.25, torch.randn(1, 3, 4).expand(20000, 3, 4).clone().requires_grad_()
+    out = DropPath(rate).train()(x)
+    kept = out.detach().flatten(1).ne(0).all(dim=1)
+    dropped = out.detach().flatten(1).eq(0).all(dim=1)
+    assert bool((kept | dropped).all())
+    torch.testing.assert_close(out[kept], x[kept] / (1 - rate))
+    assert abs(dropped.float().mean().item() - rate) < 0.02
+    torch.testing.assert_close(out.detach().mean(0), x[0].detach(), atol=0.05, rtol=0)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad[kept], torch.full_like(x.grad[kept], 1 / (1 - rate)))
+    assert bool(x.grad[dropped].eq(0).all())

@@ -7,7 +7,8 @@ import torch
 from maetok.config import GanConfig, TokenizerLossConfig
 from maetok.io.teachers import build_discriminator, build_perceptual, dino_backbone, resnet_perceptual_network
 from maetok.tokenizer.losses import (DinoDiscriminator, LeCAM, PatchGAN, ResNetPerceptual, adaptive_gan_weight,
-                                     diff_augment, hinge_d_loss, hinge_g_loss, kl_loss, ramp)
+                                     consistency_regularization, diff_augment, hinge_d_loss, hinge_g_loss, kl_loss,
+                                     ramp)
 
 
 def test_patchgan_gives_patch_logits_and_hinge_losses_behave():
@@ -43,6 +44,28 @@ def test_diff_augment_is_differentiable_and_shape_preserving():
     # Same generator seed -> same augmentation: the policy is reproducible.
     y2 = diff_augment(x.detach(), torch.Generator().manual_seed(0))
     assert torch.equal(y.detach(), y2)
+
+
+def test_diff_augment_weak_view_options():
+    """cut-out and p_apply at their defaults are the plain call (same draws); p_apply=0 changes nothing; a smaller
+    cut-out zeroes a smaller square (2 * int(cutout * H / 2) - 1 on a side)."""
+    x = torch.rand(3, 3, 20, 20) + 1.0  # no zeros of its own
+    plain = diff_augment(x, torch.Generator().manual_seed(1))
+    assert torch.equal(diff_augment(x, torch.Generator().manual_seed(1), cutout=0.5, p_apply=1.0), plain)
+    assert torch.equal(diff_augment(x, torch.Generator().manual_seed(1), p_apply=0.0), x)
+    # At 0.5 each group is skipped for the whole batch half the time: all three now and then, not always.
+    outcomes = {torch.equal(diff_augment(x, torch.Generator().manual_seed(s), p_apply=0.5), x) for s in range(40)}
+    assert outcomes == {True, False}
+    for cutout, side in ((0.5, 9), (0.2, 3)):
+        y = diff_augment(x, torch.Generator().manual_seed(3), cutout=cutout)
+        zeros = y.eq(0).all(dim=1).flatten(1).sum(1)  # cut-out pixels, per image (the square may be clipped)
+        assert int(zeros.max()) <= side * side and int(zeros.max()) > 0
+
+
+def test_consistency_regularization_is_the_mse_of_the_two_views():
+    a, b = torch.randn(6, 5), torch.randn(6, 5)
+    assert consistency_regularization(a, a) == 0
+    torch.testing.assert_close(consistency_regularization(a, b), (a - b).pow(2).mean())
 
 
 def test_lecam_tracks_emas_and_penalises_overconfidence():

@@ -279,6 +279,30 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016), applied to a residual branch: in training, each sample's branch is
+    zeroed with probability `rate` and kept ones are scaled by 1 / (1 - rate), so its expectation is unchanged.
+
+    At rate 0 and in eval mode it is the identity and draws no random number: a model built without it keeps
+    its random stream, so runs that do not ask for it are unchanged bit for bit."""
+
+    def __init__(self, rate: float = 0.0):
+        super().__init__()
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop path rate {rate} must lie in [0, 1)")
+        self.rate = rate
+
+    def forward(self, branch: torch.Tensor) -> torch.Tensor:
+        if self.rate == 0.0 or not self.training:
+            return branch
+        keep = 1.0 - self.rate
+        per_sample = branch.new_empty((branch.shape[0],) + (1,) * (branch.dim() - 1)).bernoulli_(keep)
+        return branch * per_sample.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Kernels: a plain formula (in the docstring) computed with less memory traffic
 # --------------------------------------------------------------------------------------------------------------

@@ -76,6 +76,8 @@ class TokenizerConfig:
     aux_depth: int = 3
     aux_heads: int = 3
     aux_loss_on: Literal["masked", "all"] = "masked"
+    # Stochastic depth of the pixel decoder's last block (block i: dec_drop_path * i / (dec_depth - 1)); 0 = off.
+    dec_drop_path: float = 0.0
     grad_checkpointing: bool = False    # recompute block activations in backward: less memory, ~30% more compute
     # Global latent statistics, measured after training; normalize(z) = (z - mean) / std.
     latent_mean: float = 0.0
@@ -113,6 +115,8 @@ class TokenizerConfig:
                                   f"divisible by 4 (RoPE-Mixed rotates pairs on a 2D grid)")
         if self.latent_std <= 0:
             raise ConfigError(f"{key}.latent_std={self.latent_std} must be > 0")
+        if not 0.0 <= self.dec_drop_path < 1.0:
+            raise ConfigError(f"{key}.dec_drop_path={self.dec_drop_path} must lie in [0, 1)")
         names = [t.name for t in self.aux_targets]
         if len(set(names)) != len(names):
             raise ConfigError(f"{key}.aux_targets has duplicate names {names}")
@@ -120,14 +124,48 @@ class TokenizerConfig:
 
 @dataclass
 class GanConfig:
+    """The adversarial terms. Defaults are this toolkit's small-scale GAN; `maetok-b-128` sets the official
+    recipe (docs/recipe.md lists every value and where it comes from)."""
     weight: float = 0.0                 # 0 disables the GAN entirely
     start_step: int = 0
     discriminator: Literal["patchgan", "dino"] = "patchgan"
     disc_weights: str = ""              # DINO ViT-S/16 weights (local file) for discriminator="dino"
     adaptive_weight: bool = True
     diffaug: bool = False
+    # DiffAugment of the images the discriminator sees (both its own step and the generator's): the cut-out
+    # square's side as a fraction of the image side, and the probability that each group (colour, translation,
+    # cut-out) is applied to a batch. The official recipe's weak view is 0.2 and 0.5.
+    diffaug_cutout: float = 0.5
+    diffaug_prob: float = 1.0
+    # Consistency regularisation of the discriminator: weight of the MSE between its logits on the images above
+    # and on strongly augmented copies (DiffAugment, cut-out 0.5, every group), real and fake. 0 = off.
+    consistency_weight: float = 0.0
     lecam_weight: float = 0.0
+    lecam_decay: float = 0.99           # of LeCAM's running means of the logits
+    # Scales hinge + LeCAM in the discriminator's loss (not the consistency term); the official code uses the
+    # generator's GAN weight here.
+    disc_loss_weight: float = 1.0
     disc_lr: float = 1e-4
+    # True: the discriminator's lr is disc_lr times the generator's multiplier at each step (batch scaling,
+    # warmup and cosine of train.optim), as in the official code, where both share one lr and schedule.
+    disc_lr_follows_generator: bool = False
+    disc_betas: tuple[float, float] = (0.5, 0.9)
+    disc_weight_decay: float = 0.0      # on matrices only, as the generator's optimizer
+    disc_grad_clip: float = 0.0         # 0 = no clipping
+
+    def validate(self, key: str) -> None:
+        for name in ("weight", "consistency_weight", "lecam_weight", "disc_loss_weight", "disc_weight_decay",
+                     "disc_grad_clip", "start_step"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{key}.{name}={getattr(self, name)} must be >= 0")
+        if self.disc_lr <= 0:
+            raise ConfigError(f"{key}.disc_lr={self.disc_lr} must be > 0")
+        if not 0.0 <= self.diffaug_cutout < 1.0 or not 0.0 <= self.diffaug_prob <= 1.0:
+            raise ConfigError(f"{key}.diffaug_cutout={self.diffaug_cutout} must lie in [0, 1) and "
+                              f"{key}.diffaug_prob={self.diffaug_prob} in [0, 1]")
+        if not 0.0 <= self.lecam_decay < 1.0 or not all(0.0 <= b < 1.0 for b in self.disc_betas):
+            raise ConfigError(f"{key}.lecam_decay={self.lecam_decay} and {key}.disc_betas="
+                              f"{list(self.disc_betas)} must lie in [0, 1)")
 
 
 @dataclass
@@ -266,6 +304,9 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-4
+    # 0: `lr` is the learning rate. N > 0: `lr` is the rate for a global batch of N, scaled linearly to
+    # train.batch_size (the official tokenizer recipe: N = 256). See train/optim.peak_lr.
+    lr_reference_batch: int = 0
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 1e-4
     warmup_steps: int = 0
@@ -278,8 +319,8 @@ class OptimConfig:
             raise ConfigError(f"{key}.lr={self.lr} must be > 0")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"{key}.betas={list(self.betas)} must lie in [0, 1)")
-        if self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ConfigError(f"{key}.warmup_steps and {key}.grad_clip must be >= 0")
+        if self.warmup_steps < 0 or self.grad_clip < 0 or self.lr_reference_batch < 0:
+            raise ConfigError(f"{key}.warmup_steps, {key}.grad_clip and {key}.lr_reference_batch must be >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"{key}.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
 

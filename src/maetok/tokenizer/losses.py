@@ -1,7 +1,8 @@
 """Tokenizer losses: pixel MSE, perceptual (LPIPS or CIFAR-ResNet features), GAN, KL, auxiliary targets.
 
 The GAN follows MAETok / VQGAN practice: hinge loss, a start step, an adaptive weight that balances the GAN
-gradient against the reconstruction gradient at the decoder's last layer, optional DiffAugment and LeCAM.
+gradient against the reconstruction gradient at the decoder's last layer, optional DiffAugment, LeCAM and
+consistency regularisation of the discriminator (the official recipe uses all three; docs/recipe.md).
 """
 from __future__ import annotations
 
@@ -108,28 +109,49 @@ class DinoDiscriminator(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 # GAN terms
 # --------------------------------------------------------------------------------------------------------------
-def diff_augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """DiffAugment (Zhao et al. 2020): colour, translation, cutout; differentiable, same policy for real/fake."""
+def diff_augment(x: torch.Tensor, generator: torch.Generator | None = None, cutout: float = 0.5,
+                 p_apply: float = 1.0) -> torch.Tensor:
+    """DiffAugment (Zhao et al. 2020): colour, translation, cut-out; differentiable, same policy for real/fake.
+
+    Translation shifts each image by up to 1/8 of its side (edges clamped); the cut-out zeroes a square of side
+    2 * int(cutout * H / 2) - 1 at a random centre. `p_apply`: each of the three groups is applied to the whole
+    batch with this probability (one draw per group, as the official DiffAugment's `prob`); at 1 nothing is
+    drawn for it, so the random stream of runs without it is unchanged.
+    """
     B, _, H, W = x.shape
     dev = x.device
 
     def rnd(*shape):
         return torch.rand(*shape, generator=generator).to(dev)
 
-    x = x + (rnd(B, 1, 1, 1) - 0.5)                                           # brightness
-    mean = x.mean(dim=1, keepdim=True)
-    x = (x - mean) * (rnd(B, 1, 1, 1) * 2) + mean                             # saturation
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - mean) * (rnd(B, 1, 1, 1) + 0.5) + mean                           # contrast
-    shift = (torch.randint(-H // 8, H // 8 + 1, (B, 2), generator=generator)).to(dev)
-    gy = (torch.arange(H, device=dev)[None, :] - shift[:, :1]).clamp(0, H - 1)  # translation, edge-clamped
-    gx = (torch.arange(W, device=dev)[None, :] - shift[:, 1:]).clamp(0, W - 1)
-    x = x[torch.arange(B, device=dev)[:, None, None], :, gy[:, :, None], gx[:, None, :]].permute(0, 3, 1, 2)
-    cy = torch.randint(0, H, (B, 1, 1), generator=generator).to(dev)          # cutout of half the side
-    cx = torch.randint(0, W, (B, 1, 1), generator=generator).to(dev)
-    yy, xx = torch.arange(H, device=dev)[None, :, None], torch.arange(W, device=dev)[None, None, :]
-    keep = ((yy - cy).abs() >= H // 4) | ((xx - cx).abs() >= W // 4)
-    return x * keep[:, None].to(x.dtype)
+    def applied() -> bool:
+        return p_apply >= 1.0 or bool(torch.rand((), generator=generator) < p_apply)
+
+    if applied():
+        x = x + (rnd(B, 1, 1, 1) - 0.5)                                       # brightness
+        mean = x.mean(dim=1, keepdim=True)
+        x = (x - mean) * (rnd(B, 1, 1, 1) * 2) + mean                         # saturation
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * (rnd(B, 1, 1, 1) + 0.5) + mean                       # contrast
+    if applied():
+        shift = (torch.randint(-H // 8, H // 8 + 1, (B, 2), generator=generator)).to(dev)
+        gy = (torch.arange(H, device=dev)[None, :] - shift[:, :1]).clamp(0, H - 1)  # translation, edge-clamped
+        gx = (torch.arange(W, device=dev)[None, :] - shift[:, 1:]).clamp(0, W - 1)
+        x = x[torch.arange(B, device=dev)[:, None, None], :, gy[:, :, None], gx[:, None, :]].permute(0, 3, 1, 2)
+    if applied():
+        cy = torch.randint(0, H, (B, 1, 1), generator=generator).to(dev)      # cut-out
+        cx = torch.randint(0, W, (B, 1, 1), generator=generator).to(dev)
+        yy, xx = torch.arange(H, device=dev)[None, :, None], torch.arange(W, device=dev)[None, None, :]
+        keep = ((yy - cy).abs() >= int(H * cutout / 2)) | ((xx - cx).abs() >= int(W * cutout / 2))
+        x = x * keep[:, None].to(x.dtype)
+    return x
+
+
+def consistency_regularization(logits: torch.Tensor, logits_augmented: torch.Tensor) -> torch.Tensor:
+    """bCR (Zhao et al. 2021, after CR-GAN, Zhang et al. 2020): the discriminator should not change its mind under
+    augmentation, || D(x) - D(T(x)) ||^2, averaged; called on real and fake images together (concatenated), as
+    the official MAETok loss does. Gradients flow through both sides."""
+    return F.mse_loss(logits, logits_augmented)
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ConfigError, TokenizerConfig
-from ..layers import Attention, LayerScale, Mlp, PatchConv2d, RoPEMixed, modulate_latents
+from ..layers import Attention, DropPath, LayerScale, Mlp, PatchConv2d, RoPEMixed, modulate_latents
 from .masking import random_patch_mask, sample_mask_ratio
 
 
@@ -90,22 +90,24 @@ class DecoderBlock(nn.Module):
     """Non-affine pre-norm block; the latent positions are modulated by the raw latent as h*scale + shift.
 
     Note the plain `scale` (not 1 + scale) and the absence of gates: this is what the released weights expect.
+    `drop_path`: stochastic depth on both residual branches, each drawn on its own (the official MoVQ block).
     """
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, latent_dim: int):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, latent_dim: int, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, eps=1e-6, elementwise_affine=False)
         self.attn = Attention(width, heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(width, eps=1e-6, elementwise_affine=False)
         self.mlp = Mlp(width, int(width * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(latent_dim, 4 * width))
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor] | torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(z).chunk(4, dim=-1)
         n_img = x.shape[1] - z.shape[1]
-        x = x + self.attn(modulate_latents(self.norm1(x), n_img, shift_msa, scale_msa), rope)
-        return x + self.mlp(modulate_latents(self.norm2(x), n_img, shift_mlp, scale_mlp))
+        x = x + self.drop_path(self.attn(modulate_latents(self.norm1(x), n_img, shift_msa, scale_msa), rope))
+        return x + self.drop_path(self.mlp(modulate_latents(self.norm2(x), n_img, shift_mlp, scale_mlp)))
 
 
 class LatentModulatedNorm(nn.Module):
@@ -125,17 +127,20 @@ class LatentDecoder(nn.Module):
     """Sequence [N image queries (one shared mask token), L projected latents]; RoPE on the image slots only.
 
     Returns per-patch outputs (B, N, out_dim): pixels for the pixel decoder, target features for aux decoders.
+    `drop_path`: the stochastic-depth rate of the last block; block i has drop_path * i / (depth - 1), timm's
+    linear rule, which the official decoder (a timm ViT built with drop_path_rate) follows.
     """
 
     def __init__(self, latent_dim: int, latent_tokens: int, grid: tuple[int, int], width: int, depth: int,
-                 heads: int, mlp_ratio: float, rope_theta: float, out_dim: int):
+                 heads: int, mlp_ratio: float, rope_theta: float, out_dim: int, drop_path: float = 0.0):
         super().__init__()
         self.num_image_tokens = grid[0] * grid[1]
         self.from_latent = nn.Linear(latent_dim, width)
         self.mask_token = nn.Parameter(torch.randn(1, 1, width) * 0.02)
         self.latent_pos_embed = nn.Parameter(torch.randn(1, latent_tokens, width) * 0.02)
         self.rope = RoPEMixed(depth, heads, width // heads, grid, rope_theta)
-        self.blocks = nn.ModuleList(DecoderBlock(width, heads, mlp_ratio, latent_dim) for _ in range(depth))
+        rates = [drop_path * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
+        self.blocks = nn.ModuleList(DecoderBlock(width, heads, mlp_ratio, latent_dim, rate) for rate in rates)
         self.final_norm = LatentModulatedNorm(width, latent_dim)
         self.head = nn.Linear(width, out_dim)
         self.grad_checkpointing = False
@@ -192,8 +197,10 @@ class MAETok(nn.Module):
         self.config = cfg
         C = cfg.latent_dim
         self.encoder = Encoder(cfg, out_dim=2 * C if cfg.variant == "vae" else C)
+        # Stochastic depth in the pixel decoder only: the official auxiliary decoders are built with none.
         self.decoder = LatentDecoder(C, cfg.latent_tokens, cfg.grid, cfg.dec_width, cfg.dec_depth, cfg.dec_heads,
-                                     cfg.mlp_ratio, cfg.rope_theta, cfg.patch_size ** 2 * cfg.in_channels)
+                                     cfg.mlp_ratio, cfg.rope_theta, cfg.patch_size ** 2 * cfg.in_channels,
+                                     cfg.dec_drop_path)
         for part in (self.encoder, self.decoder):
             part.grad_checkpointing = cfg.grad_checkpointing
         self.aux_decoders = nn.ModuleDict()

@@ -38,7 +38,7 @@ from ..io.files import code_version
 from ..io.rundir import trim_log
 from ..progress import progress_bar
 from .compiled import CompiledOrEager, autocast_for
-from .optim import build_optimizer, ema_decay_at, ema_update, lr_factor
+from .optim import build_optimizer, ema_decay_at, ema_update, lr_factor, peak_lr
 from .randomness import rank_step_seed
 
 log = logging.getLogger("maetok.train")
@@ -244,10 +244,10 @@ class Trainer:
         return previous
 
     def _set_lr(self) -> float:
-        factor = lr_factor(self.step, self.cfg.steps, self.cfg.optim)
+        lr = peak_lr(self.cfg) * lr_factor(self.step, self.cfg.steps, self.cfg.optim)  # peak: lr x batch scaling
         for g in self.optimizer.param_groups:
-            g["lr"] = self.cfg.optim.lr * factor
-        return self.cfg.optim.lr * factor
+            g["lr"] = lr
+        return lr
 
     def fit(self) -> dict[str, Any]:
         """Train until cfg.steps (or a signal). Returns a summary; writes logs, images and checkpoints."""

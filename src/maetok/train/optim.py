@@ -6,7 +6,20 @@ import math
 import torch
 import torch.nn as nn
 
-from ..config import OptimConfig
+from ..config import OptimConfig, TrainConfig
+
+
+def peak_lr(cfg: TrainConfig) -> float:
+    """The learning rate the schedule scales: train.optim.lr, times global batch / lr_reference_batch when that
+    is set (the official tokenizer code: lr = 1e-4 * global_batch / 256, so 2e-4 at its batch of 512)."""
+    return cfg.optim.lr * batch_lr_scale(cfg)
+
+
+def batch_lr_scale(cfg: TrainConfig) -> float:
+    """Global batch / lr_reference_batch, or 1 when the rate is not scaled with the batch."""
+    reference = cfg.optim.lr_reference_batch
+    return cfg.batch_size / reference if reference else 1.0
+
 
 def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
     """Linear warmup, then cosine decay to min_lr_ratio (or constant). A pure function of step: resume-exact."""
@@ -20,13 +33,18 @@ def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
 
 def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW; no weight decay on biases, norms, embeddings and tokens (1-D or named like them)."""
+    # One fused kernel for the whole update on GPU instead of several per parameter.
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(weight_decay_groups(params, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+                             fused=fused or None)
+
+
+def weight_decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
+    """Two parameter groups: matrices with `weight_decay`, 1-D tensors (biases, norms) without."""
     decay, no_decay = [], []
     for p in params:
         (decay if p.dim() >= 2 and p.numel() > 0 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # One fused kernel for the whole update on GPU instead of several per parameter.
-    fused = bool(params) and all(p.is_cuda for p in params)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 @torch.no_grad()

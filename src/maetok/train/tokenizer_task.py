@@ -1,6 +1,7 @@
 """The tokenizer as a training task: stage 1 (mask modelling + auxiliary targets) and stage 2 (decoder fine-tuning).
 
 Loss = pixel MSE + perceptual (ramped in) + sum_k w_k * aux_k (masked patches) + KL (vae) + adaptive GAN.
+The discriminator's step (after each generator step): hinge + LeCAM + consistency regularisation.
 """
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ from ..data.images import save_image_grid
 from ..io.hub import MissingWeightsError
 from ..io.pretrained import TOKENIZER_KIND, load_tokenizer
 from ..io.teachers import build_discriminator, build_perceptual
-from ..tokenizer.losses import LeCAM, adaptive_gan_weight, diff_augment, hinge_d_loss, hinge_g_loss, kl_loss, ramp
+from ..tokenizer.losses import (LeCAM, adaptive_gan_weight, consistency_regularization, diff_augment, hinge_d_loss,
+                               hinge_g_loss, kl_loss, ramp)
 from ..tokenizer.model import MAETok
 from ..tokenizer.targets import TargetLosses, build_target
 from .compiled import CompiledOrEager, uses_bf16
 from .loop import Task
+from .optim import batch_lr_scale, lr_factor, weight_decay_groups
 from .randomness import pick_flipped
 
 log = logging.getLogger("maetok.train")
@@ -35,8 +38,10 @@ log = logging.getLogger("maetok.train")
 # measures the latent statistics again. They are kept from stage 1 and not compared with the request.
 STAGE2_UNUSED = frozenset({"mask", "aux_targets", "aux_width", "aux_depth", "aux_heads", "aux_loss_on",
                            "latent_mean", "latent_std"})
-# How to compute, not what: a stage-2 request may set it.
-STAGE2_FREE = frozenset({"grad_checkpointing"})
+# How to compute or regularise, not what (the weights do not depend on them): a stage-2 request may set them.
+STAGE2_FREE = frozenset({"grad_checkpointing", "dec_drop_path"})
+# The consistency term's strong view: the official loss hard-codes DiffAugment with cut-out 0.5, every group.
+STRONG_CUTOUT = 0.5
 
 
 def stage1_weights_dir(init_from: str) -> Path:
@@ -134,12 +139,30 @@ class TokenizerTask(Task):
         if self.perceptual is not None:
             self.perceptual = self.perceptual.to(device)
         self.disc = self.disc_opt = self.lecam = None
-        if cfg.loss.gan.weight > 0:
-            self.disc = build_discriminator(cfg.loss.gan, mcfg.in_channels).to(device)
-            self.disc_opt = torch.optim.AdamW([p for p in self.disc.parameters() if p.requires_grad],
-                                              lr=cfg.loss.gan.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
-            self.lecam = LeCAM().to(device) if cfg.loss.gan.lecam_weight > 0 else None
+        gan = cfg.loss.gan
+        if gan.weight > 0:
+            self.disc = build_discriminator(gan, mcfg.in_channels).to(device)
+            self.disc_opt = self._build_disc_optimizer()
+            self.lecam = LeCAM(gan.lecam_decay).to(device) if gan.lecam_weight > 0 else None
         self.preview = preview
+
+    def _build_disc_optimizer(self) -> torch.optim.AdamW:
+        gan = self.cfg.loss.gan
+        params = [p for p in self.disc.parameters() if p.requires_grad]
+        # Without weight decay one group, as before: checkpoints of such runs keep resuming.
+        groups = weight_decay_groups(params, gan.disc_weight_decay) if gan.disc_weight_decay > 0 else params
+        return torch.optim.AdamW(groups, lr=self._disc_lr(0), betas=tuple(gan.disc_betas), weight_decay=0.0)
+
+    def _disc_lr(self, step: int) -> float:
+        gan, train = self.cfg.loss.gan, self.cfg.train
+        if not gan.disc_lr_follows_generator:
+            return gan.disc_lr
+        return gan.disc_lr * batch_lr_scale(train) * lr_factor(step, train.steps, train.optim)
+
+    def _weak_view(self, images: torch.Tensor) -> torch.Tensor:
+        """What the discriminator sees of `images` in the GAN terms: DiffAugment'ed when loss.gan.diffaug."""
+        gan = self.cfg.loss.gan
+        return diff_augment(images, cutout=gan.diffaug_cutout, p_apply=gan.diffaug_prob) if gan.diffaug else images
 
     def _prepare_targets(self) -> dict[str, Callable]:
         """How each frozen target runs. Network teachers hold bf16 weights when training runs in bf16 (see
@@ -231,8 +254,7 @@ class TokenizerTask(Task):
             losses["loss_kl"] = kl_loss(*out.posterior)
             total = total + lcfg.kl_weight * losses["loss_kl"]
         if self.disc is not None and step >= lcfg.gan.start_step:
-            fake = diff_augment(recon) if lcfg.gan.diffaug else recon
-            losses["loss_gan_g"] = hinge_g_loss(self.disc(fake))
+            losses["loss_gan_g"] = hinge_g_loss(self.disc(self._weak_view(recon)))
             weight = torch.tensor(1.0, device=recon.device)
             if lcfg.gan.adaptive_weight and torch.is_grad_enabled():
                 weight = adaptive_gan_weight(rec, losses["loss_gan_g"], self.model.decoder.head.weight)
@@ -249,16 +271,11 @@ class TokenizerTask(Task):
         gan = self.cfg.loss.gan
         if self.disc is None or step < gan.start_step:
             return {}
-        real, fake = outputs["_images"], outputs["_recon"]
-        if gan.diffaug:
-            real, fake = diff_augment(real), diff_augment(fake)
         # LeCAM moves its running means in its forward: kept to be put back if this step is skipped (a NaN there
         # would otherwise poison every later step).
         lecam_before = None if self.lecam is None else {k: v.clone() for k, v in self.lecam.state_dict().items()}
-        logits_real, logits_fake = self.disc(real), self.disc(fake)
-        d_loss = hinge_d_loss(logits_real, logits_fake)
-        if self.lecam is not None:
-            d_loss = d_loss + gan.lecam_weight * self.lecam(logits_real, logits_fake)
+        terms = self._disc_loss_terms(outputs["_images"], outputs["_recon"])
+        d_loss = terms["loss_disc"]
         self.disc_opt.zero_grad(set_to_none=True)
         d_loss.backward()
         _average_grads_across_ranks(self.disc)  # one discriminator for all ranks, as DDP would keep it
@@ -269,15 +286,39 @@ class TokenizerTask(Task):
         # One multi-tensor kernel (torch.nn.utils.get_total_norm is newer than the torch we support).
         d_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).float() if grads \
             else torch.zeros((), device=d_loss.device)
-        d_value, d_norm = torch.stack([d_loss.detach().float(), d_norm]).tolist()
-        if math.isfinite(d_norm):
+        if gan.disc_grad_clip > 0 and grads:  # clip_grad_norm_'s rule, on the norm computed above
+            torch._foreach_mul_(grads, (gan.disc_grad_clip / (d_norm + 1e-6)).clamp(max=1.0))
+        names = list(terms)
+        values = torch.stack([*(terms[n].detach().float() for n in names), d_norm]).tolist()
+        if math.isfinite(values[-1]):
+            for group in self.disc_opt.param_groups:
+                group["lr"] = self._disc_lr(step)
             self.disc_opt.step()
         else:
             self.disc_opt.zero_grad(set_to_none=True)
             if lecam_before is not None:
                 self.lecam.load_state_dict(lecam_before)
             log.warning("step %d: non-finite discriminator gradient; discriminator step skipped", step)
-        return {"loss_disc": d_value}
+        return dict(zip(names, values[:-1]))
+
+    def _disc_loss_terms(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The discriminator's loss ("loss_disc") and its regularisers, as the official MAETok loss:
+        disc_loss_weight * (hinge + lecam_weight * LeCAM) + consistency_weight * MSE(D(weak), D(strong))."""
+        gan = self.cfg.loss.gan
+        real_view, fake_view = self._weak_view(real), self._weak_view(fake)
+        logits_real, logits_fake = self.disc(real_view), self.disc(fake_view)
+        d_loss = hinge_d_loss(logits_real, logits_fake)
+        terms = {}
+        if self.lecam is not None:
+            terms["loss_disc_lecam"] = self.lecam(logits_real, logits_fake)
+            d_loss = d_loss + gan.lecam_weight * terms["loss_disc_lecam"]
+        d_loss = gan.disc_loss_weight * d_loss
+        if gan.consistency_weight > 0:
+            strong_real, strong_fake = (diff_augment(x, cutout=STRONG_CUTOUT) for x in (real, fake))
+            terms["loss_disc_cr"] = consistency_regularization(
+                torch.cat([logits_real, logits_fake]), torch.cat([self.disc(strong_real), self.disc(strong_fake)]))
+            d_loss = d_loss + gan.consistency_weight * terms["loss_disc_cr"]
+        return {"loss_disc": d_loss, **terms}
 
     def state_dict(self) -> dict[str, Any]:
         if self.disc is None:
