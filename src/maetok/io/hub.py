@@ -1,18 +1,21 @@
 """Finding pretrained weights: a local file first, then the hub, and a clear message when neither works; reading
 them, with a one-line message naming a file that is there but cannot be read.
 
-Nothing here unpickles: weights are safetensors, or TorchScript for the FID Inception network.
+Nothing here unpickles arbitrary objects: weights are safetensors, plain state dicts read with
+`torch.load(weights_only=True)` (the form torchvision's and the `lpips` package's files come in), or TorchScript for
+the FID Inception network. Which pretrained networks exist and where they are downloaded to: `maetok.io.weights`.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pickle
 import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 
@@ -108,12 +111,51 @@ def file_kind(path: Path) -> str:
     return "corrupt or truncated" if head else "empty"
 
 
+def sha1_of(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha1").hexdigest()
+
+
+def check_weights_file(path: Path, what: str, redo: str) -> None:
+    """A weights file is what its name says, reading only its header (cheap): a truncated or foreign file is then
+    named at start-up, with `redo` (what to do), rather than deep inside a library's loader. `what`: its role."""
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), "pt") as f:
+                f.keys()
+            return
+        except (SafetensorError, OSError) as e:
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            raise UnreadableFileError(f"{path}: not a readable safetensors file ({type(e).__name__}: {first}; it is "
+                                      f"{file_kind(path)}), {what}; {redo}") from None
+    kind = file_kind(path)
+    # A torch file is a zip archive (torch.save since 1.6, TorchScript) or a pickle (the format before).
+    if kind not in ("a zip archive, as torch.save writes", "a Python pickle"):
+        raise UnreadableFileError(f"{path}: {kind}, not a torch file, {what}; {redo}")
+
+
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """`safetensors.torch.load_file`, raising UnreadableFileError naming the file when it is not one."""
     try:
         return load_file(str(path))
     except SafetensorError as e:
         raise safetensors_refusal(path, e) from None
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file, or from a torch file holding only tensors and plain containers
+    (`torch.load(weights_only=True)`, which refuses anything else); UnreadableFileError naming the file otherwise."""
+    if Path(path).suffix == ".safetensors":
+        return read_safetensors(path)
+    try:
+        with quiet_pickle_protocol():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated or holding objects: each is "this file cannot be used"
+        raise weights_only_refusal(path, e) from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UnreadableFileError(f"{path}: not a state dict (a mapping of names to tensors) but "
+                                  f"{type(state).__name__}; save just the model's state_dict()")
+    return state
 
 
 def safetensors_refusal(path: str | Path, error: Exception) -> UnreadableFileError:

@@ -3,12 +3,16 @@
 Auxiliary targets (registered here into the target registry of `maetok.tokenizer.targets`): `resnet-cifar`, a
 small offline semantic teacher, and the timm teachers `dinov2`, `siglip` and the generic `timm`. Losses: the
 perceptual network (LPIPS-VGG or a CIFAR ResNet) and the discriminator (PatchGAN or a frozen DINO ViT-S/16 with
-trainable heads). The modules themselves are the core's; what this file adds is finding their weights, with
-one clear MissingWeightsError when they are not there.
+trainable heads). The modules themselves are the core's; what this file adds is finding their weights through the
+registry of `maetok.io.weights` (an explicit file, the local cache, then the owning library's download), with one
+clear MissingWeightsError when they cannot be had.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch.nn as nn
+from safetensors import SafetensorError
 
 from ..config import ConfigError, GanConfig, TokenizerLossConfig
 from ..layers import PatchConv2d
@@ -16,15 +20,8 @@ from ..nets.lpips import build_lpips
 from ..nets.resnet_cifar import build_resnet_cifar
 from ..tokenizer.losses import DinoDiscriminator, MeanLPIPS, PatchGAN, ResNetPerceptual
 from ..tokenizer.targets import ResNetCifarTarget, Target, TimmTarget, register_target, take_options
-from .hub import MissingWeightsError, find_weights
-
-
-def _import_timm(what: str):
-    try:
-        import timm  # optional dependency (maetok[teachers]): imported only when a timm network is asked for
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise ImportError(f"{what} needs timm: pip install 'maetok[teachers]'") from e
-    return timm
+from .hub import UnreadableFileError, find_weights
+from .weights import DINO_DISCRIMINATOR, TEACHER_MODELS, WEIGHTS, lpips_weight_files, optional_import, timm_weights
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -60,32 +57,39 @@ def build_timm_target(target: str, options: dict, image_size: int, patch_size: i
     name = opts["model"]
     if not name:
         raise ConfigError(f"auxiliary target {target!r} needs options.model = a timm model name")
-    timm = _import_timm(f"auxiliary target {target!r}")
+    timm = optional_import("timm", f"auxiliary target {target!r}")
     kwargs = {"img_size": image_size, "patch_size": patch_size, "num_classes": 0, **opts["model_kwargs"]}
     what = f"auxiliary target {target!r} ({name})"
-    arch = name.split(".")[0]
-    where = (f"Download the weights on a machine with internet access (for example model.safetensors from the "
-             f"Hugging Face repository timm/{name}), copy the file here and give the target options.weights=/path/"
-             f"to/model.safetensors ({_options_how_to(target)}); or set options.pretrained=false for random "
-             f"weights (tests only). Set HF_HUB_OFFLINE=1 to skip the download attempts on an offline machine.")
+    weights = timm_weights(name)
+    where = (f"On a machine with internet access, `maetok weights fetch --name {weights.name}` puts them in the "
+             f"Hugging Face cache; or download model.safetensors from the Hugging Face repository timm/{name}, copy "
+             f"it here and give the target options.weights=/path/to/model.safetensors ({_options_how_to(target)}); "
+             f"or set options.pretrained=false for random weights (tests only).")
     if not opts["pretrained"]:
         model = timm.create_model(name, pretrained=False, **kwargs)
-    elif opts["weights"]:
-        path = find_weights(what, opts["weights"], hint=where)
-        if path.suffix != ".safetensors":
-            raise ValueError(f"{what}: {path} is not a .safetensors file; weights are read from safetensors only "
-                             f"(pickled checkpoints can execute code). Convert it with safetensors.torch.save_file.")
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
     else:
-        try:
-            model = timm.create_model(name, pretrained=True, **kwargs)
-        except TypeError:  # a bad model_kwargs entry: the user's to see as is
-            raise
-        except Exception as e:  # offline, missing cache, unknown repo: all mean "the weights are not here"
-            raise MissingWeightsError(f"{what}: could not load pretrained weights for {arch} from the hub or its "
-                                      f"cache ({type(e).__name__}: {e}). {where}") from e
+        if opts["weights"]:
+            path = find_weights(what, opts["weights"], hint=where)
+            if path.suffix != ".safetensors":
+                raise ValueError(f"{what}: {path} is not a .safetensors file; weights are read from safetensors "
+                                 f"only (pickled checkpoints can execute code). Convert it with "
+                                 f"safetensors.torch.save_file.")
+        else:
+            path = weights.resolve(hint=where)
+        model = create_timm_from_file(timm, name, path, kwargs)
     _patch_embed_as_matmul(model)
     return TimmTarget(target, model, None if opts["layer"] is None else int(opts["layer"]), bool(opts["norm"]))
+
+
+def create_timm_from_file(timm, name: str, path: Path, kwargs: dict) -> nn.Module:
+    """`timm.create_model(name, pretrained=True)` with the weights read from `path` (timm applies its own key
+    conversion and resamples the patch embedding and position table to `kwargs`' sizes, as from the hub)."""
+    try:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    except (RuntimeError, KeyError, SafetensorError) as e:  # TypeError (a bad model_kwargs entry) stays the user's
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise UnreadableFileError(f"{path}: does not load into timm's {name} ({type(e).__name__}: {first}); the "
+                                  f"file holds another model's weights, or is damaged") from e
 
 
 def _patch_embed_as_matmul(model: nn.Module) -> None:
@@ -101,12 +105,12 @@ def _patch_embed_as_matmul(model: nn.Module) -> None:
 
 @register_target("dinov2")
 def _build_dinov2(options: dict, image_size: int, patch_size: int) -> Target:
-    return build_timm_target("dinov2", options, image_size, patch_size, "vit_large_patch14_dinov2.lvd142m")
+    return build_timm_target("dinov2", options, image_size, patch_size, TEACHER_MODELS["dinov2"])
 
 
 @register_target("siglip")
 def _build_siglip(options: dict, image_size: int, patch_size: int) -> Target:
-    return build_timm_target("siglip", options, image_size, patch_size, "vit_so400m_patch14_siglip_gap_224")
+    return build_timm_target("siglip", options, image_size, patch_size, TEACHER_MODELS["siglip"])
 
 
 @register_target("timm")
@@ -123,11 +127,8 @@ def build_perceptual(cfg: TokenizerLossConfig) -> nn.Module | None:
         return None
     if cfg.perceptual == "resnet-cifar":
         return ResNetPerceptual(resnet_perceptual_network(cfg.perceptual_weights))
-    # "VGG_FILE,LIN_FILE" (both safetensors) or "" to look for them in the shared data folder.
-    files = [p.strip() for p in cfg.perceptual_weights.split(",")] if cfg.perceptual_weights else [None, None]
-    if len(files) != 2:
-        raise ValueError("loss.perceptual_weights for lpips must be 'VGG16_FILE,LPIPS_LIN_FILE' (safetensors)")
-    return MeanLPIPS(build_lpips(files[0], files[1]))
+    vgg, heads = lpips_weight_files(cfg.perceptual_weights)  # "" each: the downloaded / packaged files
+    return MeanLPIPS(build_lpips(vgg or None, heads or None))
 
 
 def resnet_perceptual_network(weights: str = "", arch: str = "resnet20", pretrained: bool = True) -> nn.Module:
@@ -144,18 +145,13 @@ def build_discriminator(cfg: GanConfig, in_channels: int = 3) -> nn.Module:
 
 
 def dino_backbone(weights: str = "", pretrained: bool = True, image_size: int = 224) -> nn.Module:
-    """timm's vit_small_patch16_224.dino: from a local file (`loss.gan.disc_weights`) or the hub; offline and
-    absent, the error says what to download."""
-    timm = _import_timm("the DINO discriminator")
-    kwargs = dict(pretrained=pretrained, num_classes=0, img_size=image_size, dynamic_img_size=True)
-    if pretrained and weights:
-        kwargs["pretrained_cfg_overlay"] = dict(file=weights)
-    try:
-        return timm.create_model("vit_small_patch16_224.dino", **kwargs)
-    except Exception as e:
-        if not pretrained:
-            raise
-        raise MissingWeightsError(
-            "DINO discriminator: could not load vit_small_patch16_224.dino weights "
-            f"({type(e).__name__}: {e}). Download the timm weights and set loss.gan.disc_weights to the file, "
-            "or use loss.gan.discriminator=patchgan.") from e
+    """timm's vit_small_patch16_224.dino, its weights from `loss.gan.disc_weights`, the Hugging Face cache, or the
+    hub; absent and offline, the error says how to get them."""
+    timm = optional_import("timm", "the DINO discriminator")
+    kwargs = dict(num_classes=0, img_size=image_size, dynamic_img_size=True)
+    if not pretrained:
+        return timm.create_model(DINO_DISCRIMINATOR, pretrained=False, **kwargs)
+    path = WEIGHTS["dino-vits16"].resolve(weights or None, hint=(
+        "On a machine with internet access `maetok weights fetch --name dino-vits16` puts them in the Hugging Face "
+        "cache; or set loss.gan.disc_weights to a local file, or use loss.gan.discriminator=patchgan."))
+    return create_timm_from_file(timm, DINO_DISCRIMINATOR, path, kwargs)

@@ -1,11 +1,12 @@
 """LPIPS (Zhang et al. 2018), VGG16 variant: unit-normalised VGG activations at 5 depths, squared differences,
 learned 1x1 channel weights, spatial mean, summed over depths.
 
-Weights come only from local safetensors files, because neither torchvision's VGG16 nor the LPIPS linear heads can
-be downloaded everywhere this runs:
-  vgg_weights: torchvision's `vgg16` state dict (only the `features.*` keys are used; `classifier.*` are ignored);
-  lin_weights: the official LPIPS `vgg.pth` v0.1 heads, keys `lin{0..4}.model.1.weight`, shape (1, C, 1, 1).
-Both are converted once with `safetensors.torch.save_file(torch.load(...), ...)` on a machine that has them.
+Weights, found through the registry of `maetok.io.weights` (an explicit file, the local copy, then the download):
+  the backbone: torchvision's VGG16 (VGG16_Weights.IMAGENET1K_V1, the network the official LPIPS loads), downloaded
+    as torchvision does into torch.hub's checkpoints folder; only its `features.*` keys are used;
+  the heads: the official LPIPS v0.1 `vgg.pth`, which the `lpips` package ships (lpips/weights/v0.1/vgg.pth), keys
+    `lin{0..4}.model.1.weight`, shape (1, C, 1, 1); read from the installed package, without importing it.
+Both are plain state dicts, read with torch.load(weights_only=True); explicit files may also be safetensors.
 Input: images in [-1, 1] (the official convention), NCHW.
 """
 from __future__ import annotations
@@ -14,18 +15,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
-from ..io.hub import find_weights
+from ..io.hub import UnreadableFileError, read_state_dict
+from ..io.weights import WEIGHTS, Needed, ensure_weights
 
 # Ends (exclusive) of the VGG16 `features` slices at relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
 _SLICE_ENDS = (4, 9, 16, 23, 30)
 _CHANNELS = (64, 128, 256, 512, 512)
-VGG_FILE = "vgg16-torchvision.safetensors"
-LIN_FILE = "lpips-vgg-v0.1.safetensors"
-_HINT = ("Convert torchvision's vgg16 weights (vgg16-397923af.pth) and LPIPS's weights/v0.1/vgg.pth to safetensors "
-         f"on a machine that has them, then pass their paths or put them in $MAETOK_SHARED_DATA as {VGG_FILE} and "
-         f"{LIN_FILE}.")
 
 
 class _LinearHead(nn.Module):
@@ -66,22 +62,32 @@ class LPIPS(nn.Module):
         return total
 
     def load_weights(self, vgg_weights: str | Path, lin_weights: str | Path) -> None:
-        vgg = {k[len("features."):]: v for k, v in load_file(str(vgg_weights)).items() if k.startswith("features.")}
-        self.features.load_state_dict({k: v for k, v in vgg.items() if int(k.split(".")[0]) < _SLICE_ENDS[-1]},
-                                      strict=True)
-        lins = load_file(str(lin_weights))
-        self.load_state_dict({**lins, **{f"features.{k}": v for k, v in self.features.state_dict().items()}},
-                             strict=True)
+        vgg = {k[len("features."):]: v for k, v in read_state_dict(vgg_weights).items() if k.startswith("features.")}
+        features = {k: v for k, v in vgg.items() if int(k.split(".")[0]) < _SLICE_ENDS[-1]}
+        _load_part(self.features, features, vgg_weights, "VGG16 features")
+        heads = nn.ModuleDict({f"lin{i}": getattr(self, f"lin{i}") for i in range(len(_CHANNELS))})
+        _load_part(heads, read_state_dict(lin_weights), lin_weights, "linear heads")
+
+
+def _load_part(module: nn.Module, state: dict[str, torch.Tensor], path: str | Path, part: str) -> None:
+    """A strict load whose failure is one line naming the file (torch's message lists every key)."""
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise UnreadableFileError(f"{path}: does not hold the LPIPS {part} ({first}); give torchvision's vgg16 "
+                                  f"state dict and LPIPS's weights/v0.1/vgg.pth") from None
 
 
 def build_lpips(vgg_weights: str | Path | None = None, lin_weights: str | Path | None = None,
-                pretrained: bool = True) -> LPIPS:
+                pretrained: bool = True, allow_download: bool = True) -> LPIPS:
     """LPIPS-VGG in eval mode, frozen. `pretrained=False` gives random weights (shape tests only, not a metric).
-    Raises MissingWeightsError when pretrained weights are asked for and not found locally."""
+    Raises one MissingWeightsError naming both files when they cannot be found nor downloaded."""
     if pretrained:  # find both files before building anything, so a missing one fails fast
-        vgg = find_weights("LPIPS VGG16 backbone", vgg_weights, VGG_FILE, _HINT)
-        lin = find_weights("LPIPS linear heads", lin_weights, LIN_FILE, _HINT)
+        paths = ensure_weights([Needed(WEIGHTS["vgg16"], str(vgg_weights or ""), "LPIPS"),
+                                Needed(WEIGHTS["lpips-vgg-heads"], str(lin_weights or ""), "LPIPS")],
+                               allow_download=allow_download)
     model = LPIPS()
     if pretrained:
-        model.load_weights(vgg, lin)
+        model.load_weights(paths["vgg16"], paths["lpips-vgg-heads"])
     return model.eval().requires_grad_(False)
