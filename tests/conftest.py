@@ -32,6 +32,19 @@ if shared_root() is not None and "MAETOK_SHARED_DATA" not in os.environ:
     os.environ["MAETOK_SHARED_DATA"] = str(shared_root() / "data")
 
 
+# Tests never download: pretrained networks come from ../shared, the installed packages, or the tests' own fakes.
+# On a machine with internet a test that reached a hub would otherwise fetch hundreds of MB (VGG16, DINOv2).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _no_downloads(monkeypatch):
+    def offline(url, *args, **kwargs):
+        raise OSError(f"tests run offline: no download of {url}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     root = shared_root()
