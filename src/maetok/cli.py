@@ -211,6 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite the files of an existing, non-empty --out")
     p.set_defaults(handler="convert:cmd_convert")
 
+    p = sub.add_parser("export", help="a tokenizer's pixel decoder, or a SiT, as an ONNX graph with a dynamic batch "
+                                      "axis, checked against PyTorch with onnxruntime (pip install 'maetok[export]')")
+    p.add_argument("--model", required=True, type=_checkpoint(hub=True),
+                   help="a tokenizer folder or hub id (exports its decoder: normalised latents -> images) or a SiT "
+                        "folder (exports its velocity model: x, t, y -> v)")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="graph format (default onnx)")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="the .onnx file to write (a graph over 2 GB keeps its weights in FILE.data beside it)")
+    p.add_argument("--force", action="store_true", help="replace an existing FILE")
+    p.set_defaults(handler="export:cmd_export")
+
     p = sub.add_parser("weights", help="the pretrained networks a preset needs: list them (check) or download "
                                        "them into the libraries' caches (fetch), e.g. before a cluster job")
     p.add_argument("action", choices=["check", "fetch"], help="check: what is here (exit 2 if anything is "
