@@ -23,6 +23,7 @@ PLACES = [
     ("maetok.io", "io"), ("maetok.nets", "io"),
     ("maetok.train", "apps"), ("maetok.eval", "apps"), ("maetok.data", "apps"), ("maetok.pilot", "apps"),
     ("maetok.cli", "apps"), ("maetok.commands", "apps"), ("maetok.demo", "apps"), ("maetok.sweep", "apps"),
+    ("maetok.plugins", "apps"),
 ]
 FACE = "maetok"  # the package face re-exports the public API from every layer
 MAX_FILE_LINES = 450

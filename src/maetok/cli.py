@@ -25,6 +25,8 @@ import math
 import sys
 from pathlib import Path
 
+from .plugins import load_plugins, split_plugin_options
+
 
 # ==============================================================================================================
 # Argument types: bad values are refused while parsing, before any model is loaded or sample drawn
@@ -183,6 +185,11 @@ modes:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maetok", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Documents --plugin: main() takes it out of the command line first, so that it may also follow the command.
+    parser.add_argument("--plugin", action="append", default=[], metavar="FILE",
+                        help="Python file registering auxiliary targets (@register_target), loaded before the "
+                             "command and recorded with its runs (repeatable); installed packages' maetok.targets "
+                             "entry points are always loaded")
     sub = parser.add_subparsers(dest="command", required=True)
 
     tok = sub.add_parser("tokenizer", help="train and use tokenizers").add_subparsers(dest="action", required=True)
@@ -327,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override for every tokenizer run, after the budget's own (repeatable)")
     p.add_argument("--diffusion-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override for every diffusion run, after the budget's own (repeatable)")
+    p.add_argument("--target-sets", default=None, metavar="SETS",
+                   help="compare auxiliary target sets: one MAETok per set, in maetok's place among --variants, e.g. "
+                        "\"hog;hog,sobel;hog,texture\" (sets ';', targets ',', each at weight 1.0; none = no target)")
     p.add_argument("overrides", nargs="*", help="budget fields, e.g. image_size=256 tokenizer_preset=maetok-b-128 "
                                                 "diffusion_steps=400000 (see maetok.pilot.PilotBudget)")
     p.set_defaults(handler="pilot:cmd_pilot")
@@ -377,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv, plugin_files = split_plugin_options(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
     if getattr(args, "out", None):
         # Once, for every use: the "already holds output" check and the writer must see the same folder (a
@@ -388,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     from .commands.common import error_report  # start-up time, as above (loaded with the handler's module)
 
     try:
+        load_plugins([*args.plugin, *plugin_files])  # before the command: its config may name their targets
         return handler(args)
     except Exception as e:
         # One line and a documented exit code (README: exit codes) for what the user can act on; a traceback only

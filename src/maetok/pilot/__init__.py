@@ -3,6 +3,7 @@ on each, and one report (see `maetok.pilot.run`).
 
     budgets  what each budget fixes (`PilotBudget`, `BUDGETS`, `pilot_settings`)
     plan     a pilot as one typed value (`PilotPlan`), JSON and back
+    target_sets  MAETok variants named by their auxiliary targets (`maetok[hog+sobel]`, --target-sets)
     stages   the data, the training stages and the file of finished stages' results
     evaluation  the feature network, the metrics, the costs and the latent analysis
     run      `run_pilot`: every stage in order, alone or under torchrun

@@ -141,7 +141,7 @@ def evaluate_reconstruction(plan: PilotPlan, variant: str, tokenizer, data: Pilo
         meter.all_gather(dist)
     recon_feats = [gather_features(f, dist) for f in feats]
     if dist.is_main:
-        save_image_grid(torch.cat(grid), plan.out / variant / "reconstructions.png", nrow=8)
+        save_image_grid(torch.cat(grid), plan.variant_dir(variant) / "reconstructions.png", nrow=8)
     out = {("r" + k): v for k, v in fid(recon_feats[0], space.reference).items()}
     out |= meter.compute()  # psnr@N, ssim@N
     if plan.inception:
@@ -221,7 +221,7 @@ def architecture_cost(plan: PilotPlan, variant: str) -> dict:
 
 def measure_cost(plan: PilotPlan, variant: str, tokenizer, data: PilotData, device: torch.device) -> dict:
     """Parameters, GFLOPs and throughput of the variant's tokenizer and diffusion model."""
-    folder = plan.out / variant
+    folder = plan.variant_dir(variant)
     sit = load_sit(folder / "diffusion" / "model").to(device).eval()
     x = real_images(data.test_set, 64).to(device)
     xb = x[:64]
@@ -239,9 +239,9 @@ def analyse_latents(plan: PilotPlan) -> dict:
     """GMM NLL per K in one PCA dimension for all variants, linear-probe accuracy and token statistics of each
     variant's cached latents; draws gmm_nll.png."""
     limit, variants = plan.settings.analysis_max_train or None, plan.variants
-    caches = {v: LatentDataset(plan.out / v / "latents-train") for v in variants}
+    caches = {v: LatentDataset(plan.variant_dir(v) / "latents-train") for v in variants}
     train = {v: caches[v].first(limit) for v in variants}  # (latents, labels)
-    test = {v: LatentDataset(plan.out / v / "latents-test").first() for v in variants}
+    test = {v: LatentDataset(plan.variant_dir(v) / "latents-test").first() for v in variants}
     norm = {v: (train[v][0] - caches[v].mean) / caches[v].std for v in variants}
     norm_test = {v: (test[v][0] - caches[v].mean) / caches[v].std for v in variants}
     own_dims = {v: pca_dim_for_variance(norm[v], 0.9) for v in variants}

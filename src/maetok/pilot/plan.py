@@ -20,8 +20,10 @@ import torch
 from ..config import (ConfigError, DiffusionRunConfig, SampleConfig, TokenizerRunConfig, from_dict, load_config,
                       to_dict)
 from ..io.distributed import DistInfo
+from ..plugins import plugins_for_config
 from ..train.loop import check_global_batch
 from .budgets import PilotBudget, as_overrides, check_budget, pilot_settings, recorded_settings
+from .target_sets import aux_targets_override, base_variant, check_set_variant, set_targets, variant_folder
 
 VARIANTS = ("ae", "vae", "maetok", "mae")
 # Small-scale semantic teacher for MAETok on CIFAR-10: the CIFAR ResNet-56 stands in for DINOv2/SigLIP (cannot be
@@ -51,11 +53,14 @@ class TokenizerRun:
 
 def check_request(budget: str, variants: list[str]) -> None:
     check_budget(budget)
-    bad = [v for v in variants if v not in VARIANTS]
+    bad = [v for v in variants if v not in VARIANTS and set_targets(v) is None]
     if bad or not variants:
-        raise ConfigError(f"unknown variants {bad or variants}; choose from {', '.join(VARIANTS)}")
+        raise ConfigError(f"unknown variants {bad or variants}; choose from {', '.join(VARIANTS)} (or target sets "
+                          f"such as maetok[hog+sobel], see --target-sets)")
     if len(set(variants)) != len(variants):
         raise ConfigError(f"variants {variants} name one twice")
+    for variant in variants:
+        check_set_variant(variant)
 
 
 def _plain(value: Any) -> Any:
@@ -104,19 +109,23 @@ class PilotPlan:
     def cifar10(self) -> bool:
         return self.facts.cifar10 and self.settings.image_size == 32
 
+    def variant_dir(self, variant: str) -> Path:
+        """The variant's folder: its runs, latents, pictures and results (a target set's without brackets)."""
+        return self.out / variant_folder(variant)
+
     def tokenizer_dir(self, variant: str) -> Path:
         """The run whose weights the variant's latents come from: MAETok's decoder fine-tuning when it has one."""
-        return self.out / variant / self.tokenizer_runs[variant][-1].folder
+        return self.variant_dir(variant) / self.tokenizer_runs[variant][-1].folder
 
     def _tokenizer_runs(self, variant: str) -> list[TokenizerRun]:
         runs = [TokenizerRun("tokenizer_train", "tokenizer", self._tokenizer_config(variant, 1))]
-        if variant == "maetok" and self.settings.decoder_ft_steps > 0:
+        if base_variant(variant) == "maetok" and self.settings.decoder_ft_steps > 0:
             runs.append(TokenizerRun("decoder_finetune", "tokenizer-ft", self._tokenizer_config(variant, 2)))
         return runs
 
     def _tokenizer_config(self, variant: str, stage: int) -> TokenizerRunConfig:
         settings = self.settings
-        overrides = [f"model.variant={variant}", f"model.image_size={settings.image_size}",
+        overrides = [f"model.variant={base_variant(variant)}", f"model.image_size={settings.image_size}",
                      f"data.image_size={settings.image_size}", f"data.spec={self.data}", "data.split=train",
                      f"data.limit={settings.n_train}", f"train.steps={settings.tokenizer_steps}",
                      f"loss.kl_weight={settings.vae_kl_weight}"]
@@ -124,9 +133,12 @@ class PilotPlan:
             # A default, so it goes before the budget's settings: `--tokenizer-set model.aux_targets=...` wins.
             overrides.append(CIFAR_TEACHER)
         overrides += as_overrides(settings.tokenizer)
+        if set_targets(variant) is not None:  # the set is what the variant compares: it wins over the settings
+            overrides.append(aux_targets_override(variant))
         if stage == 2:
             steps = settings.decoder_ft_steps
-            overrides += ["stage=2", f"decoder_ft.init_from={self.out / variant / 'tokenizer'}", f"train.steps={steps}",
+            overrides += ["stage=2", f"decoder_ft.init_from={self.variant_dir(variant) / 'tokenizer'}",
+                          f"train.steps={steps}",
                           f"decoder_ft.anneal_steps={max(1, steps // 2)}", "train.optim.warmup_steps=0"]
         return load_config(TokenizerRunConfig, settings.tokenizer_preset, overrides)
 
@@ -134,7 +146,8 @@ class PilotPlan:
         """The same diffusion model for every variant, sized to the variant's latents."""
         settings, tokenizer = self.settings, self.tokenizer_runs[variant][0].config.model
         return load_config(DiffusionRunConfig, settings.diffusion_preset, [
-            f"latents={self.out / variant / 'latents-train'}", f"tokenizer={self.tokenizer_dir(variant) / 'model'}",
+            f"latents={self.variant_dir(variant) / 'latents-train'}",
+            f"tokenizer={self.tokenizer_dir(variant) / 'model'}",
             f"model.num_tokens={tokenizer.latent_tokens}", f"model.in_channels={tokenizer.latent_dim}",
             f"model.num_classes={self.facts.num_classes}", f"train.steps={settings.diffusion_steps}",
             f"sample.sampler={settings.sampler}", f"sample.steps={settings.sample_steps}",
@@ -159,9 +172,13 @@ class PilotPlan:
 
     def record(self, dist: DistInfo) -> dict[str, Any]:
         """What pilot_results.json keeps of the plan, with where it runs; the report shows it."""
-        return {"data": self.data, "variants": self.variants, "budget": self.budget,
-                "settings": to_dict(self.settings), "device": str(dist.device), "world_size": dist.world,
-                "torch": torch.__version__, "threads": torch.get_num_threads()}
+        record = {"data": self.data, "variants": self.variants, "budget": self.budget,
+                  "settings": to_dict(self.settings), "device": str(dist.device), "world_size": dist.world,
+                  "torch": torch.__version__, "threads": torch.get_num_threads()}
+        # The plugins whose targets the runs use, loaded again when the pilot is resumed (`run_pilot`).
+        plugins = {json.dumps(p, sort_keys=True): p for runs in self.tokenizer_runs.values() for run in runs
+                   for p in plugins_for_config(run.config)}
+        return {**record, "plugins": list(plugins.values())} if plugins else record
 
     def check_same_settings(self, recorded: dict[str, Any] | None) -> None:
         """A resumed pilot must keep its settings (`recorded`: what `record` gave when it started): otherwise its

@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .target_sets import base_variant, set_targets, variant_folder
+
 PAPER_NOTE = ("The paper (ImageNet 256, SiT-L, equal diffusion training) reports gFID AE 24.47, VAE 22.17, "
               "MAETok 5.78, with MAETok's latents needing the fewest GMM modes and giving the best linear probe.")
 
@@ -65,30 +67,57 @@ def _probe_se(accuracy: float, key: str) -> float | None:
     return math.sqrt(accuracy * (1 - accuracy) / n) if n > 0 else None
 
 
-def _verdict_line(label: str, values: dict[str, float], lower: bool, ses: dict[str, float] | None,
-                  has_maetok: bool, best_word: str = "best") -> str:
-    """One ordering, its margin, and whether the margin clears twice the standard error of the difference."""
+def _lead(values: dict[str, float], lower: bool, ses: dict[str, float] | None
+          ) -> tuple[str, str | None, float, str, bool]:
+    """(best, runner-up, margin, what the held-out noise says of it, whether that makes it a tie)."""
     ranked = sorted(values, key=values.get, reverse=not lower)
     best, second = ranked[0], ranked[1] if len(ranked) > 1 else None
-    line = f"- {label}: {_ordering(values, lower)}"
     if second is None:
-        return line
-    margin = abs(values[best] - values[second])
-    noise = ""
+        return best, None, 0.0, "", False
+    margin, noise, tie = abs(values[best] - values[second]), "", False
     if ses and ses.get(best) is not None and ses.get(second) is not None:
         se = math.hypot(ses[best], ses[second])
         tie = margin < 2 * se
         noise = f", {'within' if tie else 'beyond'} 2 standard errors ({_fmt(2 * se)}) of the held-out sample"
-        if tie:
-            return f"{line} -> {best} ahead by {_fmt(margin)}{noise}: **a tie at this sample count**"
+    return best, second, margin, noise, tie
+
+
+def _verdict_line(label: str, values: dict[str, float], lower: bool, ses: dict[str, float] | None,
+                  has_maetok: bool, best_word: str = "best") -> str:
+    """One ordering, its margin, and whether the margin clears twice the standard error of the difference.
+    With target-set variants (maetok[hog+sobel]) the verdict names the best set (`_set_verdict`)."""
+    line = f"- {label}: {_ordering(values, lower)}"
+    if any(set_targets(v) is not None for v in values):
+        return f"{line} -> {_set_verdict(values, lower, ses, best_word)}"
+    best, second, margin, noise, tie = _lead(values, lower, ses)
+    if second is None:
+        return line
+    if tie:
+        return f"{line} -> {best} ahead by {_fmt(margin)}{noise}: **a tie at this sample count**"
     if not has_maetok:
         return f"{line} -> {best} ahead by {_fmt(margin)}{noise}"
     verdict = f"MAETok {best_word}" if best == "maetok" else f"MAETok not {best_word} ({best} is)"
     return f"{line} -> **{verdict}** (margin {_fmt(margin)}{noise})"
 
 
+def _set_verdict(values: dict[str, float], lower: bool, ses: dict[str, float] | None, best_word: str) -> str:
+    """The best target set against the next set (what --target-sets asks), and a baseline that beats them all."""
+    sets = {v: x for v, x in values.items() if set_targets(v) is not None}
+    best, second, margin, noise, tie = _lead(sets, lower, ses)
+    if second is None:
+        verdict = f"one target set, {best}"
+    elif tie:
+        verdict = f"target set {best} ahead of {second} by {_fmt(margin)}{noise}: **a tie at this sample count**"
+    else:
+        verdict = f"**target set {best} {best_word}** (margin {_fmt(margin)} over {second}{noise})"
+    leader = _lead(values, lower, None)[0]
+    if set_targets(leader) is not None or values[leader] == values[best]:
+        return verdict
+    return f"{verdict}; {leader} is ahead of every set (by {_fmt(abs(values[leader] - values[best]))})"
+
+
 def _verdicts(variants: list[str], flat: dict[str, dict[str, Any]], analysis: dict) -> list[str]:
-    has_maetok = "maetok" in variants
+    has_maetok = any(base_variant(v) == "maetok" for v in variants)
     lines = []
     checks = [("gfid", " (nocfg)", True, "gFID without CFG"), ("gfid", " (cfg)", True, "gFID with CFG"),
               ("rfid", "", True, "rFID"), ("probe_top1", "", False, "linear-probe top-1")]
@@ -115,6 +144,16 @@ def _verdicts(variants: list[str], flat: dict[str, dict[str, Any]], analysis: di
               "rerun with `--tokenizer-set train.seed=N` and compare with `benchmarks/pilot_compare.py` before "
               "trusting a margin of that size."]
     return lines
+
+
+def _target_sets_note(variants: list[str]) -> list[str]:
+    """What each target-set variant trains, for a pilot that compares sets (`--target-sets`)."""
+    sets = {v: set_targets(v) for v in variants if set_targets(v) is not None}
+    if not sets:
+        return []
+    named = "; ".join(f"`{v}`: {', '.join(names) or 'no auxiliary target'}" for v, names in sets.items())
+    return [f"Auxiliary target sets compared (MAETok with these targets, each at weight 1.0, otherwise the same "
+            f"run): {named}. The verdicts below name the best set per metric.", ""]
 
 
 LATENT_NOTE = ("**Latent fidelity**: this pilot stopped after the latent stages (tokenizers, reconstruction, latent "
@@ -146,7 +185,7 @@ def write_report(out: Path, top: dict[str, Any], per_variant: dict[str, dict], a
     keys = list(dict.fromkeys(k for v in variants for k in flat[v]))
     lines = [f"# maetok pilot: {', '.join(variants)} on `{top['plan']['data']}` ({top['plan']['budget']} budget)", ""]
     settings = top["plan"]["settings"]
-    ft = settings.get("decoder_ft_steps", 0) if "maetok" in variants else 0
+    ft = settings.get("decoder_ft_steps", 0) if any(base_variant(v) == "maetok" for v in variants) else 0
     same = ("Same backbone, training steps, learning rate and seed for every tokenizer"
             + (f"; MAETok alone then gets its decoder fine-tuning ({ft} steps on the frozen encoder, as in the "
                f"paper), which can also help its rFID/PSNR" if ft else "") + ".")
@@ -155,6 +194,7 @@ def write_report(out: Path, top: dict[str, Any], per_variant: dict[str, dict], a
               "Every metric name carries its feature network and sample count.", ""]
     if fidelity != "full":
         lines += [LATENT_NOTE, ""]
+    lines += _target_sets_note(variants)
     floor = report["real_floor"]
     if floor:
         lines += ["Real-data floor (training images vs held-out images, same count): "
@@ -185,11 +225,12 @@ def write_report(out: Path, top: dict[str, Any], per_variant: dict[str, dict], a
     if fidelity == "full":
         lines += ["Diffusion training loss per tokenizer:", "", "![diffusion loss](diffusion_loss.png)", ""]
     for v in variants:
+        folder = variant_folder(v)  # a target set's folder has no brackets, which would also break the links
         lines += [f"### {v}", "", f"Held-out reconstructions (originals above reconstructions): "
-                  f"![{v} reconstructions]({v}/reconstructions.png)", ""]
+                  f"![{folder} reconstructions]({folder}/reconstructions.png)", ""]
         if fidelity == "full":
-            lines += [f"Samples without CFG: ![{v} samples]({v}/samples-nocfg/samples.png)", "",
-                      f"Samples with CFG: ![{v} samples cfg]({v}/samples-cfg/samples.png)", ""]
+            lines += [f"Samples without CFG: ![{folder} samples]({folder}/samples-nocfg/samples.png)", "",
+                      f"Samples with CFG: ![{folder} samples cfg]({folder}/samples-cfg/samples.png)", ""]
     lines += ["## Settings", "", "```json", json.dumps(top["plan"]["settings"], indent=1), "```", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))

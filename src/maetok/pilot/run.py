@@ -29,6 +29,7 @@ from ..config import ConfigError
 from ..io.distributed import DistInfo, barrier, cleanup, init_distributed
 from ..io.pretrained import load_tokenizer
 from ..io.rundir import RunDirExists
+from ..plugins import reload_plugins
 from ..train.run import setup_logging
 from .budgets import PilotBudget, pilot_settings
 from .evaluation import (analyse_latents, evaluate_generation, evaluate_reconstruction, measure_cost,
@@ -66,6 +67,9 @@ def run_pilot(data_spec: str, variants: list[str], budget: str, out: Path, resum
         dist.device = torch.device(device)
     try:
         setup_logging(None, dist.is_main)
+        if resume:  # the plugins its target sets use, before the sets' names are checked
+            recorded = Path(out) / "pilot_results.json"
+            reload_plugins(load_json(recorded).get("plan", {}).get("plugins"), recorded)
         check_request(budget, variants)  # before the data is opened: a typo fails at once
         settings = settings or pilot_settings(budget)
         data = open_pilot_data(data_spec, settings)
@@ -85,7 +89,7 @@ def run_pilot(data_spec: str, variants: list[str], budget: str, out: Path, resum
         # The stages inline (not in a function per variant): a helper frame between the handler and the model
         # costs a level of call depth (tests/test_call_depth.py).
         for variant in plan.variants:
-            results, folder = open_variant_results(plan, variant, dist), plan.out / variant
+            results, folder = open_variant_results(plan, variant, dist), plan.variant_dir(variant)
             for run in plan.tokenizer_runs[variant]:  # MAETok: stage 1, then decoder fine-tuning on its encoder
                 if results.pending(run.stage):
                     results.record(run.stage, train_tokenizer(run.config, folder / run.folder, dist))
@@ -146,9 +150,9 @@ def write_pilot_report(plan: PilotPlan, top: ResultsFile, per_variant: dict[str,
     """The loss plot, and report.md / report.json with the pilot's peak memory over all its attempts (each stage
     records its process's: a resumed pilot may have run only the last stages itself)."""
     if fidelity == "full":  # a pilot stopped at the latent fidelity has no diffusion training to plot
-        plot_losses({v: plan.out / v / "diffusion" for v in plan.variants}, plan.out / "diffusion_loss.png")
+        plot_losses({v: plan.variant_dir(v) / "diffusion" for v in plan.variants}, plan.out / "diffusion_loss.png")
     memory = peak_memory(dist.device, dist.world)
-    for path in (top.path, *(plan.out / v / "results.json" for v in plan.variants)):
+    for path in (top.path, *(plan.variant_dir(v) / "results.json" for v in plan.variants)):
         recorded = load_json(path)
         for key in (PEAK_RSS, PEAK_GPU):
             if isinstance(recorded.get(key), float) and key in memory:

@@ -118,7 +118,7 @@ class ResultsFile:
 
 
 def open_variant_results(plan: PilotPlan, variant: str, dist: DistInfo) -> ResultsFile:
-    folder = plan.out / variant
+    folder = plan.variant_dir(variant)
     folder.mkdir(parents=True, exist_ok=True)
     barrier(dist)  # the folder exists for every rank; each reads its results.json next
     return ResultsFile(folder / "results.json", dist)
@@ -221,7 +221,7 @@ def train_diffusion(config, run_dir: Path, dist: DistInfo) -> dict:
 
 def cache_variant_latents(plan: PilotPlan, variant: str, tokenizer, data: PilotData, dist: DistInfo) -> dict:
     """Both splits' latents under the variant's tokenizer; under torchrun the ranks encode alternate shards."""
-    folder = plan.out / variant
+    folder = plan.variant_dir(variant)
     return {"train": str(cache_latents(tokenizer, data.train_set, folder / "latents-train",
                                        flip=plan.settings.cache_flip, device=dist.device, batch_size=256, dist=dist)),
             "test": str(cache_latents(tokenizer, data.test_set, folder / "latents-test", flip=False,

@@ -21,7 +21,8 @@ from ..eval.recon import psnr
 from ..io.checkpoint import CheckpointError, checkpoint_config, latest_checkpoint
 from ..io.distributed import cleanup, init_distributed
 from ..io.pretrained import load_tokenizer, save_pretrained
-from ..io.rundir import RunDir, RunDirExists, check_run_flags, read_run_marker
+from ..io.rundir import RUN_MARKER, RunDir, RunDirExists, check_run_flags, read_run_marker
+from ..plugins import plugins_for_config, reload_plugins
 from ..version import __version__
 from .diffusion_task import DiffusionTask
 from .loop import Trainer, check_global_batch
@@ -121,6 +122,8 @@ class _TrainingRun:
         marker = read_run_marker(self.out)
         if marker and marker.get("run") not in (None, self.kind):
             raise ConfigError(f"{self.out} is a {marker['run']} run; it cannot be resumed as a {self.kind} run")
+        # Before the task builds the targets: a plugin's target is unknown until its plugin is loaded.
+        reload_plugins((marker or {}).get("plugins"), self.out / RUN_MARKER)
         return resolve_resume_config(requested, self.out, marker, self.saved_config(), self.run_dir.checkpoint)
 
     def saved_config(self) -> dict[str, Any] | None:
@@ -135,6 +138,9 @@ class _TrainingRun:
                   "preset": source.preset if source else None,
                   "preset_path": source.preset_path if source else None,
                   "overrides": list(source.overrides) if source else None}
+        plugins = plugins_for_config(cfg)
+        if plugins:  # only then: the marker of a run without plugins stays as it was
+            marker["plugins"] = plugins
         out = self.run_dir.open(marker)
         logging.getLogger("maetok").removeHandler(self._early_logs)
         self.log_file = setup_logging(out, self.info.is_main, self._early_logs.records)
