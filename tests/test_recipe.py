@@ -154,9 +154,11 @@ def test_maetok_b_128_runs_two_steps_through_every_loss_term(tmp_path, monkeypat
     monkeypatch.setattr(teachers, "dino_backbone", tiny_dino)
     targets = (f"model.aux_targets=[{{name: hog, weight: 1.0}}, {{name: dinov2, weight: 1.0, options: "
                f"{TINY_TEACHER}}}, {{name: siglip, weight: 1.0, options: {TINY_TEACHER}}}]")
+    # An explicit discriminator file, so the up-front weights check finds one; the tiny backbone ignores it.
+    (tmp_path / "dino.safetensors").write_bytes(b"")
     cfg = load_config(TokenizerRunConfig, "maetok-b-128", TINY + [
         targets, "train.steps=2", "loss.gan.start_step=0", "loss.perceptual_warmup_steps=0",
-        f"loss.perceptual_weights={fake_lpips_files(tmp_path)}"])
+        f"loss.perceptual_weights={fake_lpips_files(tmp_path)}", f"loss.gan.disc_weights={tmp_path}/dino.safetensors"])
     assert cfg.model.dec_drop_path == 0.05 and cfg.loss.gan.consistency_weight == 4.0
     out = tmp_path / "run"
     assert run_tokenizer(cfg, out, device="cpu")["finished"]

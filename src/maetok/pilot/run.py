@@ -29,6 +29,7 @@ from ..config import ConfigError
 from ..io.distributed import DistInfo, barrier, cleanup, init_distributed
 from ..io.pretrained import load_tokenizer
 from ..io.rundir import RunDirExists
+from ..io.weights import ensure_weights, required_weights
 from ..plugins import reload_plugins
 from ..train.run import setup_logging
 from .budgets import PilotBudget, pilot_settings
@@ -77,6 +78,9 @@ def run_pilot(data_spec: str, variants: list[str], budget: str, out: Path, resum
         # Everything that can fail on a typo (configs, data) has failed by now: before hours of work, and before
         # --force deletes the old pilot.
         plan.check_fits(dist.world)
+        # Every pretrained network of every run, found or fetched before hours of work (one error names all missing)
+        ensure_weights(required_weights(*(run.config for runs in plan.tokenizer_runs.values() for run in runs),
+                                        feature_nets=["inception"] if plan.inception else []))
         prepare_pilot_folder(plan.out, resume, force, dist)
         top = ResultsFile(plan.out / "pilot_results.json", dist)
         plan.check_same_settings(top.stages.get("plan"))

@@ -22,6 +22,7 @@ from ..io.checkpoint import CheckpointError, checkpoint_config, latest_checkpoin
 from ..io.distributed import cleanup, init_distributed
 from ..io.pretrained import load_tokenizer, save_pretrained
 from ..io.rundir import RUN_MARKER, RunDir, RunDirExists, check_run_flags, read_run_marker
+from ..io.weights import ensure_run_weights
 from ..plugins import plugins_for_config, reload_plugins
 from ..version import __version__
 from .diffusion_task import DiffusionTask
@@ -310,6 +311,9 @@ def run_tokenizer(cfg: TokenizerRunConfig, out_dir: str | Path, resume: bool | s
         if cfg.stage == 2:  # before the resume check, so that compares the request as it was made the first time
             cfg = stage2_config(cfg, saved)
         cfg = session.config(cfg)
+        # Every pretrained network the run needs, found or fetched before any data is read: offline, one error
+        # names all that are missing and the command that fetches them. On every rank (each its own downloads).
+        ensure_run_weights(cfg)
         torch.manual_seed(cfg.train.seed)
         dataset = _open_training_data(cfg.data, cfg.model.image_size)
         log.info("data: %s (%d images)", cfg.data.spec, len(dataset))
