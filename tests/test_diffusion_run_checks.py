@@ -179,3 +179,17 @@ def test_a_run_log_holds_only_its_own_run(tmp_path: Path):
     run_diffusion(load_config(DiffusionRunConfig, "sit-cpu", over), tmp_path / "b", device="cpu")
     first, second = (tmp_path / "a" / "train.log").read_text(), (tmp_path / "b" / "train.log").read_text()
     assert first.count("diffusion sit:") == 1 and second.count("diffusion sit:") == 1
+
+
+def test_the_model_shape_comes_from_the_cache_when_not_given_and_a_given_mismatch_is_refused(tmp_path: Path):
+    tok = _tokenizer(tmp_path / "tok", latent_tokens=4)
+    cache = cache_latents(load_tokenizer(tok), open_dataset("shapes", image_size=16, limit=16),
+                          tmp_path / "latents", flip=False, progress=False)
+    with pytest.raises(ConfigError, match=r"model.num_tokens=8 but the latents are 4 tokens of dim 4 .*; drop model.num_tokens"):
+        run_diffusion(load_config(DiffusionRunConfig, "sit-cpu", [f"latents={cache}", "model.num_tokens=8", *SIT]),
+                      tmp_path / "bad", device="cpu")
+    assert run_diffusion(load_config(DiffusionRunConfig, "sit-cpu", [f"latents={cache}", *SIT]), tmp_path / "run",
+                         device="cpu")["finished"]
+    log_text = (tmp_path / "run" / "train.log").read_text()
+    assert "model.num_tokens=4, taken from the latents" in log_text and "model.in_channels=4, taken" in log_text
+    assert "num_tokens: 4" in (tmp_path / "run" / "config.yaml").read_text()

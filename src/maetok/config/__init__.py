@@ -10,6 +10,8 @@ allowed, before any work starts. The resolved config is saved (YAML) in every ru
     loading  presets, overrides, `load_config`, `dump_yaml`, where a config came from
 """
 from .coerce import from_dict, to_dict, without_validation
+from .ignored import SHARED_BY_VARIANTS, ignored_settings
+from .latent_shape import fit_model_to_latents
 from .loading import (CONFIG_DIR, ConfigSource, apply_overrides, config_source, dump_yaml, load_config, load_yaml,
                       parse_override, resolve_config_path, set_config_source)
 from .schema import (AuxTargetConfig, ConfigError, DataConfig, DecoderFinetuneConfig, DiffusionRunConfig, GanConfig,
@@ -18,7 +20,8 @@ from .schema import (AuxTargetConfig, ConfigError, DataConfig, DecoderFinetuneCo
 
 __all__ = [
     "AuxTargetConfig", "CONFIG_DIR", "ConfigError", "ConfigSource", "DataConfig", "DecoderFinetuneConfig",
-    "DiffusionRunConfig", "GanConfig", "MaskConfig", "OptimConfig", "SampleConfig", "SiTConfig", "TokenizerConfig",
+    "DiffusionRunConfig", "GanConfig", "MaskConfig", "OptimConfig", "SHARED_BY_VARIANTS", "SampleConfig", "SiTConfig",
+    "TokenizerConfig", "fit_model_to_latents", "ignored_settings",
     "TokenizerLossConfig", "TokenizerRunConfig", "TrainConfig", "TransportConfig", "apply_overrides", "check_seed",
     "config_source", "dump_yaml", "from_dict", "load_config", "load_yaml", "parse_override", "resolve_config_path",
     "set_config_source", "to_dict", "without_validation",

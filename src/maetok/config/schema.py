@@ -338,6 +338,8 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_last: int = 2
     max_bad_steps: int = 10             # consecutive non-finite steps before the run stops
+    # Also send log.jsonl's records and the preview grids to TensorBoard (<run>/tensorboard/) or W&B (rank 0).
+    tracker: Literal["none", "tensorboard", "wandb"] = "none"
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def validate(self, key: str) -> None:

@@ -36,7 +36,8 @@ class RunDirExists(FileExistsError):
 RUN_MARKER = "maetok-run.json"
 # Everything a training run writes at the top of its directory. --force deletes a directory only when it holds
 # nothing else: whatever else is there was not written by us and may be someone's work.
-RUN_ENTRIES = frozenset({RUN_MARKER, "config.yaml", "train.log", "log.jsonl", "checkpoints", "images", "model"})
+RUN_ENTRIES = frozenset({RUN_MARKER, "config.yaml", "train.log", "log.jsonl", "checkpoints", "images", "model",
+                         "tensorboard"})
 _LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) maetok")
 
 

@@ -40,6 +40,7 @@ from ..progress import progress_bar
 from .compiled import CompiledOrEager, autocast_for
 from .optim import build_optimizer, ema_decay_at, ema_update, lr_factor, peak_lr
 from .randomness import rank_step_seed
+from .tracking import open_tracker
 
 log = logging.getLogger("maetok.train")
 
@@ -257,6 +258,7 @@ class Trainer:
         previous = self._install_signals() if _in_main_thread() else {}
         batches = self._loader()
         log_f = open(self.out / "log.jsonl", "a") if self.dist.is_main else None
+        self.tracker = open_tracker(cfg.tracker, self.out, self.step, self.run_config, self.dist.is_main)
         progress = _progress(cfg.steps, self.step, self.dist.is_main)
         t_last, n_last = time.perf_counter(), 0
         try:
@@ -309,6 +311,7 @@ class Trainer:
                     self.save()
                 if self.dist.is_main and (self.step % cfg.image_every == 0 or self.step == cfg.steps):
                     self.task.write_images(self.ema, self.step, self.out)
+                    self.tracker.images(self.out, self.step)
                 # One process needs no agreement: a signal that arrived after the check still stops it now.
                 stop = stop or (None if self.dist.enabled else self.signal_received)
                 if stop:
@@ -318,6 +321,7 @@ class Trainer:
             progress.close()
             if log_f:
                 log_f.close()
+            self.tracker.close()
             for s, h in previous.items():
                 signal.signal(s, h)
         finished = self.step >= cfg.steps and not self.stop_requested
@@ -345,6 +349,7 @@ class Trainer:
         if log_f:
             log_f.write(json.dumps(record) + "\n")
             log_f.flush()
+            self.tracker.scalars(record)
         # Shown at the bar's next redraw: a forced one per record would defeat the bar's interval in a log file
         # (maetok.progress).
         progress.set_postfix(loss=f"{record['loss']:.4f}", ips=f"{record['images_per_s']:.1f}", refresh=False)

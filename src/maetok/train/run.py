@@ -12,8 +12,9 @@ from typing import Any
 import torch
 import yaml
 
-from ..config import (ConfigError, TokenizerConfig, TokenizerRunConfig, apply_overrides, config_source, from_dict,
-                      set_config_source, to_dict, without_validation)
+from ..config import (SHARED_BY_VARIANTS, ConfigError, TokenizerConfig, TokenizerRunConfig, apply_overrides,
+                      config_source, fit_model_to_latents, from_dict, ignored_settings, set_config_source, to_dict,
+                      without_validation)
 from ..data import class_count, open_dataset
 from ..data.datasets import parse_spec
 from ..data.latents import LatentDataset
@@ -28,6 +29,7 @@ from ..version import __version__
 from .diffusion_task import DiffusionTask
 from .loop import Trainer, check_global_batch
 from .tokenizer_task import TokenizerTask, stage2_config
+from .tracking import check_tracker
 
 log = logging.getLogger("maetok.train")
 
@@ -175,8 +177,8 @@ class _TrainingRun:
 # decoder_ft.init_from: a resumed stage 2 reads nothing from it (its checkpoint holds the weights and the config)
 # train.optim.lr and grad_clip: the way out of a run stopped by non-finite steps (its emergency checkpoint).
 RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.image_every", "train.ckpt_every", "train.keep_last",
-                     "train.max_bad_steps", "train.optim.lr", "train.optim.grad_clip", "train.compile",
-                     "train.precision", "data.num_workers",
+                     "train.max_bad_steps", "train.tracker", "train.optim.lr", "train.optim.grad_clip",
+                     "train.compile", "train.precision", "data.num_workers",
                      "data.cache_dir", "model.grad_checkpointing", "teacher_precision", "stats_batches", "sample.",
                      "decoder_ft.init_from")
 
@@ -311,6 +313,9 @@ def run_tokenizer(cfg: TokenizerRunConfig, out_dir: str | Path, resume: bool | s
         if cfg.stage == 2:  # before the resume check, so that compares the request as it was made the first time
             cfg = stage2_config(cfg, saved)
         cfg = session.config(cfg)
+        check_tracker(cfg.train.tracker)
+        for key, message in ignored_settings(cfg):
+            (log.info if key in SHARED_BY_VARIANTS else log.warning)("%s", message)
         # Every pretrained network the run needs, found or fetched before any data is read: offline, one error
         # names all that are missing and the command that fetches them. On every rank (each its own downloads).
         ensure_run_weights(cfg)
@@ -370,6 +375,7 @@ def run_diffusion(cfg, out_dir: str | Path, resume: bool | str = False, force: b
     with _TrainingRun.start(out_dir, resume, force, device, "diffusion") as session:
         info = session.info
         cfg = session.config(cfg)
+        check_tracker(cfg.train.tracker)
         torch.manual_seed(cfg.train.seed)
         tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
         if cfg.latents:
@@ -384,6 +390,7 @@ def run_diffusion(cfg, out_dir: str | Path, resume: bool | str = False, force: b
             dataset = LatentDataset(cfg.latents)
             mean, std, num_classes = dataset.mean, dataset.std, dataset.num_classes
             shape = tuple(dataset.meta["latent_shape"])
+            fit_model_to_latents(cfg, shape, f"latents={cfg.latents}")
             if tokenizer is not None and "tokenizer_config" in dataset.meta:
                 # The tokenizer decodes the preview grids and is saved with the model for `maetok sample`: one that
                 # did not make the cache would decode these latents into nonsense (or fail at the first grid).
