@@ -258,7 +258,10 @@ def test_a_sweep_killed_mid_trial_resumes_without_repeating_a_finished_trial(tmp
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
     def second_trial_training():
-        if not (out / "study.db").is_file():
+        # Not before a second trial's folder exists: opening the SQLite storage while the sweep is still creating
+        # it races Optuna's schema set-up (a UNIQUE constraint on alembic_version), which the sweep's own workers
+        # avoid by taking its lock.
+        if not (out / "study.db").is_file() or len(list((out / "trials").glob("*"))) < 2:
             return None
         try:
             running = [t for t in _study(out).get_trials(states=(TrialState.RUNNING,)) if t.number >= 1]
