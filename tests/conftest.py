@@ -1,6 +1,7 @@
 """Shared test fixtures. Parity and real-data tests read ../shared (or $MAETOK_SHARED) in place."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
@@ -70,6 +71,19 @@ def fixture_cpu_rounding(parity_dir: Path) -> bool:
     t = load_file(str(sit / "inputs.safetensors"))["t"]
     recorded = load_file(str(sit / "outputs.safetensors"))["t_freq"]
     return torch.equal(timestep_features(t, recorded.shape[1]), recorded)
+
+
+@pytest.fixture
+def maetok_logger_as_found():
+    """Training and sweeps add handlers to the "maetok" logger (stderr, train.log): take them off after the test,
+    so a later test's captured stderr does not get them."""
+    logger = logging.getLogger("maetok")
+    handlers, level = list(logger.handlers), logger.level
+    yield
+    for handler in [h for h in logger.handlers if h not in handlers]:
+        logger.removeHandler(handler)
+        handler.close()
+    logger.setLevel(level)
 
 
 @pytest.fixture(autouse=True)

@@ -323,21 +323,9 @@ def cli(*argv) -> tuple[int, str]:
     return code, out.getvalue()
 
 
-@pytest.fixture
-def quiet_maetok_logger():
-    """Training adds handlers to the "maetok" logger (stderr, train.log); take them off after the test."""
-    logger = logging.getLogger("maetok")
-    handlers, level = list(logger.handlers), logger.level
-    yield
-    for handler in [h for h in logger.handlers if h not in handlers]:
-        logger.removeHandler(handler)
-        handler.close()
-    logger.setLevel(level)
-
-
 @pytest.mark.parametrize("cache", [False, True])
 def test_torture_folder_through_training_latents_and_eval(tmp_path, torture, caplog, capsys, monkeypatch,
-                                                          quiet_maetok_logger, cache):
+                                                          maetok_logger_as_found, cache):
     root, expected, named = torture
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MAETOK_CACHE", str(tmp_path / "default-cache"))

@@ -7,7 +7,6 @@ its numbers mean nothing, its stages all run.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import signal
@@ -35,14 +34,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @pytest.fixture(autouse=True)
-def _maetok_logger_as_found():
-    """A sweep adds a stderr handler to the "maetok" logger; a later test's captured stderr must not get it."""
-    logger = logging.getLogger("maetok")
-    handlers, level = list(logger.handlers), logger.level
-    yield
-    for handler in [h for h in logger.handlers if h not in handlers]:
-        logger.removeHandler(handler)
-    logger.setLevel(level)
+def _logger_as_found(maetok_logger_as_found):
+    """A sweep adds a stderr handler to the "maetok" logger (see conftest)."""
 
 
 def _error_line(capsys) -> str:
