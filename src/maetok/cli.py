@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help=SPLIT_HELP)
     p.add_argument("--num-samples", "--num", dest="num_samples", type=_count(1), default=32, metavar="N",
                    help="images to reconstruct" + NUM_ALIAS_HELP)
+    p.add_argument("--tokens", type=_count(1), default=None, metavar="K",
+                   help="decode from the first K latent tokens (a tokenizer trained with model.token_dropout=nested)")
     p.add_argument("--out", required=True, help="folder for reconstructions.png and metrics.json")
     p.add_argument("--force", action="store_true", help="replace the reconstructions already in --out (without "
                                                         "it, an --out holding them is refused)")

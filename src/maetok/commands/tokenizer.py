@@ -12,7 +12,7 @@ from ..data.datasets import held_out_split
 from ..data.images import save_image_grid
 from ..eval.recon import psnr, ssim, to_uint8_levels
 from ..io.pretrained import load_tokenizer
-from .common import finished_output
+from .common import CLIError, finished_output
 
 RECON_FILES = ("reconstructions.png", "metrics.json")
 
@@ -21,13 +21,18 @@ def cmd_tokenizer_reconstruct(args: argparse.Namespace) -> int:
     # Before loading anything: a second run into the same folder would overwrite the first one's results.
     finished_output(args.out, RECON_FILES, "reconstructions", args.force)
     model = load_tokenizer(args.model)
+    allowed = model.config.allowed_token_counts
+    if args.tokens is not None and args.tokens not in allowed:
+        raise CLIError(f"--tokens {args.tokens}: {args.model} decodes from K in {allowed} of its "
+                       f"{model.config.latent_tokens} latent tokens")
     size = model.config.image_size
     split = args.split or held_out_split(args.images)  # no --split: test/, else val/
     ds = open_dataset(args.images, split=split, image_size=size, limit=args.num_samples)
     x = torch.stack([ds[i][0] for i in range(min(args.num_samples, len(ds)))])
     with torch.no_grad():
         # Rounded to the 8-bit levels the PNG holds, as `eval recon` and the pilot measure reconstructions.
-        recon = to_uint8_levels(torch.cat([model.decode(model.encode(b)) for b in x.split(16)]))
+        recon = to_uint8_levels(torch.cat([model.decode(model.encode(b, tokens=args.tokens))
+                                           for b in x.split(16)]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     nrow = min(8, x.shape[0])
@@ -39,6 +44,8 @@ def cmd_tokenizer_reconstruct(args: argparse.Namespace) -> int:
     save_image_grid(torch.cat(rows), out / "reconstructions.png", nrow=nrow)
     metrics = {"psnr": psnr(recon, x).mean().item(), "ssim": ssim(recon, x).mean().item(),
                "num_images": int(x.shape[0]), "images": args.images, "split": split}
+    if args.tokens is not None:
+        metrics["tokens"] = args.tokens
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps({**metrics, "grid": str(out / "reconstructions.png")}, indent=2))
     return 0

@@ -79,6 +79,10 @@ class TokenizerConfig:
     # Stochastic depth of the pixel decoder's last block (block i: dec_drop_path * i / (dec_depth - 1)); 0 = off.
     dec_drop_path: float = 0.0
     grad_checkpointing: bool = False    # recompute block activations in backward: less memory, ~30% more compute
+    # Ordered ("nested") tokens, as in FlexTok / One-D-Piece: training decodes from a random prefix of k latent
+    # tokens, so that any k in `token_counts` decodes alone (coarse first, detail later). [] = every k in 1..L.
+    token_dropout: Literal["none", "nested"] = "none"
+    token_counts: list[int] = field(default_factory=list)
     # Global latent statistics, measured after training; normalize(z) = (z - mean) / std.
     latent_mean: float = 0.0
     latent_std: float = 1.0
@@ -90,6 +94,13 @@ class TokenizerConfig:
     @property
     def uses_aux(self) -> bool:
         return self.variant == "maetok" and len(self.aux_targets) > 0
+
+    @property
+    def allowed_token_counts(self) -> list[int]:
+        """The prefix lengths that decode: those trained with nested dropout, else only the full length L."""
+        if self.token_dropout == "none":
+            return [self.latent_tokens]
+        return list(self.token_counts) or list(range(1, self.latent_tokens + 1))
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -120,6 +131,15 @@ class TokenizerConfig:
         names = [t.name for t in self.aux_targets]
         if len(set(names)) != len(names):
             raise ConfigError(f"{key}.aux_targets has duplicate names {names}")
+        self._validate_token_counts(key)
+
+    def _validate_token_counts(self, key: str) -> None:
+        counts, L = self.token_counts, self.latent_tokens
+        if counts and self.token_dropout == "none":
+            raise ConfigError(f"{key}.token_counts={counts} needs {key}.token_dropout=nested")
+        if counts and (any(not 1 <= k <= L for k in counts) or counts != sorted(set(counts)) or counts[-1] != L):
+            raise ConfigError(f"{key}.token_counts={counts} must be increasing, each in [1, {key}.latent_tokens="
+                              f"{L}], and end with {L}")
 
 
 @dataclass

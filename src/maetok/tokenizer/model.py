@@ -4,6 +4,9 @@
     z ─► LatentDecoder (N image queries + latents, adaLN from z on the latent positions) ─► pixels
     z ─► auxiliary LatentDecoders (shallow) ─► HOG / DINOv2 / SigLIP features of the masked patches (training)
 
+With `token_dropout="nested"` the pixel decoder is trained on random prefixes of the L tokens (FlexTok,
+One-D-Piece), so the first k tokens decode alone: see `MAETok.drop_tail_tokens`.
+
 The same code gives the baselines: `ae` (no mask, no aux), `vae` (diagonal Gaussian posterior + KL) and `mae`
 (mask, pixel target only). The forward pass matches the official `AEModel` (see tokenizer/convert.py and the
 parity test) so the released checkpoints load.
@@ -187,6 +190,7 @@ class TokenizerOutput:
     mask: torch.Tensor | None = None                      # (B, N) bool, True = masked patch
     aux: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B, N, dim) predictions
     posterior: tuple[torch.Tensor, torch.Tensor] | None = None  # VAE (mean, logvar)
+    tokens: torch.Tensor | None = None                    # (B,) prefix length decoded per sample (nested dropout)
 
 
 class MAETok(nn.Module):
@@ -211,23 +215,33 @@ class MAETok(nn.Module):
                 self.aux_decoders[t.name] = LatentDecoder(
                     C, cfg.latent_tokens, cfg.grid, cfg.aux_width, cfg.aux_depth, cfg.aux_heads, cfg.mlp_ratio,
                     cfg.rope_theta, aux_dims[t.name])
+        # Stands in for every dropped tail token (only built with nested dropout: the default model is unchanged).
+        self.absent_latent = nn.Parameter(torch.zeros(1, 1, C)) if cfg.token_dropout == "nested" else None
 
     # ----- the public interface -----------------------------------------------------------------------------
-    def encode(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
-        """Images (B, C, H, W) in [-1, 1] -> latent (B, L, C). VAE: the posterior mean unless `sample`."""
+    def encode(self, images: torch.Tensor, sample: bool = False, tokens: int | None = None) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> latent (B, k, C), the first k = `tokens` of the L tokens (default L).
+        VAE: the posterior mean unless `sample`."""
         self._check_images(images)
+        k = self._check_tokens(self.config.latent_tokens if tokens is None else tokens)
         h = self.encoder(images)
         if self.config.variant == "vae":
             mean, logvar = _split_posterior(h)
-            return mean + torch.randn_like(mean) * torch.exp(0.5 * logvar) if sample else mean
-        return h
+            h = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar) if sample else mean
+        return h if k == self.config.latent_tokens else h[:, :k]
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latent (B, L, C) -> images (B, C, H, W), roughly in [-1, 1] (not clamped)."""
+    def decode(self, z: torch.Tensor, tokens: int | None = None) -> torch.Tensor:
+        """Latent (B, k, C), or (B, L, C) of which the first k = `tokens` are kept -> images (B, C, H, W), roughly
+        in [-1, 1] (not clamped). `tokens` defaults to z's own length; k must be a trained prefix length."""
         cfg = self.config
-        if z.dim() != 3 or z.shape[1:] != (cfg.latent_tokens, cfg.latent_dim):
-            raise ValueError(f"decode expects latents of shape (B, {cfg.latent_tokens}, {cfg.latent_dim}), "
-                             f"got {tuple(z.shape)}")
+        L, C = cfg.latent_tokens, cfg.latent_dim
+        own = z.shape[1] if z.dim() == 3 and z.shape[1] in cfg.allowed_token_counts else L
+        k = self._check_tokens(own if tokens is None else tokens)
+        if z.dim() != 3 or z.shape[2] != C or z.shape[1] not in (k, L):
+            want = f"(B, {L}, {C})" if k == L else f"(B, {k}, {C}) or (B, {L}, {C})"
+            raise ValueError(f"decode expects latents of shape {want}, got {tuple(z.shape)}")
+        if k < L:
+            z = torch.cat([z[:, :k], self.absent_latent.to(z.dtype).expand(z.shape[0], L - k, -1)], dim=1)
         return unpatchify(self.decoder(z), cfg.patch_size, cfg.grid, cfg.in_channels)
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
@@ -251,9 +265,41 @@ class MAETok(nn.Module):
             z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar) if self.training else mean
         else:
             z = h
-        recon = unpatchify(self.decoder(z), cfg.patch_size, cfg.grid, cfg.in_channels)
+        z_pixel, tokens = z, None
+        if self.training and cfg.token_dropout == "nested":
+            z_pixel, tokens = self.drop_tail_tokens(z, generator)
+        recon = unpatchify(self.decoder(z_pixel), cfg.patch_size, cfg.grid, cfg.in_channels)
+        # The auxiliary decoders see the full z: their feature targets shape what the encoder writes into every
+        # token, and they never run at inference, where only the pixel decoder meets a prefix.
         aux = {name: dec(z) for name, dec in self.aux_decoders.items()}
-        return TokenizerOutput(recon=recon, z=z, mask=mask, aux=aux, posterior=posterior)
+        return TokenizerOutput(recon=recon, z=z, mask=mask, aux=aux, posterior=posterior, tokens=tokens)
+
+    def drop_tail_tokens(self, z: torch.Tensor,
+                         generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nested ("tail") token dropout: per sample, k drawn uniformly from the allowed prefix lengths; tokens
+        k..L-1 become the learned `absent_latent`. Returns (z with tails replaced, k per sample).
+
+        Why a learned absent token rather than a shorter sequence or an attention mask: the decoder's sequence,
+        its L-row position embedding and its adaLN modulation from z on the latent rows all stay as they are,
+        so every variant and the official weights take it unchanged, and `decode` of a k-prefix is the same
+        computation as in training (pad with the absent token). Both z and its modulation see the same stand-in.
+        """
+        counts = torch.tensor(self.config.allowed_token_counts)
+        pick = torch.randint(len(counts), (z.shape[0],), generator=generator,
+                             device=generator.device if generator is not None else "cpu")
+        tokens = counts[pick.cpu()].to(z.device)
+        keep = torch.arange(z.shape[1], device=z.device) < tokens[:, None]
+        return torch.where(keep[..., None], z, self.absent_latent.to(z.dtype)), tokens
+
+    def _check_tokens(self, tokens: int) -> int:
+        """The API boundary for prefix lengths: one clear line naming the lengths this tokenizer was trained on."""
+        allowed, L = self.config.allowed_token_counts, self.config.latent_tokens
+        if tokens not in allowed:
+            how = "trained with nested token dropout" if self.config.token_dropout == "nested" else \
+                "trained without token dropout (model.token_dropout=none)"
+            raise ValueError(f"tokens={tokens} is not allowed: this tokenizer ({L} latent tokens, {how}) "
+                             f"decodes from k in {_format_counts(allowed)}")
+        return int(tokens)
 
     @torch.compiler.disable
     def _draw_mask(self, images: torch.Tensor, mask_ratio: float | None,
@@ -279,6 +325,12 @@ class MAETok(nn.Module):
     def inference_state_dict(self) -> dict[str, torch.Tensor]:
         """Encoder and pixel decoder only: what encode/decode need (aux decoders are training scaffolding)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("aux_decoders.")}
+
+
+def _format_counts(counts: list[int]) -> str:
+    if len(counts) > 2 and counts == list(range(counts[0], counts[-1] + 1)):
+        return f"{counts[0]}..{counts[-1]}"
+    return str(counts)
 
 
 def _split_posterior(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
