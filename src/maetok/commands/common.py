@@ -12,6 +12,8 @@ from ..config import ConfigError
 from ..data import DatasetError, ImageDecodeError
 from ..io.checkpoint import CheckpointError
 from ..io.convert_sit import ConversionError
+from ..io.export import ExportError
+from ..io.files import error_chain
 from ..io.hub import UnreadableFileError
 from ..io.rundir import RunDirExists
 
@@ -41,7 +43,8 @@ REPORTED_ERRORS: tuple[tuple[type[BaseException], ExitCode], ...] = (
     (FloatingPointError, ExitCode.DIVERGED),  # train.loop's stop, naming the emergency checkpoint
     (ImageDecodeError, ExitCode.BAD_REQUEST),  # data.strict=true, at the first unreadable image
     (CLIError, ExitCode.BAD_REQUEST), (ConfigError, ExitCode.BAD_REQUEST), (DatasetError, ExitCode.BAD_REQUEST),
-    (ConversionError, ExitCode.BAD_REQUEST), (RunDirExists, ExitCode.BAD_REQUEST),
+    (ConversionError, ExitCode.BAD_REQUEST), (ExportError, ExitCode.BAD_REQUEST),
+    (RunDirExists, ExitCode.BAD_REQUEST),
     (FileNotFoundError, ExitCode.BAD_REQUEST),
 )
 # Errors of the file system that the user fixes outside maetok. A full disk under torch.save surfaces as torch's
@@ -56,27 +59,18 @@ STRICT_DATA_HINT = ("data.strict=true stops at the first unreadable image: repla
 def error_report(error: BaseException, args: argparse.Namespace) -> tuple[ExitCode, str] | None:
     """(exit code, the one line to print) for an error the user can act on; None for a bug, whose traceback is
     the report."""
-    if any(isinstance(e, UNREADABLE_FILE_ERRORS) for e in causes(error)):
+    if any(isinstance(e, UNREADABLE_FILE_ERRORS) for e in error_chain(error)):
         return ExitCode.UNREADABLE_FILE, str(error)
     for cls, code in REPORTED_ERRORS:
         if isinstance(error, cls):
             hint = f"; {STRICT_DATA_HINT}" if isinstance(error, ImageDecodeError) else ""
             return code, f"{error}{hint}"
-    refused = next((e for e in causes(error) if isinstance(e, OSError) and e.errno in CANNOT_WRITE_ERRNOS), None)
+    refused = next((e for e in error_chain(error) if isinstance(e, OSError) and e.errno in CANNOT_WRITE_ERRNOS), None)
     if refused is not None:
         return ExitCode.CANNOT_WRITE, file_system_refusal(refused, args)
     if isinstance(error, OSError) and error.errno in BAD_PATH_ERRNOS and error.filename:
         return ExitCode.BAD_REQUEST, f"{error.filename}: {error.strerror}; check the path"
     return None
-
-
-def causes(error: BaseException) -> list[BaseException]:
-    """`error`, the error it was raised from or while handling, and so on down the chain."""
-    chain: list[BaseException] = []
-    while error is not None and error not in chain:
-        chain.append(error)
-        error = error.__cause__ or error.__context__
-    return chain
 
 
 def file_system_refusal(error: OSError, args: argparse.Namespace) -> str:

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+from .files import error_chain
 
 
 @dataclass
@@ -89,7 +90,7 @@ def raise_on_every_rank(error: BaseException | None, info: DistInfo, what: str) 
     """Raise on every rank when rank 0, alone doing `what` (e.g. writing a checkpoint), got `error`: rank 0 its own
     error, the others an OSError with the same errno, so every rank reports the same one line; a rank left
     waiting in the next collective would hang, or die with a connection error. One collective when distributed."""
-    code = _errno_of(error) if error is not None else 0
+    code = next((e.errno for e in error_chain(error) if isinstance(e, OSError) and e.errno), 0)
     if info.enabled:
         failed, code = all_reduce_max_each(torch.tensor([float(error is not None), float(code)]), info)
     else:
@@ -98,16 +99,6 @@ def raise_on_every_rank(error: BaseException | None, info: DistInfo, what: str) 
         raise error
     if failed:
         raise OSError(int(code), f"rank 0 failed while {what}; its error says why")
-
-
-def _errno_of(error: BaseException) -> int:
-    """The errno of the first OSError in the chain of `error` (torch.save wraps a full disk in a RuntimeError)."""
-    seen = error
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno:
-            return seen.errno
-        seen = seen.__cause__ or seen.__context__
-    return 0
 
 
 def shard_range(n: int, info: DistInfo) -> range:

@@ -60,3 +60,13 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     return __version__
+
+
+def error_chain(error: BaseException | None) -> list[BaseException]:
+    """`error`, the error it was raised from or while handling, and so on down the chain (torch.save, for one,
+    wraps a full disk's OSError in a RuntimeError)."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
