@@ -168,3 +168,64 @@ def test_the_deinterleaved_rope_candidate_is_the_same_rotation_in_permuted_chann
     x, table = torch.randn(2, 5, 3, 8), torch.randn(5, 3, 4, 2)
     perm = torch.cat([torch.arange(0, 8, 2), torch.arange(1, 8, 2)])  # (re of each pair..., im of each pair...)
     torch.testing.assert_close(gpu.rotate_halves(x[..., perm], table), rotate_pairs(x, table)[..., perm])
+
+
+def test_cheaper_generation_measures_every_lever_on_two_smoke_pilots_and_resumes(benchmarks, tmp_path, request,
+                                                                                 monkeypatch):
+    from maetok.pilot import pilot_settings, run_pilot
+
+    request.addfinalizer(lambda: [sys.modules.pop(m, None) for m in ("cheaper_generation",
+                                                                     "cheaper_generation_report")])
+    import cheaper_generation
+
+    toy = ["n_train=64", "n_eval=16", "tokenizer_steps=3", "decoder_ft_steps=2", "diffusion_steps=3",
+           "classifier_steps=3", "sample_steps=2", "gmm_ks=[1, 2]"]
+    nested_set = ["model.token_dropout=nested", "model.token_counts=[4, 8, 12, 16]"]  # L = 16 at the smoke budget
+
+    def pilot(name: str, extra: list[str]):
+        settings = pilot_settings("smoke", toy, tokenizer_set=["train.batch_size=16", *extra],
+                                  diffusion_set=["train.batch_size=16"])
+        run_pilot("shapes", ["maetok[hog]"], "smoke", tmp_path / name, settings=settings)
+        return tmp_path / name
+
+    nested, fixed = pilot("nested", nested_set), pilot("fixed", [])
+    out, results = tmp_path / "cheaper", tmp_path / "results"
+    argv = ["--nested", str(nested), "--fixed", str(fixed), "--out", str(out), "--distill-steps", "2",
+            "--steps-list", "1", "2", "--num-samples", "16", "--distill-set", "train.batch_size=16"]
+    assert cheaper_generation.main(argv) == 0
+    assert cheaper_generation.main(["--out", str(out), "--collect", "--results", str(results)]) == 0
+    result = json.loads((results / "cheaper-generation.json").read_text())
+    assert {(r["tokenizer"], r["tokens"]) for r in result["reconstruction"]} == \
+        {("nested", 4), ("nested", 8), ("nested", 12), ("nested", 16), ("fixed", 16)}
+    assert all(r["rfid"] >= 0 and r["psnr"] > 0 and r["num_images"] == 16 for r in result["reconstruction"])
+    for r in result["reconstruction"]:  # at L, measured as the pilots measured their own
+        if r["tokens"] == 16:
+            own = r["pilot_record"]
+            assert r["rfid"] == pytest.approx(next(v for k, v in own.items() if k.startswith("rfid[")), rel=1e-6)
+            assert r["psnr"] == pytest.approx(next(v for k, v in own.items() if k.startswith("psnr@")), rel=1e-6)
+    points = {p["key"]: p for p in result["generation"]}
+    # The pilot samples with Euler in 2 steps: the teacher's Euler-2 point with CFG is the k = 16 one, measured once.
+    expected = {f"k{k}-euler2-{g}" for k in (4, 8, 12, 16) for g in ("cfg", "nocfg")} | \
+        {"fixed-euler2-cfg", "fixed-euler2-nocfg", "k16-euler1-cfg", "k16-heun1-cfg", "k16-heun2-cfg",
+         "student-shortcut1-folded", "student-shortcut2-folded"}
+    assert set(points) == expected
+    for p in points.values():
+        assert p["num_samples"] == 16 and p["gfid"] >= 0 and p["gfid_se"] >= 0 and p["images_per_s"] > 0
+        assert p["gflops_per_image"] == pytest.approx(p["forward_passes"] * p["sit_forward_gflops"]
+                                                      + p["decode_gflops"])
+    assert points["student-shortcut2-folded"]["forward_passes"] == 2
+    for key in ("k16-euler2-cfg", "k16-euler2-nocfg", "fixed-euler2-cfg"):  # the pilots' own samples again
+        own = points[key]["pilot_record"]
+        assert points[key]["gfid"] == pytest.approx(next(v for k, v in own.items() if k.startswith("gfid[")))
+    assert points["k16-heun2-cfg"]["forward_passes"] == 4  # t = 1 unguided (Heun: 2 calls), t = 0.5 guided Euler
+    assert points["k4-euler2-cfg"]["sit_forward_gflops"] < points["k16-euler2-cfg"]["sit_forward_gflops"]
+    assert "teacher Euler + CFG" in points["k16-euler2-cfg"]["families"] and result["pareto_front"]
+    assert result["price_of_option_at_L"]["rfid_fixed"] >= 0 and result["distill"]["summary"]["step"] == 2
+    for name in ("cheaper-generation.md", "reconstruction.png", "gflops_vs_gfid.png", "README.md"):
+        assert (results / name).stat().st_size > 0
+    # A second run does no work: every stage's output is in --out.
+    state = (out / "measurements.json").read_text()
+    for name in ("generate_to_dir", "train_diffusion", "cache_latents", "maetok_main", "reconstruct"):
+        monkeypatch.setattr(cheaper_generation, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} ran again"))
+    assert cheaper_generation.main(argv) == 0
+    assert (out / "measurements.json").read_text() == state

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from maetok.config import ConfigError, DiffusionRunConfig, TokenizerConfig, load_config
 from maetok.data import open_dataset
@@ -193,3 +194,24 @@ def test_the_model_shape_comes_from_the_cache_when_not_given_and_a_given_mismatc
     log_text = (tmp_path / "run" / "train.log").read_text()
     assert "model.num_tokens=4, taken from the latents" in log_text and "model.in_channels=4, taken" in log_text
     assert "num_tokens: 4" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_snapshots_keep_the_ema_model_of_their_step_and_none_at_the_last(tmp_path: Path):
+    from maetok.io.checkpoint import load_checkpoint  # the training checkpoint the snapshot must agree with
+    from maetok.train.diffusion_task import snapshots
+
+    tok = _tokenizer(tmp_path / "tok", latent_tokens=4)
+    cache = cache_latents(load_tokenizer(tok), open_dataset("shapes", image_size=16, limit=16),
+                          tmp_path / "latents", flip=False, progress=False)
+    over = [f"latents={cache}", *SIT, "train.steps=4", "train.snapshot_every=2", "train.ckpt_every=1",
+            "train.keep_last=10"]
+    assert run_diffusion(load_config(DiffusionRunConfig, "sit-cpu", over), tmp_path / "run", device="cpu")["finished"]
+    kept = snapshots(tmp_path / "run")
+    assert list(kept) == [2]  # step 4 is the run's own model/
+    ema = load_checkpoint(tmp_path / "run" / "checkpoints" / "ckpt-00000002.pt")["ema"]
+    snapshot = load_sit(kept[2]).state_dict()
+    assert snapshot.keys() == ema.keys() and all(torch.equal(snapshot[k], ema[k]) for k in ema)
+    final = load_sit(tmp_path / "run" / "model").state_dict()
+    assert not all(torch.equal(snapshot[k], final[k]) for k in final)
+    with pytest.raises(ConfigError, match="snapshot_every=-1 must be >= 0"):
+        load_config(DiffusionRunConfig, "sit-cpu", [*over, "train.snapshot_every=-1"])

@@ -52,7 +52,12 @@ def models(tmp_path_factory) -> dict[str, Path]:
     # LightningDiT rotates with RoPE (the real-arithmetic branch under export); unconditional: no y input.
     save_pretrained(_randomised(SiT(SiTConfig(in_channels=4, num_tokens=4, hidden=32, depth=2, heads=2,
                                               num_classes=0, variant="lightningdit"))), root / "ldit")
-    return {"tok": root / "tok", "sit": root / "sit", "ldit": root / "ldit", "root": root}
+    # A shortcut student (maetok diffusion distill) takes its step size d as one more input.
+    save_pretrained(_randomised(SiT(SiTConfig(in_channels=4, num_tokens=4, hidden=32, depth=2, heads=2,
+                                              num_classes=10, shortcut_steps=8, shortcut_cfg_scale=1.5))),
+                    root / "student")
+    return {"tok": root / "tok", "sit": root / "sit", "ldit": root / "ldit", "student": root / "student",
+            "root": root}
 
 
 def _input_shapes(session) -> dict[str, list]:
@@ -80,7 +85,8 @@ def test_decoder_graph_takes_normalised_latents_and_equals_pytorch(models, tmp_p
     assert from_dict(TokenizerConfig, meta["maetok_config"]["config"]) == tok.config
 
 
-@pytest.mark.parametrize("name, inputs", [("sit", ["x", "t", "y"]), ("ldit", ["x", "t"])])
+@pytest.mark.parametrize("name, inputs", [("sit", ["x", "t", "y"]), ("ldit", ["x", "t"]),
+                                          ("student", ["x", "t", "y", "d"])])
 def test_sit_graph_equals_pytorch(models, tmp_path, name, inputs):
     report = export_onnx(models[name], tmp_path / "sit.onnx")
     assert max(report.max_abs_error.values()) < TOLERANCE
@@ -90,9 +96,11 @@ def test_sit_graph_equals_pytorch(models, tmp_path, name, inputs):
     for batch in (1, 6):  # 6: a CFG batch (conditional and null labels) is twice the sample batch
         x, t = torch.randn(batch, 4, 4), torch.rand(batch)
         y = torch.arange(batch) % 11 if "y" in inputs else None  # 10: the null label
+        d = 2.0 ** -(torch.arange(batch) % 4).float() if "d" in inputs else None  # step sizes 1 .. 1/8
         with torch.inference_mode():
-            want = sit(x, t, y)
-        feeds = {"x": x.numpy(), "t": t.numpy(), **({"y": y.numpy()} if y is not None else {})}
+            want = sit(x, t, y, d)
+        feeds = {"x": x.numpy(), "t": t.numpy(), **({"y": y.numpy()} if y is not None else {}),
+                 **({"d": d.numpy()} if d is not None else {})}
         (got,) = session.run(None, feeds)
         assert (torch.from_numpy(got) - want).abs().max() < TOLERANCE
     config = dict(read_metadata(tmp_path / "sit.onnx")["maetok_config"])

@@ -465,3 +465,18 @@ def test_generation_report_gives_each_inception_score_split_at_least_two_samples
     # 3 splits of 2, not 6 splits of one image each (which would score exactly 1)
     assert metrics["is[net]@6"] == inception_score(evaluated, splits=3)["is[net]@6"] > 1.0
     assert "is" not in skipped
+
+
+def test_fid_bootstrap_standard_error_is_seeded_and_shrinks_with_the_sample_count():
+    from maetok.eval.fid import fid_bootstrap_se  # not part of the package's face (maetok.eval)
+    reference = _set(_gaussian_features(4000, 8, seed=0))
+    small, large = _set(_gaussian_features(250, 8, seed=1, shift=0.3)), _set(_gaussian_features(4000, 8, seed=2,
+                                                                                                    shift=0.3))
+    se_small = fid_bootstrap_se(small, reference, resamples=40)
+    assert list(se_small) == ["fid_se[synthetic]@250"]
+    assert se_small == fid_bootstrap_se(small, reference, resamples=40)  # same seed, same draws
+    se_large = fid_bootstrap_se(large, reference, resamples=40)["fid_se[synthetic]@4000"]
+    # a standard error falls about as 1/sqrt(n): 16x the samples, about a quarter of the spread
+    assert 0 < se_large < se_small["fid_se[synthetic]@250"] / 2
+    with pytest.raises(ValueError, match="different networks"):
+        fid_bootstrap_se(small, _set(_gaussian_features(100, 8, seed=3), net="other"))

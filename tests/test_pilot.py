@@ -37,6 +37,13 @@ def _check_report(out: Path, variants: list[str]) -> dict:
         assert "gmm_nll@K=1" in metrics and "sit_forward_gflops" in metrics and "encode_images_per_s" in metrics
         for pic in ("reconstructions.png", "samples-nocfg/samples.png", "samples-cfg/samples.png"):
             assert (out / v / pic).is_file()
+        # the noise of every FID, and the diffusion side apart from the decoder: how well and how fast it learns
+        assert any(k.startswith(f"rfid_se[{net}]@") for k in metrics)
+        assert any(k.startswith(f"gfid_se[{net}]@") and k.endswith("(nocfg)") for k in metrics)
+        assert any(k.startswith(f"gfid_vs_recon[{net}]@") for k in metrics)
+        curve = [k for k in metrics if k.startswith(f"gfid[{net}]@") and " at diffusion step " in k]
+        assert len(curve) == 3, metrics.keys()  # a quarter, half and three quarters of the diffusion training
+    assert (out / "learning_curve.png").is_file() and "## The diffusion side" in md
     header = next(line for line in md.splitlines() if line.startswith("| metric"))
     assert header == "| metric | " + " | ".join(variants) + " |"
     assert (out / "gmm_nll.png").is_file() and (out / "diffusion_loss.png").is_file()

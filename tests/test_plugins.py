@@ -217,4 +217,4 @@ def test_the_verdicts_name_the_best_target_set_and_a_baseline_ahead_of_every_set
     probe = {"maetok[hog]": 0.40, "maetok[hog+texture]": 0.42}
     assert _verdict_line("probe", probe, False, {v: 0.01 for v in probe}, True).endswith(
         "target set maetok[hog+texture] ahead of maetok[hog] by 0.02, within 2 standard errors (0.02828) of the "
-        "held-out sample: **a tie at this sample count**")
+        "evaluated sample: **a tie at this sample count**")

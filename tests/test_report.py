@@ -40,3 +40,53 @@ def test_without_maetok_the_orderings_name_no_maetok_verdict():
     lines = _verdicts(["ae", "vae"], flat, analysis)
     assert not any("MAETok" in line for line in lines if line.startswith("- "))
     assert lines[0] == "- gFID without CFG: ae (20) < vae (21) -> ae ahead by 1"
+
+
+def _with_fid_noise(flat: dict, se: float, n: int = 2000) -> dict:
+    for v in flat:
+        flat[v][f"gfid_se[net]@{n} (nocfg)"] = se
+        flat[v][f"gfid_se[net]@{n} (cfg)"] = se
+        flat[v][f"rfid_se[net]@{n}"] = se
+    return flat
+
+
+def test_gfid_and_rfid_margins_inside_their_bootstrap_noise_are_ties():
+    # gFID 20 vs 21: with a bootstrap standard error of 1 per variant, 2 SE of the difference is 2.83 > 1
+    flat, analysis = _inputs({"ae": 0.30, "maetok": 0.50}, {"ae": 29.0, "maetok": 25.0})
+    lines = _verdicts(["ae", "maetok"], _with_fid_noise(flat, 1.0), analysis)
+    for label in ("- gFID without CFG", "- gFID with CFG", "- rFID"):
+        line = next(line for line in lines if line.startswith(label))
+        assert line.endswith("**a tie at this sample count**") and "2 standard errors (2.828)" in line, line
+
+
+def test_gfid_margins_beyond_their_bootstrap_noise_keep_the_verdict():
+    flat, analysis = _inputs({"ae": 0.30, "maetok": 0.50}, {"ae": 29.0, "maetok": 25.0})
+    lines = _verdicts(["ae", "maetok"], _with_fid_noise(flat, 0.1), analysis)
+    assert lines[0] == ("- gFID without CFG: ae (20) < maetok (21) -> **MAETok not best (ae is)** (margin 1, "
+                        "beyond 2 standard errors (0.2828) of the evaluated sample)")
+
+
+def test_learnability_rows_get_verdicts_and_a_section(tmp_path):
+    from maetok.pilot.report import _flat_metrics, _learnability  # the report's private pieces, as above
+
+    def results(gfid_final: float, early: float, vs_recon: float) -> dict:
+        return {"generation_nocfg": {"gfid[net]@500": gfid_final, "gfid_se[net]@500": 0.2,
+                                     "gfid_vs_recon[net]@500": vs_recon, "gfid_vs_recon_se[net]@500": 0.2},
+                "learning_curve": {"steps": [250, 500], "gfid": [early, early - 1], "gfid_se": [0.2, 0.2]}}
+
+    flat = {"ae": _flat_metrics(results(20.0, 40.0, 12.0)), "maetok": _flat_metrics(results(18.0, 30.0, 8.0))}
+    assert flat["maetok"]["gfid[net]@500 (nocfg) at diffusion step 250"] == 30.0
+    assert flat["maetok"]["gfid_se[net]@500 (nocfg) at diffusion step 500"] == 0.2
+    analysis = {"pca_dim": 4, "variants": {v: {"gmm": {"ks": [1, 2], "nll": [3.0, 2.0], "nll_se": [0.1, 0.1],
+                                                       "explained_variance": 0.9}} for v in flat}}
+    lines = _verdicts(["ae", "maetok"], flat, analysis)
+    own = next(line for line in lines if line.startswith("- gFID against the variant's own reconstructions"))
+    assert "**MAETok best** (margin 4" in own
+    early = next(line for line in lines if line.startswith("- gFID without CFG at diffusion step 250"))
+    assert "**MAETok best** (margin 10" in early  # the earliest snapshot only
+    assert not any(line.startswith("- gFID without CFG at diffusion step 500") for line in lines)
+    section = _learnability(["ae", "maetok"], flat, tmp_path)
+    assert section[1] == "## The diffusion side: how learnable is each latent space?"
+    assert "| gfid[net]@500 (nocfg) at diffusion step 250 | 40 | 30 |" in section
+    assert "| gfid_vs_recon[net]@500 (nocfg) | 12 | 8 |" in section
+    assert not any("learning_curve.png" in line for line in section)  # no plot drawn, none linked

@@ -4,7 +4,9 @@
     maetok tokenizer reconstruct --model runs/tok/model --images shapes --num-samples 32 --out runs/recon
     maetok convert official-tokenizer --src DIR --out DIR [--weights FILE --config FILE]
     maetok convert official-sit --src DIR --out DIR [--weights FILE --config FILE]
+    maetok diffusion distill --teacher runs/sit --out runs/sit-student distill.max_steps=32
     maetok pilot --data zip:../shared/data/cifar10-jpeg.zip --budget standard --out runs/pilot-cifar
+    maetok push --model runs/tok/model --repo org/name --metrics runs/pilot-cifar/report.json
     maetok demo                      # the quick pilot on built-in shapes (the README's main command)
 
 Every training command takes dotted `key=value` overrides after its options. Commands writing into --out refuse
@@ -224,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "axis, checked against PyTorch with onnxruntime (pip install 'maetok[export]')")
     p.add_argument("--model", required=True, type=_checkpoint(hub=True),
                    help="a tokenizer folder or hub id (exports its decoder: normalised latents -> images) or a SiT "
-                        "folder (exports its velocity model: x, t, y -> v)")
+                        "folder or hub id (exports its velocity model: x, t, y -> v)")
     p.add_argument("--format", default="onnx", choices=["onnx"], help="graph format (default onnx)")
     p.add_argument("--out", required=True, metavar="FILE",
                    help="the .onnx file to write (a graph over 2 GB keeps its weights in FILE.data beside it)")
@@ -253,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_count(0), default=0, help="images to encode (0 = all)")
     p.add_argument("--batch-size", type=_count(1), default=64)
     p.add_argument("--no-flip", action="store_true", help="do not also cache horizontally flipped images")
+    p.add_argument("--tokens", type=_count(1), default=None, metavar="K",
+                   help="keep the first K latent tokens (a tokenizer trained with model.token_dropout=nested, K "
+                        "in its token_counts); a diffusion run on the cache then generates K tokens")
     p.add_argument("--out", required=True, help="cache folder; one holding shards but no meta.json (an "
                                                 "interrupted cache) is resumed")
     p.add_argument("--force", action="store_true", help="delete the latent cache in --out, finished or not, and "
@@ -260,13 +265,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", type=_device_type(indexed=True), help=DEVICE_HELP)
     p.set_defaults(handler="latents:cmd_latents_cache")
 
-    dif = sub.add_parser("diffusion", help="train SiT / LightningDiT").add_subparsers(dest="action", required=True)
+    dif = sub.add_parser("diffusion", help="train SiT / LightningDiT, or distil one into a few-step student").add_subparsers(dest="action", required=True)
     p = dif.add_parser("train", help="train a diffusion model on a latent cache or on images encoded online")
     _add_run_args(p, "sit-cpu", "model.num_tokens=64 model.in_channels=12 train.steps=2000")
     p.set_defaults(handler="training:cmd_diffusion_train")
+    p = dif.add_parser("distill", help="distil a SiT into a shortcut student: 1, 2, 4, ... steps, one forward each")
+    p.add_argument("--teacher", type=_checkpoint(hub=False), help="the teacher's model folder, or its diffusion run "
+                   "(whose latents and guidance are then the defaults); a resumed run keeps its own")
+    _add_run_args(p, "distill-cpu", "distill.max_steps=32 distill.cfg_scale=1.5 train.steps=2000")
+    p.set_defaults(handler="training:cmd_diffusion_distill")
 
     p = sub.add_parser("sample", help="sample images: PNG grid + ADM-compatible .npz (sharded under torchrun)")
-    p.add_argument("--model", required=True, type=_checkpoint(hub=False), help="SiT weights folder")
+    p.add_argument("--model", required=True, type=_checkpoint(hub=True), help="SiT weights folder or hub id")
     p.add_argument("--tokenizer", required=True, type=_checkpoint(hub=True), help="tokenizer folder or hub id")
     p.add_argument("--num-samples", "--num", dest="num_samples", type=_count(1), default=64, metavar="N",
                    help="images to generate" + NUM_ALIAS_HELP)
@@ -378,6 +388,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="setting of every trial's diffusion runs, before the trial's own (repeatable)")
     p.add_argument("overrides", nargs="*", help="budget fields, as for maetok pilot")
     p.set_defaults(handler="sweep:cmd_sweep")
+
+    p = sub.add_parser("push", help="upload a model folder (tokenizer or SiT) to the Hugging Face hub with a model "
+                                    "card; load it back with --model/--tokenizer org/name (needs maetok[teachers])")
+    p.add_argument("--model", required=True, type=_checkpoint(hub=False),
+                   help="model folder written by save_pretrained or training (e.g. runs/tok/model)")
+    p.add_argument("--repo", required=True, metavar="ORG/NAME", help="hub repository, made if missing")
+    p.add_argument("--private", action="store_true", help="make the repository private (when it is made here)")
+    p.add_argument("--token", default=None, help="Hugging Face token with write access (default: $HF_TOKEN or "
+                                                 "the one `hf auth login` saved, which keep it off the command line)")
+    p.add_argument("--metrics", default=None, metavar="JSON",
+                   help="JSON file of metrics for the model card, e.g. a pilot's report.json")
+    p.add_argument("--license", default="other", help="license field of the model card (default other)")
+    p.set_defaults(handler="hub:cmd_push")
 
     p = sub.add_parser("demo", help="the CPU demo: the quick pilot on the built-in shapes data (resumes)")
     p.add_argument("--out", default="runs/pilot-quick")

@@ -15,6 +15,7 @@ from ..io.convert_sit import ConversionError
 from ..io.export import ExportError
 from ..io.files import error_chain
 from ..io.hub import UnreadableFileError
+from ..io.hub_upload import HubUploadError
 from ..io.rundir import RunDirExists
 
 
@@ -45,6 +46,7 @@ REPORTED_ERRORS: tuple[tuple[type[BaseException], ExitCode], ...] = (
     (CLIError, ExitCode.BAD_REQUEST), (ConfigError, ExitCode.BAD_REQUEST), (DatasetError, ExitCode.BAD_REQUEST),
     (ConversionError, ExitCode.BAD_REQUEST), (ExportError, ExitCode.BAD_REQUEST),
     (RunDirExists, ExitCode.BAD_REQUEST),
+    (HubUploadError, ExitCode.BAD_REQUEST),  # a push without a token, offline or refused by the hub
     (FileNotFoundError, ExitCode.BAD_REQUEST),
 )
 # Errors of the file system that the user fixes outside maetok. A full disk under torch.save surfaces as torch's

@@ -1,4 +1,5 @@
-"""`maetok latents cache`: a dataset encoded once into a latent cache, shared among the ranks under torchrun."""
+"""`maetok latents cache`: a dataset encoded once into a latent cache, shared among the ranks under torchrun;
+with --tokens K, the first K latent tokens of a tokenizer trained with nested token dropout."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,8 @@ import sys
 from pathlib import Path
 
 from ..data import open_dataset
-from ..data.latents import META, cache_files, cache_latents
+from ..config import ConfigError
+from ..data.latents import META, cache_files, cache_latents, check_prefix_tokens
 from ..io.distributed import barrier, cleanup, init_distributed, resolve_device
 from ..io.pretrained import load_tokenizer
 from .common import CLIError, is_main_process, out_folder
@@ -38,6 +40,10 @@ def check_latent_out(args: argparse.Namespace) -> list[Path]:
 def cmd_latents_cache(args: argparse.Namespace) -> int:
     stale = check_latent_out(args)  # every rank, before any rank writes (no rank writes before init_distributed)
     tok = load_tokenizer(args.tokenizer)
+    try:  # before the data is opened: a refused prefix costs nothing
+        check_prefix_tokens(tok, args.tokens)
+    except ConfigError as e:
+        raise CLIError(f"--tokens {args.tokens}: --tokenizer {args.tokenizer}: {e}") from None
     ds = open_dataset(args.data, split=args.split, image_size=tok.config.image_size, limit=args.limit)
     # Under torchrun the ranks encode alternate shards (each on its own device); alone, the device as given.
     info = init_distributed(args.device)
@@ -51,9 +57,11 @@ def cmd_latents_cache(args: argparse.Namespace) -> int:
                     path.unlink(missing_ok=True)
             barrier(info)
         out = cache_latents(tok, ds, args.out, batch_size=args.batch_size, flip=not args.no_flip,
-                            device=info.device if info.enabled else resolve_device(args.device), dist=info)
+                            device=info.device if info.enabled else resolve_device(args.device), dist=info,
+                            tokens=args.tokens)
     finally:
         cleanup(info)
     if info.is_main:
-        print(f"cached {len(ds)} latents of {args.data} ({args.split}) in {out}")
+        which = "" if args.tokens is None else f" (the first {args.tokens} of {tok.config.latent_tokens} tokens)"
+        print(f"cached {len(ds)} latents{which} of {args.data} ({args.split}) in {out}")
     return 0

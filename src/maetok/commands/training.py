@@ -1,4 +1,4 @@
-"""`maetok tokenizer train` and `maetok diffusion train`."""
+"""`maetok tokenizer train`, `maetok diffusion train` and `maetok diffusion distill`."""
 from __future__ import annotations
 
 import argparse
@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 from ..config import DiffusionRunConfig, TokenizerRunConfig, load_config
+from ..config.distill import DistillRunConfig
 from ..io.rundir import RESUME_MODES, resume_mode
-from ..train.run import exit_status, run_diffusion, run_tokenizer
+from ..train.run import exit_status, run_diffusion, run_distill, run_tokenizer
 from .common import is_main_process, out_folder
 
 
@@ -46,3 +47,12 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 def cmd_diffusion_train(args: argparse.Namespace) -> int:
     return run_training(args, DiffusionRunConfig, run_diffusion)
+
+
+def cmd_diffusion_distill(args: argparse.Namespace) -> int:
+    """--teacher is the override distill.teacher, made absolute and quoted (a YAML string whatever the path);
+    without it, a resumed run keeps its own teacher."""
+    if args.teacher is not None:
+        teacher = json.dumps(str(Path(args.teacher).expanduser().resolve()))
+        args.overrides = [f"distill.teacher={teacher}", *(args.overrides or [])]
+    return run_training(args, DistillRunConfig, run_distill)

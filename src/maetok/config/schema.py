@@ -231,8 +231,17 @@ class SiTConfig:
     num_classes: int = 10               # label `num_classes` is the null label used by CFG
     class_dropout: float = 0.1
     grad_checkpointing: bool = False
+    # > 0: a shortcut student (train/distill_task.py) that samples in 1, 2, 4, ... up to this many steps, one
+    # forward each, with the guidance below folded into its weights; 0: a velocity model, as trained by flow matching.
+    shortcut_steps: int = 0
+    shortcut_cfg_scale: float = 1.0
+    shortcut_cfg_interval: tuple[float, float] = (0.0, 1.0)
 
     def validate(self, key: str) -> None:
+        steps, (low, high) = self.shortcut_steps, self.shortcut_cfg_interval
+        if steps < 0 or steps & (steps - 1) or self.shortcut_cfg_scale < 1 or not 0.0 <= low <= high <= 1.0:
+            raise ConfigError(f"{key}.shortcut_steps={steps} must be 0 or a power of two, shortcut_cfg_scale="
+                              f"{self.shortcut_cfg_scale} >= 1 and shortcut_cfg_interval={[low, high]} in [0, 1]")
         for name in ("in_channels", "num_tokens", "hidden", "depth", "heads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{key}.{name}={getattr(self, name)} must be a positive integer")
@@ -357,6 +366,7 @@ class TrainConfig:
     image_every: int = 500              # PNG grids of reconstructions / samples
     ckpt_every: int = 500
     keep_last: int = 2
+    snapshot_every: int = 0             # also keep the EMA model as snapshots/step-N every N steps (0: never)
     max_bad_steps: int = 10             # consecutive non-finite steps before the run stops
     # Also send log.jsonl's records and the preview grids to TensorBoard (<run>/tensorboard/) or W&B (rank 0).
     tracker: Literal["none", "tensorboard", "wandb"] = "none"
@@ -372,6 +382,8 @@ class TrainConfig:
             raise ConfigError(f"{key}.ema_decay={self.ema_decay} must lie in [0, 1)")
         if self.keep_last < 1 or self.ckpt_every < 1 or self.log_every < 1 or self.image_every < 1:
             raise ConfigError(f"{key}.keep_last, ckpt_every, log_every and image_every must be >= 1")
+        if self.snapshot_every < 0:
+            raise ConfigError(f"{key}.snapshot_every={self.snapshot_every} must be >= 0 (0: no snapshots)")
 
 
 @dataclass

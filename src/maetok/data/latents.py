@@ -1,9 +1,17 @@
 """Latent cache: encode a dataset once with a tokenizer into sharded safetensors, then train diffusion on it.
 
 Layout of a cache folder:
-    meta.json                      tokenizer config (with its latent mean/std), counts, shard names, flip flag
-    shard-00000.safetensors ...    `latents` (n, L, C) float32 raw (un-normalised), `labels` (n,) int64,
+    meta.json                      tokenizer config (with its latent mean/std), counts, shard names, flip flag;
+                                   for a prefix cache also `tokens` (K) and `tokenizer_latent_tokens` (L)
+    shard-00000.safetensors ...    `latents` (n, L, C) ((n, K, C) in a prefix cache) float32 raw (un-normalised),
+                                   `labels` (n,) int64,
                                    and `latents_flip` (n, L, C) for the horizontally flipped images when cached
+
+A prefix cache (`tokens=K`) holds the first K of the L latent tokens of a tokenizer trained with nested token
+dropout, so its latents are (n, K, C) and a diffusion model trained on it generates K tokens, which the same
+tokenizer decodes with `decode(z, tokens=K)`. It is normalised with the tokenizer's latent mean/std, as a full
+cache is: `maetok sample` un-normalises with the tokenizer's, the one place it can read them (a SiT model folder
+records no latent statistics), so statistics of the K-token latents here would decode at the wrong scale.
 """
 from __future__ import annotations
 
@@ -16,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..config import to_dict
+from ..config import ConfigError, to_dict
 from ..diffusion.labels import check_labels
 from ..io.distributed import DistInfo, barrier
 from ..io.files import atomic_write_bytes, save_safetensors
@@ -38,16 +46,36 @@ def cache_files(out_dir: str | Path) -> list[Path]:
         [p for p in (out / REQUEST,) if p.is_file()]
 
 
+def check_prefix_tokens(tokenizer, tokens: int | None) -> int | None:
+    """`tokens` (None: all L) if the tokenizer decodes from that prefix of its latent tokens, else a ConfigError
+    of one line naming K, L and the trained prefix lengths: the tokenizer's own rule and message, which its
+    encode and decode apply, raised before any work instead of at the first batch."""
+    if tokens is None:
+        return None
+    try:
+        return tokenizer._check_tokens(int(tokens))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _prefix_record(tokenizer, tokens: int | None) -> dict[str, int]:
+    """What meta.json and request.json add for a prefix cache: K and the tokenizer's L. Nothing for a full cache,
+    whose files stay byte for byte those written before prefixes existed."""
+    return {} if tokens is None else {"tokens": tokens, "tokenizer_latent_tokens": tokenizer.config.latent_tokens}
+
+
 @torch.no_grad()
 def cache_latents(tokenizer, dataset, out_dir: str | Path, batch_size: int = 64, flip: bool = True,
                   shard_size: int = 10_000, device: str | torch.device = "cpu", progress: bool = True,
-                  num_workers: int = 0, dist: DistInfo | None = None) -> Path:
+                  num_workers: int = 0, dist: DistInfo | None = None, tokens: int | None = None) -> Path:
     """Encode every item of `dataset` ((image, label) pairs, images in [-1, 1]); resumable by shard.
+    `tokens`: keep the first K latent tokens (a prefix the tokenizer was trained to decode from; None: all L).
 
     `dist` (torchrun): rank r encodes shards r, r + world, ...; meta.json, which makes the folder a cache, is
     written by rank 0 once every shard is on disk. Every rank must see the same `out_dir` (a shared filesystem
     across nodes). Shard names depend only on (len(dataset), shard_size), so an interrupted cache can be
     finished with any number of ranks."""
+    tokens = check_prefix_tokens(tokenizer, tokens)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer.to(device).eval()
@@ -59,7 +87,8 @@ def cache_latents(tokenizer, dataset, out_dir: str | Path, batch_size: int = 64,
     # only when absent (a rank reading it meanwhile finds the same request).
     request = {"count": n, "shard_size": shard_size, "flip": flip, "tokenizer_config": to_dict(tokenizer.config),
                "data": {"source": str(getattr(dataset, "where", type(dataset).__name__)),
-                        "split": getattr(dataset, "split", None), "image_size": getattr(dataset, "image_size", None)}}
+                        "split": getattr(dataset, "split", None), "image_size": getattr(dataset, "image_size", None)},
+               **_prefix_record(tokenizer, tokens)}
     request = json.loads(json.dumps(request))  # as it reads back (tuples become lists)
     request_path = out / REQUEST
     if request_path.is_file():
@@ -87,9 +116,9 @@ def cache_latents(tokenizer, dataset, out_dir: str | Path, batch_size: int = 64,
             zs, zfs, ys = [], [], []
             for images, labels in loader:
                 images = images.to(device)
-                zs.append(tokenizer.encode(images).float().cpu())
+                zs.append(tokenizer.encode(images, tokens=tokens).float().cpu())
                 if flip:
-                    zfs.append(tokenizer.encode(images.flip(-1)).float().cpu())
+                    zfs.append(tokenizer.encode(images.flip(-1), tokens=tokens).float().cpu())
                 ys.append(torch.as_tensor(labels, dtype=torch.int64))
                 bar.update(images.shape[0])
             tensors = {"latents": torch.cat(zs), "labels": torch.cat(ys)}
@@ -107,10 +136,10 @@ def cache_latents(tokenizer, dataset, out_dir: str | Path, batch_size: int = 64,
             barrier(dist)  # returns once rank 0 has written meta.json
             return out
     meta = {"kind": "maetok-latent-cache", "count": n, "shards": shards, "flip": flip,
-            "latent_shape": [tokenizer.config.latent_tokens, tokenizer.config.latent_dim],
+            "latent_shape": [tokenizer.config.latent_tokens if tokens is None else tokens, tokenizer.config.latent_dim],
             "latent_mean": tokenizer.config.latent_mean, "latent_std": tokenizer.config.latent_std,
             "num_classes": class_count(dataset),  # 0 for unlabelled data: a conditional model refuses the cache
-            "tokenizer_config": to_dict(tokenizer.config)}
+            "tokenizer_config": to_dict(tokenizer.config), **_prefix_record(tokenizer, tokens)}
     atomic_write_bytes(out / META, lambda f: f.write(json.dumps(meta, indent=2).encode()))
     if world > 1:
         barrier(dist)
@@ -118,7 +147,7 @@ def cache_latents(tokenizer, dataset, out_dir: str | Path, batch_size: int = 64,
 
 
 class LatentDataset(Dataset):
-    """Items are (latents (L, C), latents of the flipped image or the same again, label).
+    """Items are (latents (L, C), or (K, C) for a prefix cache, latents of the flipped image or the same again, label).
 
     The shards are memory-mapped, not read: the torchrun ranks of a node share one copy in the page cache (an
     ImageNet cache with flips is about 40 GB, which every rank would otherwise hold, twice while loading).

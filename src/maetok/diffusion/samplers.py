@@ -8,7 +8,9 @@
   of every token;
 - Heun's second evaluation reuses the guidance decision taken at t_cur; its correction is skipped on the last
   step (plain Euler there);
-- Euler-Maruyama: diffusion w = 2 t, drift v - w/2 * score, guidance combines drifts, last step deterministic.
+- Euler-Maruyama: diffusion w = 2 t, drift v - w/2 * score, guidance combines drifts, last step deterministic;
+- a shortcut student (SiTConfig.shortcut_steps > 0) takes the Euler update on the same grid, one call per step
+  told the step size d = 1/steps, with no unconditional branch (its guidance is folded in); `sample` picks it.
 
 Call these under the model's eval() mode: training-mode label dropout would corrupt the conditional branch.
 """
@@ -22,6 +24,7 @@ import torch
 
 from maetok.config import SampleConfig
 from maetok.diffusion.labels import check_labels
+from maetok.diffusion.shortcut import student_sample_config
 from maetok.diffusion.transport import velocity_to_score
 from maetok.progress import progress_bar
 
@@ -169,6 +172,27 @@ def euler_maruyama(model, noise: torch.Tensor, y: torch.Tensor | None = None, *,
     return x
 
 
+@torch.no_grad()
+def shortcut_euler(model, noise: torch.Tensor, y: torch.Tensor | None = None, *, steps: int = 1,
+                   progress: bool = False) -> torch.Tensor:
+    """A shortcut student's sampler: `steps` Euler steps of size d = 1/steps from t = 1 to 0, one model call each
+    with d as an input. Returns float64. The step count is checked by `sample` (student_sample_config)."""
+    x, dtype, _ = _prepare(model, noise, y, 1.0, None)
+    t_grid = _ode_grid(steps)
+    d = torch.full((x.shape[0],), 1.0 / steps, dtype=x.dtype, device=x.device).to(dtype)
+    for i in progress_bar(range(steps), desc="shortcut", disable=not progress):
+        t_cur, t_next = t_grid[i], t_grid[i + 1]
+        t = torch.full((x.shape[0],), t_cur, dtype=x.dtype, device=x.device)
+        x = x + (t_next - t_cur) * model(x.to(dtype), t.to(dtype), y, d).to(x.dtype)
+    return x
+
+
+def shortcut_steps_of(model) -> int:
+    """The most steps a shortcut student was distilled for; 0 for any other model (or a parameter-free callable)."""
+    steps = getattr(getattr(model, "config", None), "shortcut_steps", 0)
+    return steps if isinstance(steps, int) else 0
+
+
 def forward_passes_per_sample(cfg: SampleConfig) -> int:
     """How many single-sample model evaluations `sample` spends per sample: one per call, two where guided (the
     batch is doubled). Times the forward FLOPs, plus one decode, it is what an image costs to generate."""
@@ -185,10 +209,14 @@ def sample(model, noise: torch.Tensor, y: torch.Tensor | None, cfg: SampleConfig
            progress: bool = False, path: str = "linear") -> torch.Tensor:
     """Run the sampler named by cfg from `noise` (the state at t = 1). Returns a float64 tensor shaped like noise.
 
+    A shortcut student samples with `shortcut_euler` (see `student_sample_config` for the settings it takes).
     null_label defaults to `model.null_label`. The SDE draws from `generator`, or from a generator seeded with
     cfg.seed, unless noise_fn supplies the draws; `path` is the transport path used to turn velocity into score.
     """
     cfg.validate("sample")
+    if shortcut_steps_of(model):
+        cfg = student_sample_config(model.config, cfg)  # its folded guidance; a step count it can take
+        return shortcut_euler(model, noise, y, steps=cfg.steps, progress=progress)
     common = dict(steps=cfg.steps, cfg_scale=cfg.cfg_scale, cfg_interval=tuple(cfg.cfg_interval),
                   null_label=null_label, progress=progress)
     if cfg.sampler == "euler":

@@ -9,8 +9,15 @@ official checkpoints load with a near-identity conversion (see convert.py).
 
 `SiTConfig.variant = "lightningdit"` builds the LightningDiT block from the same classes: 1D RoPE instead of the
 absolute position table, SwiGLU MLP, RMSNorm and qk-norm.
+
+`SiTConfig.shortcut_steps = N > 0` makes a shortcut student (diffusion/shortcut.py): the step size d = 1/n of an
+n-step sampler is one more input, embedded and added to the timestep embedding like the class label.
+
+    v = student(x, t, y, d)   # d (B,) in {1, 1/2, 1/4, ..., 1/N}: the average velocity over [t - d, t]
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -68,6 +75,22 @@ class LabelEmbedder(nn.Module):
             drop = torch.rand(labels.shape, device=labels.device) < self.dropout
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         return self.embedding_table(labels)
+
+
+class StepSizeEmbedder(nn.Module):
+    """Step size d = 2^-k -> vector, one learned row per k = log2(1/d) in 0..log2(N) (N = the most steps).
+
+    Zero at initialisation (`SiT.initialize_weights`): a student whose other weights are its teacher's then
+    predicts the teacher's velocity at every step size, and training moves each step size away from it.
+    """
+
+    def __init__(self, max_steps: int, hidden: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(int(math.log2(max_steps)) + 1, hidden)
+
+    def forward(self, d: torch.Tensor) -> torch.Tensor:
+        # Powers of two are exact in every float format, so the rounding only absorbs log2's last bit.
+        return self.embedding_table(torch.round(-torch.log2(d.float())).long())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -129,6 +152,8 @@ class SiT(nn.Module):
         self.x_embedder = nn.Linear(cfg.in_channels, cfg.hidden)
         self.t_embedder = TimestepEmbedder(cfg.hidden)
         self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden, cfg.class_dropout) if cfg.num_classes else None
+        # Only a shortcut student has it: an ordinary SiT keeps the official parameters exactly.
+        self.d_embedder = StepSizeEmbedder(cfg.shortcut_steps, cfg.hidden) if cfg.shortcut_steps else None
         if lightning:
             self.pos_embed = None
             self.rope = RoPE1D(cfg.hidden // cfg.heads, cfg.num_tokens)
@@ -159,6 +184,8 @@ class SiT(nn.Module):
                     nn.init.zeros_(m.bias)
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if self.d_embedder is not None:
+            nn.init.zeros_(self.d_embedder.embedding_table.weight)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
@@ -171,15 +198,22 @@ class SiT(nn.Module):
         """The label that means "no class" (CFG's unconditional branch); None for an unconditional model."""
         return self.config.num_classes if self.config.num_classes else None
 
+    @property
+    def is_shortcut_student(self) -> bool:
+        return self.d_embedder is not None
+
     # -- forward -----------------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_shapes(x, t, y)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                d: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_shapes(x, t, y, d)
         h = self.x_embedder(x)
         if self.pos_embed is not None:
             h = h + self.pos_embed
         c = self.t_embedder(t)
         if self.y_embedder is not None:
             c = c + self.y_embedder(y)
+        if self.d_embedder is not None:
+            c = c + self.d_embedder(d)
         rope = self.rope.table() if self.rope is not None else None  # rotation table, built once per call
         for block in self.blocks:
             if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -188,7 +222,8 @@ class SiT(nn.Module):
                 h = block(h, c, rope)
         return self.final_layer(h, c)
 
-    def _check_shapes(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> None:
+    def _check_shapes(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
+                      d: torch.Tensor | None = None) -> None:
         """Shapes and dtypes only: label values are checked where labels come in (the samplers, once per run;
         the training task, on the host), as a check here would sync a GPU at every call."""
         L, C = self.config.num_tokens, self.config.in_channels
@@ -204,6 +239,12 @@ class SiT(nn.Module):
         if self.y_embedder is not None and (y is None or y.shape != (B,) or y.is_floating_point() or y.is_complex()):
             got = repr(y) if y is None else f"{tuple(y.shape)} {y.dtype}"
             raise ValueError(f"SiT expects labels y as an integer tensor of shape ({B},); got {got}")
+        if (d is None) == self.is_shortcut_student:
+            raise ValueError("this SiT is a shortcut student: pass the step size d of shape (B,)"
+                             if d is None else "this SiT is not a shortcut student (shortcut_steps=0); pass no d")
+        if d is not None and (d.shape != (B,) or not d.is_floating_point()):
+            raise ValueError(f"SiT expects the step size d as a float tensor of shape ({B},); got "
+                             f"{tuple(d.shape)} {d.dtype}")
 
 
 def SiT_S(**overrides) -> SiT:

@@ -64,3 +64,18 @@ def throughput(fn: Callable[[], object], items: int, warmup: int = 1, repeats: i
             times.append(time.perf_counter() - t0)
     times.sort()
     return items / times[len(times) // 2]
+
+
+@torch.no_grad()
+def generation_gflops(tokenizer, sit, image: torch.Tensor) -> dict[str, float | int]:
+    """GFLOPs of one SiT forward pass and of one decode, for one (1, 3, H, W) `image`, at the token count the SiT
+    generates: K of a nested-dropout tokenizer's L when it was trained on a prefix cache (the SiT then runs on K
+    tokens and the decoder starts from K), else L. A prefix the tokenizer does not decode from is refused by its
+    encode, in one line naming K, L and the trained counts."""
+    k = int(sit.config.num_tokens)
+    z = tokenizer.encode(image, tokens=k)
+    t = torch.full((1,), 0.5, device=image.device)
+    y = torch.zeros(1, dtype=torch.long, device=image.device) if sit.null_label is not None else None
+    return {"sit_forward_gflops": count_flops(lambda: sit(tokenizer.normalize(z), t, y)) / 1e9,
+            "decode_gflops": count_flops(lambda: tokenizer.decode(z, tokens=k)) / 1e9,
+            "tokens": k}

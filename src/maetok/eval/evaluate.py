@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..data.latents import check_prefix_tokens
 from ..io.distributed import DistInfo, shard_range
 from ..progress import progress_bar
 from .features import FeatureNet, FeatureSet, extract_features, features_of, gather_features
@@ -96,11 +97,14 @@ def evaluate_generation(samples, reference, feature_net: FeatureNet | str = "inc
 def evaluate_reconstruction(tokenizer, dataset: Dataset, feature_net: FeatureNet | str | None = None, *,
                             batch_size: int = 64, device: str | torch.device = "cpu", lpips="auto",
                             stats_cache: str | Path | None = None, cache_key: dict | None = None,
-                            progress: bool = True, dist: DistInfo | None = None) -> dict[str, Any]:
+                            progress: bool = True, dist: DistInfo | None = None,
+                            tokens: int | None = None) -> dict[str, Any]:
     """Encode + decode every image of `dataset` ((image in [-1, 1], label) items): PSNR, SSIM, LPIPS (skipped
     with the reason when its weights are missing) and, with a feature network, rFID of the reconstructions
     against the originals (reference statistics from `stats_cache` when it exists and matches `cache_key`).
-    `dist`: under torchrun each rank reconstructs a contiguous share, and every rank returns the same result."""
+    `dist`: under torchrun each rank reconstructs a contiguous share, and every rank returns the same result.
+    `tokens`: reconstruct from the first K latent tokens (a prefix a nested-dropout tokenizer decodes from)."""
+    tokens = check_prefix_tokens(tokenizer, tokens)  # before any feature network loads or image is encoded
     tokenizer = tokenizer.to(device).eval()
     net = resolve_feature_net(feature_net, device) if feature_net is not None else None
     cache = Path(stats_cache) if stats_cache else None
@@ -113,7 +117,7 @@ def evaluate_reconstruction(tokenizer, dataset: Dataset, feature_net: FeatureNet
     main = dist is None or dist.is_main
     for images, _ in progress_bar(loader, desc="reconstruct", disable=not (progress and main)):
         x = images.to(device)
-        recon = to_uint8_levels(tokenizer.decode(tokenizer.encode(x)).float())
+        recon = to_uint8_levels(tokenizer.decode(tokenizer.encode(x, tokens=tokens)).float())
         meter.update(recon, x)
         if net is not None:
             rec_feats.append(extract_features(net, recon, batch_size, progress=False))
@@ -125,6 +129,8 @@ def evaluate_reconstruction(tokenizer, dataset: Dataset, feature_net: FeatureNet
     skipped = {"lpips": metrics.pop("lpips_skipped")} if "lpips_skipped" in metrics else {}
     out: dict[str, Any] = {"kind": "reconstruction", "num_images": len(dataset),
                            "image_size": int(tokenizer.config.image_size)}
+    if tokens is not None:
+        out["tokens"] = tokens
     if net is not None:
         evaluated = gather_features(rec_feats, dist)  # every rank's, in rank order
         if ref is None:

@@ -3,6 +3,7 @@
 Sample i always gets the same initial noise (seeded by (seed, i)) and label, whatever the number of processes,
 so a torchrun job writes every sample exactly once and the set equals a single-process run's (ODE samplers).
 Output: an ADM-evaluator-compatible `.npz` (`arr_0` uint8 NHWC, `arr_1` labels) and a PNG grid.
+A shortcut student samples with its own update (`samplers.sample` routes it), one model call per step.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import torch.distributed as dist
 
 from ..config import ConfigError, SampleConfig, to_dict
 from ..data.images import save_image_grid
-from ..diffusion.samplers import sample
+from ..diffusion.samplers import sample, shortcut_steps_of
+from ..diffusion.shortcut import student_sample_config
 from ..io.distributed import init_distributed, resolve_device
 from ..io.files import atomic_write_bytes
 from ..progress import progress_bar
@@ -31,10 +33,19 @@ class IncompatibleModelsError(ConfigError):
 def check_compatible(model, tokenizer, model_name: str = "the diffusion model",
                      tokenizer_name: str = "the tokenizer") -> None:
     """Refuse a SiT whose latents the tokenizer cannot decode, before any sampling (which would fail only at
-    the first decode, after the whole first batch was drawn)."""
+    the first decode, after the whole first batch was drawn). A SiT trained on a prefix cache generates the first
+    K of the tokenizer's L tokens: allowed where the tokenizer was trained to decode from K (nested dropout)."""
     sit, tok = model.config, tokenizer.config
     made = (int(sit.num_tokens), int(sit.in_channels))
     decodes = (int(tok.latent_tokens), int(tok.latent_dim))
+    allowed = tok.allowed_token_counts
+    if made[1] == decodes[1] and made[0] in allowed:
+        return
+    if made[1] == decodes[1] and made[0] < decodes[0]:
+        raise IncompatibleModelsError(
+            f"{model_name} generates the first {made[0]} latent tokens, but {tokenizer_name} ({decodes[0]} latent "
+            f"tokens, model.token_dropout={tok.token_dropout}) decodes from K in {allowed} only; pass the "
+            f"tokenizer whose prefix cache the diffusion model was trained on")
     if made != decodes:
         raise IncompatibleModelsError(
             f"{model_name} generates latents of {made[0]} tokens x {made[1]} channels (num_tokens x in_channels), "
@@ -75,7 +86,9 @@ def generate(model, tokenizer, num: int, cfg: SampleConfig, labels: torch.Tensor
         y = labels[chunk].to(device) if labels is not None else None
         gen = torch.Generator(device).manual_seed(cfg.seed * 7919 + int(chunk[0]))  # SDE increments
         x = sample(model, noise, y, cfg, generator=gen, path=transport_path).float()
-        images = tokenizer.decode(tokenizer.denormalize(x))
+        # A prefix (K < L) decodes with tokens=K; un-normalised with the tokenizer's statistics, which a prefix
+        # cache also normalises with (data/latents.py says why).
+        images = tokenizer.decode(tokenizer.denormalize(x), tokens=shape[0])
         out.append(to_uint8(images))
     return mine, (np.concatenate(out) if out else np.zeros((0, tokenizer.config.image_size,
                                                             tokenizer.config.image_size, 3), np.uint8))
@@ -119,6 +132,10 @@ def generate_to_dir(model, tokenizer, num: int, cfg: SampleConfig, out_dir: Path
     if num < 1:
         raise ConfigError(f"number of samples {num} must be >= 1")
     check_compatible(model, tokenizer)  # before joining the process group: every rank fails alike, at once
+    if shortcut_steps_of(model):
+        # Its step count and guidance checked before any work, and recorded as run: the folded guidance.
+        cfg = student_sample_config(model.config, cfg)
+        settings = {**(settings or {}), "sampler": "shortcut", "shortcut_steps": shortcut_steps_of(model)}
     device = torch.device(resolve_device(str(device)))
     info = init_distributed(str(device))
     # Alone, the device as given (cuda:1, mps); under torchrun each rank uses its own (cuda:LOCAL_RANK or cpu).

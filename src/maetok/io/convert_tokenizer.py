@@ -17,7 +17,7 @@ import torch
 
 from ..config import ConfigError, TokenizerConfig
 from ..tokenizer.model import MAETok
-from .hub import (UnreadableFileError, hub_download, local_path_reason, quiet_pickle_protocol, read_safetensors,
+from .hub import (UnreadableFileError, quiet_pickle_protocol, read_safetensors, resolve_model_folder,
                   training_run_hint, weights_only_refusal)
 
 # timm ViT sizes by name fragment: (width, depth, heads)
@@ -204,28 +204,12 @@ def read_official_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def resolve_checkpoint_dir(path_or_hub_id: str | Path) -> Path:
-    p = Path(path_or_hub_id).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise FileNotFoundError(f"{p} has no config.json (expected a save_pretrained folder or an official "
-                                    f"MAETok checkpoint folder){training_run_hint(p)}")
-        return p
-
-    if p.exists():
-        raise FileNotFoundError(f"{path_or_hub_id}: not a checkpoint folder")
-    why = local_path_reason(str(path_or_hub_id))
-    if why is not None:
-        raise FileNotFoundError(f"{path_or_hub_id}: no such folder (read as a local path: {why}; a hub id looks "
-                                f"like MAETok/maetok-b-128)")
-
-    cfg = hub_download(str(path_or_hub_id), "config.json", f"tokenizer {path_or_hub_id}")
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        try:
-            hub_download(str(path_or_hub_id), name, f"tokenizer {path_or_hub_id}")
-            break
-        except FileNotFoundError:
-            continue
-    return cfg.parent
+    """A tokenizer's folder, local or downloaded from the hub (`resolve_model_folder`), holding a config.json."""
+    folder = resolve_model_folder(path_or_hub_id, "tokenizer")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json (expected a save_pretrained folder or an official "
+                                f"MAETok checkpoint folder){training_run_hint(folder)}")
+    return folder
 
 
 def _find_weights_file(src: Path, weights: str | Path | None) -> Path:

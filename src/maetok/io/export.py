@@ -100,17 +100,20 @@ class DecoderGraph(nn.Module):
 
 
 class VelocityGraph(nn.Module):
-    """x (B, L, C), t (B,), y (B,) -> the SiT's velocity (B, L, C); without y for an unconditional model."""
+    """x (B, L, C), t (B,), y (B,) -> the SiT's velocity (B, L, C); without y for an unconditional model, and with
+    the step size d (B,) for a shortcut student (its sampler: x <- x - d * v, from t = 1 down to 0)."""
     name = "velocity"
     output_names = ("velocity",)
 
     def __init__(self, sit: SiT):
         super().__init__()
         self.sit = sit
-        self.input_names = ("x", "t", "y") if sit.config.num_classes else ("x", "t")
+        self.input_names = ("x", "t") + (("y",) if sit.config.num_classes else ()) \
+            + (("d",) if sit.config.shortcut_steps else ())
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        return self.sit(x, t, y)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                d: torch.Tensor | None = None) -> torch.Tensor:
+        return self.sit(x, t, y, d)
 
     def example_inputs(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         cfg = self.sit.config
@@ -118,14 +121,20 @@ class VelocityGraph(nn.Module):
                   "t": torch.rand(batch, generator=generator)}
         if cfg.num_classes:  # the null label (num_classes, CFG's unconditional branch) included
             inputs["y"] = torch.randint(0, cfg.num_classes + 1, (batch,), generator=generator)
+        if cfg.shortcut_steps:  # the step sizes it was distilled for: 1, 1/2, ..., 1/shortcut_steps
+            exponents = torch.randint(0, cfg.shortcut_steps.bit_length(), (batch,), generator=generator)
+            inputs["d"] = 2.0 ** -exponents.float()
         return inputs
 
     def description(self) -> str:
         cfg = self.sit.config
         labels = f", y (batch,) int64 in [0, {cfg.num_classes}] ({cfg.num_classes} = no class)" \
             if cfg.num_classes else ""
+        step = f", d (batch,) float32 step size in {{1, 1/2, ..., 1/{cfg.shortcut_steps}}} (a shortcut student, " \
+            f"guidance {cfg.shortcut_cfg_scale:g} folded in)" if cfg.shortcut_steps else ""
         return (f"maetok SiT velocity: x (batch, {cfg.num_tokens}, {cfg.in_channels}) float32, t (batch,) float32 "
-                f"in [0, 1] (0 = data, 1 = noise){labels} -> velocity (batch, {cfg.num_tokens}, {cfg.in_channels})")
+                f"in [0, 1] (0 = data, 1 = noise){labels}{step} -> velocity (batch, {cfg.num_tokens}, "
+                f"{cfg.in_channels})")
 
 
 def graph_for(model: MAETok | SiT) -> DecoderGraph | VelocityGraph:

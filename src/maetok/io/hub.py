@@ -86,9 +86,48 @@ def hub_download(repo_id: str, filename: str, what: str) -> Path:
     try:
         return Path(hf_hub_download(repo_id, filename))
     except Exception as e:  # network errors come in many types; all mean the same thing to the user
+        # The library's messages run over several lines (a request id, a link): the first says what happened.
+        first = (str(e).strip().splitlines() or [""])[0]
+        offline = (" HF_HUB_OFFLINE is set, so only files already in the hub cache are found."
+                   if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") else "")
         raise MissingWeightsError(
-            f"{what}: could not download {filename} from the hub repository {repo_id} ({type(e).__name__}: {e}). "
-            f"On an offline machine, download it elsewhere and pass the local path instead.") from e
+            f"{what}: could not download {filename} from the hub repository {repo_id} ({type(e).__name__}: "
+            f"{first}).{offline} On an offline machine, download it elsewhere and pass the local path instead."
+        ) from e
+
+
+# The weights of a model folder, in the order tried: ours (and official MAETok releases), then official releases
+# that ship only a torch file.
+HUB_WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def resolve_model_folder(path_or_hub_id: str | Path, what: str) -> Path:
+    """The folder of a model: a local folder as it is (its loader checks the files in it), or, for a hub id
+    `org/name`, the hub cache's snapshot holding its config.json and weights. A path that cannot be a hub id
+    (`local_path_reason`) and does not exist is a missing folder, never a download. `what`: the model's role in
+    messages ("SiT", "tokenizer")."""
+    text = str(path_or_hub_id)
+    p = Path(text).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise FileNotFoundError(f"{text}: a file, not a model folder (config.json + model.safetensors)")
+    why = local_path_reason(text)
+    if why is not None:
+        raise FileNotFoundError(f"{text}: no such folder (read as a local path: {why}; a hub id looks "
+                                f"like MAETok/maetok-b-128)")
+    config = hub_download(text, "config.json", f"{text}: no such folder here, and as a hub id")
+    first_error = None
+    for name in HUB_WEIGHTS_FILES:
+        try:
+            weights = hub_download(text, name, f"{what} {text}")
+        except MissingWeightsError as e:  # absent from the repository (or unreachable): try the next name
+            first_error = first_error or e
+            continue
+        if weights.parent != config.parent:  # a commit landed between the two downloads: take both from it
+            return hub_download(text, "config.json", f"{what} {text}").parent
+        return config.parent
+    raise first_error
 
 
 def training_run_hint(folder: Path) -> str:

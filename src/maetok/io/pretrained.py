@@ -2,8 +2,8 @@
 
     save_pretrained(model, "runs/tok/model")          # a MAETok or a SiT
     tokenizer = load_tokenizer("runs/tok/model")      # ours, an official MAETok folder, or a hub id
-    sit = load_sit("runs/sit/model")
-    model = from_pretrained("runs/sit/model")         # whichever kind the folder holds
+    sit = load_sit("runs/sit/model")                  # or a hub id: load_sit("org/sit")
+    model = from_pretrained("runs/sit/model")         # whichever kind the folder (or hub id) holds
 
 The tokenizer's config.json nests its TokenizerConfig under "config"; the SiT's holds the SiTConfig at the top
 level beside its transport path. Both carry "kind" and "maetok_version". Weights are read from safetensors only,
@@ -24,7 +24,7 @@ from ..tokenizer.model import MAETok
 from ..version import __version__
 from .convert_tokenizer import ConversionReport, load_official_tokenizer, resolve_checkpoint_dir
 from .files import atomic_write_bytes, save_safetensors
-from .hub import load_safetensors_strict, training_run_hint
+from .hub import load_safetensors_strict, resolve_model_folder, training_run_hint
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -60,12 +60,12 @@ def convert_official_tokenizer(src: str | Path, out: str | Path, weights: str | 
     return report
 
 
-def from_pretrained(path: str | Path, map_location: str | torch.device = "cpu") -> MAETok | SiT:
-    """The model a folder holds, of whichever kind its config.json names (hub ids: tokenizers only)."""
-    folder = Path(path).expanduser()
-    if (folder / CONFIG_FILE).is_file() and _read_meta(folder / CONFIG_FILE).get("kind") == SIT_KIND:
+def from_pretrained(path_or_hub_id: str | Path, map_location: str | torch.device = "cpu") -> MAETok | SiT:
+    """The model a folder or hub id holds, of whichever kind its config.json names (downloaded once)."""
+    folder = resolve_checkpoint_dir(path_or_hub_id)
+    if _read_meta(folder / CONFIG_FILE).get("kind") == SIT_KIND:
         return load_sit(folder, map_location)
-    return load_tokenizer(path, map_location)
+    return load_tokenizer(folder, map_location)
 
 
 def load_tokenizer(path_or_hub_id: str | Path, map_location: str | torch.device = "cpu") -> MAETok:
@@ -83,9 +83,9 @@ def load_tokenizer(path_or_hub_id: str | Path, map_location: str | torch.device 
     return model.to(map_location).eval()
 
 
-def load_sit(path: str | Path, map_location: str | torch.device = "cpu") -> SiT:
-    """A folder written by save_pretrained (or `maetok convert official-sit`)."""
-    path = Path(path)
+def load_sit(path_or_hub_id: str | Path, map_location: str | torch.device = "cpu") -> SiT:
+    """A folder written by save_pretrained (or `maetok convert official-sit`), or a hub id of one."""
+    path = resolve_model_folder(path_or_hub_id, "SiT")
     cfg_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
     for p in (cfg_path, weights_path):
         if not p.is_file():

@@ -22,7 +22,7 @@ from ..diffusion.sit import SiT
 from ..eval.classifier import SmallCNN, train_classifier
 from ..eval.cost import count_flops, count_params, throughput
 from ..eval.features import build_feature_net, extract_features, features_of, gather_features, wrap_feature_net
-from ..eval.fid import fid, generation_metrics, load_adm_images
+from ..eval.fid import FeatureStats, fid, fid_bootstrap_se, generation_metrics, load_adm_images
 from ..eval.generate import generate_to_dir
 from ..eval.inputs import reference_features
 from ..eval.latent_analysis import gmm_analysis, linear_probe, pca_dim_for_variance, plot_gmm_nll, token_statistics
@@ -31,10 +31,13 @@ from ..io.distributed import DistInfo, barrier, shard_range
 from ..io.pretrained import load_sit
 from ..progress import progress_bar
 from ..tokenizer import MAETok
+from ..train.diffusion_task import snapshots
 from .plan import PilotPlan
 from .stages import PilotData, ResultsFile, first, real_images, training_log
 
 log = logging.getLogger("maetok.pilot")
+# Mean and covariance of a variant's held-out reconstructions under the feature network, in its folder.
+RECON_STATS = "recon-features.npz"
 
 
 class FeatureSpace:
@@ -143,6 +146,9 @@ def evaluate_reconstruction(plan: PilotPlan, variant: str, tokenizer, data: Pilo
     if dist.is_main:
         save_image_grid(torch.cat(grid), plan.variant_dir(variant) / "reconstructions.png", nrow=8)
     out = {("r" + k): v for k, v in fid(recon_feats[0], space.reference).items()}
+    out |= {("r" + k): v for k, v in fid_bootstrap_se(recon_feats[0], space.reference).items()}
+    if dist.is_main:  # what this variant's samples are also measured against (`evaluate_generation`)
+        FeatureStats.from_features(recon_feats[0]).save(plan.variant_dir(variant) / RECON_STATS)
     out |= meter.compute()  # psnr@N, ssim@N
     if plan.inception:
         out |= {("r" + k): v for k, v in fid(recon_feats[1], space.inception_reference()).items()}
@@ -150,14 +156,17 @@ def evaluate_reconstruction(plan: PilotPlan, variant: str, tokenizer, data: Pilo
 
 
 def evaluate_generation(plan: PilotPlan, run_dir: Path, sampling: str, tokenizer, space: FeatureSpace,
-                        dist: DistInfo) -> dict:
-    """Samples of the diffusion model in `run_dir` with the plan's `sampling` ("nocfg" or "cfg"), into
-    run_dir/samples-<sampling>, and their metrics (rank 0's; the other ranks return {})."""
-    model = load_sit(run_dir / "diffusion" / "model").to(dist.device)
+                        dist: DistInfo, model_dir: Path | None = None, samples_dir: Path | None = None) -> dict:
+    """Samples of the diffusion model in `run_dir` (or `model_dir`, e.g. a snapshot) with the plan's `sampling`
+    ("nocfg" or "cfg"), into run_dir/samples-<sampling> (or `samples_dir`), and their metrics (rank 0's; the
+    other ranks return {}): against the held-out images, with the bootstrap standard error of that gFID, and
+    against this tokenizer's own reconstructions of them (how well the diffusion model learned the latent space,
+    apart from what the decoder loses)."""
+    model = load_sit(model_dir or run_dir / "diffusion" / "model").to(dist.device)
     config = plan.sampling[sampling]
     started = time.perf_counter()
-    path = generate_to_dir(model, tokenizer, plan.n_eval, config, run_dir / f"samples-{sampling}", balanced=True,
-                           batch_size=250, device=dist.device, progress=True)  # sharded across ranks under torchrun
+    path = generate_to_dir(model, tokenizer, plan.n_eval, config, samples_dir or run_dir / f"samples-{sampling}",
+                           balanced=True, batch_size=250, device=dist.device, progress=True)  # sharded under torchrun
     gen_s = time.perf_counter() - started
     # uint8 NHWC, memory-mapped: each rank reads only the share it embeds (50k images at 256 px are 10 GB)
     images = load_adm_images(path, lazy=True)
@@ -171,11 +180,32 @@ def evaluate_generation(plan: PilotPlan, run_dir: Path, sampling: str, tokenizer
     metrics = generation_metrics(feats, space.reference, kid_subsets=50,
                                  kid_subset_size=min(1000, max(2, len(images) // 2)))
     metrics = {("g" + k if k.startswith("fid") else k): v for k, v in metrics.items()}
+    metrics |= {("g" + k): v for k, v in fid_bootstrap_se(feats, space.reference).items()}
+    if (run_dir / RECON_STATS).is_file():
+        own = FeatureStats.load(run_dir / RECON_STATS, feats.net)
+        metrics |= {k.replace("fid", "gfid_vs_recon", 1): v for k, v in fid(feats, own).items()}
+        metrics |= {k.replace("fid", "gfid_vs_recon", 1): v for k, v in fid_bootstrap_se(feats, own).items()}
     if inception:
         metrics |= {("g" + k): v for k, v in fid(*inception).items()}
     metrics["sampling_images_per_s"] = len(images) / gen_s
     metrics["cfg_scale"] = config.cfg_scale
     return metrics
+
+
+def evaluate_learning_curve(plan: PilotPlan, run_dir: Path, tokenizer, space: FeatureSpace, dist: DistInfo
+                            ) -> dict:
+    """gFID without CFG of each snapshot the diffusion run kept before its last step (train.snapshot_every): how
+    fast the diffusion model learns this tokenizer's latent space. The last step's gFID is the generation stage's.
+    Samples go to run_dir/learning-curve/step-N."""
+    curve: dict[str, list] = {"steps": [], "gfid": [], "gfid_se": []}
+    for step, model_dir in snapshots(run_dir / "diffusion").items():
+        metrics = evaluate_generation(plan, run_dir, "nocfg", tokenizer, space, dist, model_dir,
+                                      run_dir / "learning-curve" / f"step-{step:08d}")
+        if dist.is_main:
+            curve["steps"].append(step)
+            curve["gfid"].append(next(v for k, v in metrics.items() if k.startswith("gfid[")))
+            curve["gfid_se"].append(next(v for k, v in metrics.items() if k.startswith("gfid_se[")))
+    return curve
 
 
 def _mean_throughput(run_dir: Path) -> float:

@@ -63,6 +63,14 @@ def check_request(budget: str, variants: list[str]) -> None:
         check_set_variant(variant)
 
 
+def _differs(recorded: Any, now: Any) -> bool:
+    """Whether a recorded resolved value differs from today's. A key today's has and the record lacks is a setting
+    added since the record was made: it does not count (the record's run ran without it)."""
+    if isinstance(recorded, dict) and isinstance(now, dict):
+        return any(key not in now or _differs(value, now[key]) for key, value in recorded.items())
+    return recorded != now
+
+
 def _plain(value: Any) -> Any:
     """`value` as JSON gives it back (lists for tuples)."""
     return json.loads(json.dumps(value))
@@ -151,6 +159,8 @@ class PilotPlan:
             f"model.num_tokens={tokenizer.latent_tokens}", f"model.in_channels={tokenizer.latent_dim}",
             f"model.num_classes={self.facts.num_classes}", f"train.steps={settings.diffusion_steps}",
             f"sample.sampler={settings.sampler}", f"sample.steps={settings.sample_steps}",
+            # Models at a quarter, half and three quarters of training: the report's learning curve (gFID).
+            f"train.snapshot_every={max(1, settings.diffusion_steps // 4)}",
             *as_overrides(settings.diffusion)])
 
     def _sample_config(self, cfg_scale: float) -> SampleConfig:
@@ -215,7 +225,7 @@ class PilotPlan:
                    from_dict(DataFacts, data["facts"], "facts"), data.get("device", "cpu"),
                    data.get("inception", False))
         now = plan.to_dict()
-        changed = [k for k in RESOLVED if k in data and _plain(data[k]) != _plain(now[k])]
+        changed = [k for k in RESOLVED if k in data and _differs(_plain(data[k]), _plain(now[k]))]
         if changed:
             raise ConfigError(f"plan for {plan.out}: {', '.join(changed)} differ from what its settings give now; "
                               f"make the plan again from its settings")

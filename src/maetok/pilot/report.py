@@ -18,6 +18,19 @@ HEADLINE = ("rfid", "psnr", "ssim", "gfid", "is[", "gmm_nll", "probe_top1", "tok
             "tokenizer_train_images", "diffusion_train_images", "sampling_images_per_s", "variant_total_wall_s")
 
 
+LEARNING_CURVE_PLOT = "learning_curve.png"
+
+
+def learning_curve(results: dict[str, Any], final_step: int) -> tuple[list, list, list] | None:
+    """(diffusion steps, gFID without CFG, its standard error) of one variant: its snapshots', then its final
+    model's; None without snapshots."""
+    curve, final = results.get("learning_curve"), results.get("generation_nocfg", {})
+    found = _find(final, "gfid["), _find(final, "gfid_se[")
+    if not curve or not curve.get("steps") or None in found:
+        return None
+    return ([*curve["steps"], final_step], [*curve["gfid"], found[0][1]], [*curve["gfid_se"], found[1][1]])
+
+
 def _flat_metrics(results: dict[str, Any]) -> dict[str, Any]:
     """All named metrics of one variant in one flat dict (keys already carry feature net and sample count)."""
     flat: dict[str, Any] = {}
@@ -28,6 +41,12 @@ def _flat_metrics(results: dict[str, Any]) -> dict[str, Any]:
             if k in ("wall_s", "cfg_scale"):
                 continue
             flat[f"{k} ({name})" if not k.startswith("sampling") else f"{k}_{name}"] = v
+    curve, final = results.get("learning_curve") or {}, _find(results.get("generation_nocfg", {}), "gfid[")
+    for step, gfid, se in zip(curve.get("steps", []), curve.get("gfid", []), curve.get("gfid_se", [])):
+        if final is None:  # snapshots evaluated, the final model not (yet): nothing to name the rows after
+            break
+        flat[f"{final[0]} (nocfg) at diffusion step {step}"] = gfid
+        flat[f"{final[0].replace('gfid', 'gfid_se', 1)} (nocfg) at diffusion step {step}"] = se
     flat.update({k: v for k, v in results.get("cost", {}).items() if k != "wall_s"})
     for key in ("tokenizer_train", "decoder_finetune", "diffusion_train", "latents"):
         if key in results and "wall_s" in results[key]:
@@ -78,7 +97,7 @@ def _lead(values: dict[str, float], lower: bool, ses: dict[str, float] | None
     if ses and ses.get(best) is not None and ses.get(second) is not None:
         se = math.hypot(ses[best], ses[second])
         tie = margin < 2 * se
-        noise = f", {'within' if tie else 'beyond'} 2 standard errors ({_fmt(2 * se)}) of the held-out sample"
+        noise = f", {'within' if tie else 'beyond'} 2 standard errors ({_fmt(2 * se)}) of the evaluated sample"
     return best, second, margin, noise, tie
 
 
@@ -116,17 +135,29 @@ def _set_verdict(values: dict[str, float], lower: bool, ses: dict[str, float] | 
     return f"{verdict}; {leader} is ahead of every set (by {_fmt(abs(values[leader] - values[best]))})"
 
 
+def _snapshot_steps(flat: dict[str, Any]) -> list[int]:
+    """The diffusion steps of a variant's learning-curve rows, in order."""
+    marker = " at diffusion step "
+    return sorted(int(k.rsplit(marker, 1)[1]) for k in flat if k.startswith("gfid[") and marker in k)
+
+
 def _verdicts(variants: list[str], flat: dict[str, dict[str, Any]], analysis: dict) -> list[str]:
     has_maetok = any(base_variant(v) == "maetok" for v in variants)
     lines = []
-    checks = [("gfid", " (nocfg)", True, "gFID without CFG"), ("gfid", " (cfg)", True, "gFID with CFG"),
-              ("rfid", "", True, "rFID"), ("probe_top1", "", False, "linear-probe top-1")]
+    checks = [("gfid[", " (nocfg)", True, "gFID without CFG"), ("gfid[", " (cfg)", True, "gFID with CFG"),
+              ("rfid[", "", True, "rFID"), ("probe_top1", "", False, "linear-probe top-1"),
+              ("gfid_vs_recon[", " (nocfg)", True, "gFID against the variant's own reconstructions (no CFG)")]
+    checks += [("gfid[", f" at diffusion step {step}", True, f"gFID without CFG at diffusion step {step}")
+               for step in _snapshot_steps(flat[variants[0]])[:1]]  # the earliest: how fast it is learned
     for prefix, suffix, lower, label in checks:
         found = {v: got for v in variants if (got := _find(flat[v], prefix, suffix))}
         if len(found) != len(variants):
             continue
         values = {v: got[1] for v, got in found.items()}
-        ses = {v: _probe_se(got[1], got[0]) for v, got in found.items()} if prefix == "probe_top1" else None
+        if prefix == "probe_top1":
+            ses = {v: _probe_se(got[1], got[0]) for v, got in found.items()}
+        else:  # the bootstrap standard error recorded beside each FID (eval.fid.fid_bootstrap_se)
+            ses = {v: flat[v].get(got[0].replace("[", "_se[", 1)) for v, got in found.items()}
         lines.append(_verdict_line(label, values, lower, ses, has_maetok))
     gmm = {v: analysis["variants"][v]["gmm"] for v in variants}
     ks = gmm[variants[0]]["ks"]
@@ -154,6 +185,25 @@ def _target_sets_note(variants: list[str]) -> list[str]:
     named = "; ".join(f"`{v}`: {', '.join(names) or 'no auxiliary target'}" for v, names in sets.items())
     return [f"Auxiliary target sets compared (MAETok with these targets, each at weight 1.0, otherwise the same "
             f"run): {named}. The verdicts below name the best set per metric.", ""]
+
+
+def _learnability(variants: list[str], flat: dict[str, dict[str, Any]], out: Path) -> list[str]:
+    """The paper's claim about the diffusion side, apart from the decoder: rows and the learning-curve plot."""
+    rows = [k for k in dict.fromkeys(k for v in variants for k in flat[v])
+            if k.startswith("gfid_vs_recon") or " at diffusion step " in k]
+    if not rows:
+        return []
+    lines = ["", "## The diffusion side: how learnable is each latent space?", "",
+             "`gfid_vs_recon`: FID of the samples (no CFG) against this tokenizer's own reconstructions of the "
+             "held-out images, instead of the images: what the decoder loses counts in both sets, so this measures "
+             "how well the diffusion model learned the latent distribution. The rows `at diffusion step N`: gFID "
+             "without CFG of the diffusion model's EMA during its training (same seed, same data order for every "
+             "variant): how fast it learns. `_se` rows: bootstrap standard errors over the samples.", "",
+             "| metric | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    lines += [f"| {k} | " + " | ".join(_fmt(flat[v].get(k, "")) for v in variants) + " |" for k in rows]
+    if (out / LEARNING_CURVE_PLOT).is_file():
+        lines += ["", f"![gFID during diffusion training]({LEARNING_CURVE_PLOT})"]
+    return lines
 
 
 LATENT_NOTE = ("**Latent fidelity**: this pilot stopped after the latent stages (tokenizers, reconstruction, latent "
@@ -220,6 +270,8 @@ def write_report(out: Path, top: dict[str, Any], per_variant: dict[str, dict], a
     lines += ["", "</details>"]
     lines += ["", "## Does the paper's ordering hold here?", "", PAPER_NOTE, ""]
     lines += _verdicts(variants, flat, analysis)
+    if fidelity == "full":
+        lines += _learnability(variants, flat, out)
     lines += ["", "## Pictures", "", "GMM held-out NLL vs number of components (lower = fewer modes needed):", "",
               "![GMM NLL vs K](gmm_nll.png)", ""]
     if fidelity == "full":

@@ -33,10 +33,10 @@ from ..io.weights import ensure_weights, required_weights
 from ..plugins import reload_plugins
 from ..train.run import setup_logging
 from .budgets import PilotBudget, pilot_settings
-from .evaluation import (analyse_latents, evaluate_generation, evaluate_reconstruction, measure_cost,
-                         prepare_feature_space, real_floor)
+from .evaluation import (analyse_latents, evaluate_generation, evaluate_learning_curve, evaluate_reconstruction,
+                         measure_cost, prepare_feature_space, real_floor)
 from .plan import PilotPlan, check_request
-from .report import write_report
+from .report import LEARNING_CURVE_PLOT, learning_curve, write_report
 from .stages import (PEAK_GPU, PEAK_RSS, ResultsFile, cache_variant_latents, load_json, open_pilot_data,
                      open_variant_results, peak_memory, train_diffusion, train_tokenizer, training_log)
 
@@ -112,6 +112,8 @@ def run_pilot(data_spec: str, variants: list[str], budget: str, out: Path, resum
                 if results.pending(f"generation_{sampling}"):
                     results.record(f"generation_{sampling}",
                                    evaluate_generation(plan, folder, sampling, tokenizer, space, dist))
+            if results.pending("learning_curve"):
+                results.record("learning_curve", evaluate_learning_curve(plan, folder, tokenizer, space, dist))
             if results.pending("cost"):
                 results.record("cost", measure_cost(plan, variant, tokenizer, data, dist.device)
                                if dist.is_main else None)
@@ -155,6 +157,7 @@ def write_pilot_report(plan: PilotPlan, top: ResultsFile, per_variant: dict[str,
     records its process's: a resumed pilot may have run only the last stages itself)."""
     if fidelity == "full":  # a pilot stopped at the latent fidelity has no diffusion training to plot
         plot_losses({v: plan.variant_dir(v) / "diffusion" for v in plan.variants}, plan.out / "diffusion_loss.png")
+        plot_learning_curves(per_variant, plan.settings.diffusion_steps, plan.out / LEARNING_CURVE_PLOT)
     memory = peak_memory(dist.device, dist.world)
     for path in (top.path, *(plan.variant_dir(v) / "results.json" for v in plan.variants)):
         recorded = load_json(path)
@@ -177,6 +180,26 @@ def plot_losses(run_dirs: dict[str, Path], path: Path) -> Path:
     ax.set_xlabel("diffusion training step")
     ax.set_ylabel("flow-matching loss")
     ax.set_title("Diffusion training loss (same SiT, same seed)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def plot_learning_curves(per_variant: dict[str, dict], final_step: int, path: Path) -> Path | None:
+    """gFID without CFG against the diffusion model's training step, per variant, with the bootstrap standard
+    error as error bars: which latent space the same diffusion model learns faster."""
+    curves = {v: curve for v, results in per_variant.items() if (curve := learning_curve(results, final_step))}
+    if not curves:
+        return None
+    fig = Figure(figsize=(5, 3.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, (steps, gfid, se) in curves.items():
+        ax.errorbar(steps, gfid, yerr=se, marker="o", capsize=3, label=name)
+    ax.set_xlabel("diffusion training step")
+    ax.set_ylabel("gFID without CFG (lower is better)")
+    ax.set_title("How fast the same diffusion model learns each latent space")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)

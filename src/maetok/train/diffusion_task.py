@@ -22,6 +22,18 @@ from .loop import Task
 from .randomness import pick_flipped
 
 
+def snapshot_dir(run_dir: Path, step: int) -> Path:
+    """Where a diffusion run keeps its EMA model of `step` (train.snapshot_every), as a model folder."""
+    return Path(run_dir) / "snapshots" / f"step-{step:08d}"
+
+
+def snapshots(run_dir: Path) -> dict[int, Path]:
+    """The run's finished snapshots by step, in order (a folder without its weights is a killed save)."""
+    found = {int(p.name.removeprefix("step-")): p for p in Path(run_dir).glob("snapshots/step-*")
+             if (p / "model.safetensors").is_file()}
+    return dict(sorted(found.items()))
+
+
 class DiffusionTask(Task):
     def __init__(self, cfg: DiffusionRunConfig, device: torch.device, latent_mean: float, latent_std: float,
                  tokenizer: nn.Module | None = None, num_classes: int = 0):
@@ -80,3 +92,6 @@ class DiffusionTask(Task):
 
     def finish(self, ema_model: nn.Module, out_dir: Path) -> None:
         save_pretrained(ema_model, out_dir / "model")
+
+    def snapshot(self, ema_model: nn.Module, step: int, out_dir: Path) -> None:
+        save_pretrained(ema_model, snapshot_dir(out_dir, step))

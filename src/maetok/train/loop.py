@@ -77,6 +77,9 @@ class Task:
     def finish(self, ema_model: nn.Module, out_dir: Path) -> None:
         pass
 
+    def snapshot(self, ema_model: nn.Module, step: int, out_dir: Path) -> None:
+        """Keep the model at `step` (train.snapshot_every; the last step's is the run's own model)."""
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Deterministic data order
@@ -255,11 +258,11 @@ class Trainer:
         cfg, dev = self.cfg, self.dist.device
         if self.dist.is_main:
             self._prepare_run_files()
-        previous = self._install_signals() if _in_main_thread() else {}
+        previous = self._install_signals() if threading.current_thread() is threading.main_thread() else {}
         batches = self._loader()
         log_f = open(self.out / "log.jsonl", "a") if self.dist.is_main else None
         self.tracker = open_tracker(cfg.tracker, self.out, self.step, self.run_config, self.dist.is_main)
-        progress = _progress(cfg.steps, self.step, self.dist.is_main)
+        progress = progress_bar(total=cfg.steps, initial=self.step, disable=not self.dist.is_main, desc="train")
         t_last, n_last = time.perf_counter(), 0
         try:
             while self.step < cfg.steps:
@@ -306,6 +309,7 @@ class Trainer:
                         self._log_step(log_f, progress, lr, gnorm, images_per_s, out, extra)
                         t_last, n_last = time.perf_counter(), 0
                 progress.update(1)
+                self._keep_snapshot()
                 saved = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps
                 if saved:  # before the preview images: a failure there must not cost the steps since the last one
                     self.save()
@@ -329,6 +333,12 @@ class Trainer:
             self.task.finish(self.ema, self.out)
         return {"step": self.step, "finished": finished, "skipped_steps": self.skipped_steps,
                 "stopped_by": self.stop_requested, "world_size": self.dist.world}
+
+    def _keep_snapshot(self) -> None:
+        """Before the step's checkpoint: a run killed between the two resumes before this step and writes it again."""
+        every = self.cfg.snapshot_every
+        if self.dist.is_main and every and self.step % every == 0 and self.step < self.cfg.steps:
+            self.task.snapshot(self.ema, self.step, self.out)
 
     def _prepare_run_files(self) -> None:
         """Before the first step (main process): the run's config, no temporaries of a killed save, and no log
@@ -413,14 +423,6 @@ def _leave_stop_signals_to_main(worker_id: int) -> None:
     its checkpoint. The main process stops them when it is done."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-def _progress(total: int, start: int, enabled: bool):
-    return progress_bar(total=total, initial=start, disable=not enabled, desc="train")
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

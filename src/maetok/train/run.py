@@ -27,49 +27,13 @@ from ..io.weights import ensure_run_weights
 from ..plugins import plugins_for_config, reload_plugins
 from ..version import __version__
 from .diffusion_task import DiffusionTask
+from .distill_task import DistillTask, load_teacher, with_teacher_settings
+from .logs import LogBuffer, setup_logging
 from .loop import Trainer, check_global_batch
 from .tokenizer_task import TokenizerTask, stage2_config
 from .tracking import check_tracker
 
 log = logging.getLogger("maetok.train")
-
-
-def setup_logging(out_dir: Path | None = None, is_main: bool = True,
-                  earlier: list[logging.LogRecord] = ()) -> logging.FileHandler | None:
-    """Log to stderr, and (main process, `out_dir` given) to `<out_dir>/train.log`, starting with `earlier`.
-    Returns the file handler, for the caller to remove when the run ends."""
-    root = logging.getLogger("maetok")
-    root.setLevel(logging.INFO if is_main else logging.WARNING)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-               for h in root.handlers):
-        sh = logging.StreamHandler()
-        sh.setFormatter(fmt)
-        root.addHandler(sh)
-    if out_dir is not None and is_main:
-        for h in list(root.handlers):
-            if isinstance(h, logging.FileHandler):
-                root.removeHandler(h)
-                h.close()
-        # Names from the file system may hold bytes that are not UTF-8: escaped, never a logging error.
-        fh = logging.FileHandler(Path(out_dir) / "train.log", encoding="utf-8", errors="backslashreplace")
-        fh.setFormatter(fmt)
-        for record in earlier:
-            fh.handle(record)
-        root.addHandler(fh)
-        return fh
-    return None
-
-
-class _LogBuffer(logging.Handler):
-    """Keeps the records logged before the run directory exists (it is made only once the setup succeeded)."""
-
-    def __init__(self):
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
 
 
 def _open_training_data(data_cfg, image_size: int):
@@ -91,7 +55,7 @@ class _TrainingRun:
     """
 
     def __init__(self, out_dir: str | Path, resume: bool | str, force: bool, kind: str, info,
-                 early_logs: _LogBuffer):
+                 early_logs: LogBuffer):
         self.info, self.kind, self._early_logs = info, kind, early_logs
         self._saved_config: dict[str, Any] | None = None
         self.log_file: logging.FileHandler | None = None  # train.log, once the run directory is open
@@ -154,7 +118,7 @@ class _TrainingRun:
     def start(cls, out_dir, resume: bool | str, force: bool, device: str, kind: str):
         check_run_flags(resume, force)
         info = init_distributed(device)
-        early_logs = _LogBuffer()
+        early_logs = LogBuffer()
         session = None
         try:
             setup_logging(None, info.is_main)
@@ -177,6 +141,7 @@ class _TrainingRun:
 # decoder_ft.init_from: a resumed stage 2 reads nothing from it (its checkpoint holds the weights and the config)
 # train.optim.lr and grad_clip: the way out of a run stopped by non-finite steps (its emergency checkpoint).
 RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.image_every", "train.ckpt_every", "train.keep_last",
+                     "train.snapshot_every",
                      "train.max_bad_steps", "train.tracker", "train.optim.lr", "train.optim.grad_clip",
                      "train.compile", "train.precision", "data.num_workers",
                      "data.cache_dir", "model.grad_checkpointing", "teacher_precision", "stats_batches", "sample.",
@@ -233,11 +198,13 @@ def _absolute(text: str) -> str:
 
 
 def with_absolute_paths(cfg):
-    """The config with its input paths absolute (latents, tokenizer, data.spec, decoder_ft.init_from), so that a
-    run saved from one folder resumes from any other, and `x` and `./x` are the same input."""
+    """The config with its input paths absolute (latents, tokenizer, data.spec, decoder_ft.init_from,
+    distill.teacher), so that a run saved from one folder resumes from any other, and `x` and `./x` are the same
+    input."""
     cfg = copy.deepcopy(cfg)  # keeps the config source too
     for owner, name in ((cfg, "latents"), (cfg, "tokenizer"), (getattr(cfg, "data", None), "spec"),
-                        (getattr(cfg, "decoder_ft", None), "init_from")):
+                        (getattr(cfg, "decoder_ft", None), "init_from"),
+                        (getattr(cfg, "distill", None), "teacher")):
         if owner is not None and isinstance(getattr(owner, name, None), str):
             setattr(owner, name, _absolute(getattr(owner, name)))
     return cfg
@@ -368,6 +335,51 @@ def finalize_tokenizer(ema_model, dataset, cfg: TokenizerRunConfig, out: Path, d
     return {"latent_mean": mean, "latent_std": std, "psnr_train": value, "model_dir": str(out / "model")}
 
 
+def _latent_data(cfg, tokenizer) -> tuple[Any, float, float, int, tuple[int, int]]:
+    """A diffusion run's data (diffusion training and distillation alike): the latent cache `cfg.latents`, else
+    `cfg.data` encoded online by `tokenizer`. Returns (dataset, latent mean, std, class count, latent shape)."""
+    if not cfg.latents:
+        dataset = _open_training_data(cfg.data, tokenizer.config.image_size)
+        return (dataset, tokenizer.config.latent_mean, tokenizer.config.latent_std, class_count(dataset),
+                (tokenizer.config.latent_tokens, tokenizer.config.latent_dim))
+    source = config_source(cfg)
+    # The cache decides the data; only how it is read and flipped still applies.
+    ignored = [k for k in (source.override_keys() if source else [])
+               if k.startswith("data") and k not in ("data.num_workers", "data.random_flip")]
+    if ignored:
+        raise ConfigError(f"{', '.join(ignored)}: no effect when training on the latent cache "
+                          f"latents={cfg.latents} (its images were chosen when it was made; for fewer, make "
+                          f"a cache with `maetok latents cache --limit N`)")
+    dataset = LatentDataset(cfg.latents)
+    if tokenizer is not None and "tokenizer_config" in dataset.meta:
+        # The tokenizer decodes the preview grids and is saved with the model for `maetok sample`: one that
+        # did not make the cache would decode these latents into nonsense (or fail at the first grid).
+        # Read through the config class, so that fields added since the cache was written take their
+        # defaults; grad_checkpointing does not change the latents.
+        try:
+            with without_validation():
+                cached = from_dict(TokenizerConfig, dataset.meta["tokenizer_config"])
+            diff = [d for d in config_differences(cached, tokenizer.config) if d[0] != "grad_checkpointing"]
+        except ValueError as e:
+            log.warning("%s: cannot read the tokenizer config the cache records (%s); not compared with "
+                        "tokenizer=%s", cfg.latents, e, cfg.tokenizer)
+            diff = []
+        if diff:
+            shown = "; ".join(f"{k}: cache {a!r}, tokenizer {b!r}" for k, a, b in diff[:6])
+            raise ConfigError(f"tokenizer={cfg.tokenizer} did not make the latent cache {cfg.latents} "
+                              f"({shown}); give the tokenizer the cache was encoded with")
+    return dataset, dataset.mean, dataset.std, dataset.num_classes, tuple(dataset.meta["latent_shape"])
+
+
+def _train(session: _TrainingRun, task, cfg, dataset) -> dict[str, Any]:
+    """Open the run folder (everything that can be refused is built by now), resume if asked, and train."""
+    out = session.open_run(cfg)
+    trainer = Trainer(task, cfg.train, dataset, out, cfg, session.info, num_workers=cfg.data.num_workers)
+    if session.run_dir.resuming:
+        trainer.try_resume(session.run_dir.checkpoint)
+    return trainer.fit()
+
+
 def run_diffusion(cfg, out_dir: str | Path, resume: bool | str = False, force: bool = False,
                   device: str = "auto") -> dict[str, Any]:
     """Train SiT / LightningDiT on a latent cache (or on images encoded online); saves `<out>/model` (EMA).
@@ -378,41 +390,9 @@ def run_diffusion(cfg, out_dir: str | Path, resume: bool | str = False, force: b
         check_tracker(cfg.train.tracker)
         torch.manual_seed(cfg.train.seed)
         tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+        dataset, mean, std, num_classes, shape = _latent_data(cfg, tokenizer)
         if cfg.latents:
-            source = config_source(cfg)
-            # The cache decides the data; only how it is read and flipped still applies.
-            ignored = [k for k in (source.override_keys() if source else [])
-                       if k.startswith("data") and k not in ("data.num_workers", "data.random_flip")]
-            if ignored:
-                raise ConfigError(f"{', '.join(ignored)}: no effect when training on the latent cache "
-                                  f"latents={cfg.latents} (its images were chosen when it was made; for fewer, make "
-                                  f"a cache with `maetok latents cache --limit N`)")
-            dataset = LatentDataset(cfg.latents)
-            mean, std, num_classes = dataset.mean, dataset.std, dataset.num_classes
-            shape = tuple(dataset.meta["latent_shape"])
             fit_model_to_latents(cfg, shape, f"latents={cfg.latents}")
-            if tokenizer is not None and "tokenizer_config" in dataset.meta:
-                # The tokenizer decodes the preview grids and is saved with the model for `maetok sample`: one that
-                # did not make the cache would decode these latents into nonsense (or fail at the first grid).
-                # Read through the config class, so that fields added since the cache was written take their
-                # defaults; grad_checkpointing does not change the latents.
-                try:
-                    with without_validation():
-                        cached = from_dict(TokenizerConfig, dataset.meta["tokenizer_config"])
-                    diff = [d for d in config_differences(cached, tokenizer.config) if d[0] != "grad_checkpointing"]
-                except ValueError as e:
-                    log.warning("%s: cannot read the tokenizer config the cache records (%s); not compared with "
-                                "tokenizer=%s", cfg.latents, e, cfg.tokenizer)
-                    diff = []
-                if diff:
-                    shown = "; ".join(f"{k}: cache {a!r}, tokenizer {b!r}" for k, a, b in diff[:6])
-                    raise ConfigError(f"tokenizer={cfg.tokenizer} did not make the latent cache {cfg.latents} "
-                                      f"({shown}); give the tokenizer the cache was encoded with")
-        else:
-            dataset = _open_training_data(cfg.data, tokenizer.config.image_size)
-            mean, std = tokenizer.config.latent_mean, tokenizer.config.latent_std
-            num_classes = class_count(dataset)
-            shape = (tokenizer.config.latent_tokens, tokenizer.config.latent_dim)
         if shape != (cfg.model.num_tokens, cfg.model.in_channels):
             raise ConfigError(f"model.num_tokens/in_channels = {cfg.model.num_tokens}/{cfg.model.in_channels} but "
                               f"the latents are {shape[0]} tokens of dim {shape[1]}")
@@ -432,8 +412,29 @@ def run_diffusion(cfg, out_dir: str | Path, resume: bool | str = False, force: b
         log.info("diffusion %s: %.2fM parameters on %d latents (%d x %d), normalised with mean %.4f std %.4f",
                  cfg.model.variant, sum(p.numel() for p in task.model.parameters()) / 1e6, len(dataset), *shape,
                  mean, std)
-        out = session.open_run(cfg)
-        trainer = Trainer(task, cfg.train, dataset, out, cfg, info, num_workers=cfg.data.num_workers)
-        if session.run_dir.resuming:
-            trainer.try_resume(session.run_dir.checkpoint)
-        return trainer.fit()
+        return _train(session, task, cfg, dataset)
+
+
+def run_distill(cfg, out_dir: str | Path, resume: bool | str = False, force: bool = False,
+                device: str = "auto") -> dict[str, Any]:
+    """Distil the SiT distill.teacher into a shortcut student on the teacher's data (train/distill_task.py);
+    saves `<out>/model` (EMA), which `maetok sample` reads like any model folder. `resume` as for run_tokenizer."""
+    with _TrainingRun.start(out_dir, resume, force, device, "distill") as session:
+        teacher, teacher_run = load_teacher(cfg.distill.teacher)
+        cfg = session.config(with_teacher_settings(cfg, teacher, teacher_run))
+        check_tracker(cfg.train.tracker)
+        torch.manual_seed(cfg.train.seed)
+        tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+        dataset, mean, std, num_classes, shape = _latent_data(cfg, tokenizer)
+        sit = teacher.config
+        if shape != (sit.num_tokens, sit.in_channels) or (sit.num_classes and sit.num_classes != num_classes):
+            raise ConfigError(f"distill.teacher={cfg.distill.teacher} models {sit.num_tokens} tokens of dim "
+                              f"{sit.in_channels} in {sit.num_classes} classes, but the data has {shape[0]} tokens "
+                              f"of dim {shape[1]} in {num_classes}; give the data the teacher was trained on")
+        check_global_batch(len(dataset), cfg.train.batch_size, session.info.world)  # before the run dir is made
+        task = DistillTask(cfg, session.info.device, teacher, mean, std, tokenizer)
+        d = cfg.distill
+        log.info("distilling %s (%.2fM parameters) into a student of 1..%d steps, guidance %g on t in %s folded in",
+                 d.teacher, sum(p.numel() for p in teacher.parameters()) / 1e6, d.max_steps, d.cfg_scale,
+                 list(d.cfg_interval))
+        return _train(session, task, cfg, dataset)
