@@ -122,18 +122,21 @@ def real_floor(plan: PilotPlan, data: PilotData, space: FeatureSpace) -> dict:
 
 @torch.no_grad()
 def evaluate_reconstruction(plan: PilotPlan, variant: str, tokenizer, data: PilotData, space: FeatureSpace,
-                            dist: DistInfo) -> dict:
+                            dist: DistInfo, tokens: int | None = None) -> dict:
     """rFID (+ Inception rFID), PSNR and SSIM of the held-out set, one batch at a time; under torchrun each
     rank reconstructs a contiguous share, and every rank returns the same result. Reconstructions are
-    rounded to uint8 levels first, as `maetok eval recon` does (and as generated samples are)."""
-    nets = [space.feature_net] + ([space.inception_net()] if plan.inception else [])
+    rounded to uint8 levels first, as `maetok eval recon` does (and as generated samples are).
+    `tokens`: from the first k latent tokens only (`evaluate_prefixes`); the grid and statistics files are the
+    full length's."""
+    full = tokens is None
+    nets = [space.feature_net] + ([space.inception_net()] if plan.inception and full else [])
     feats: list[list] = [[] for _ in nets]
     meter, grid = ReconstructionMetrics(lpips=None), []
     share = Subset(data.test_set, shard_range(plan.n_eval, dist))
     loader = DataLoader(share, batch_size=256, shuffle=False, num_workers=space.loader_workers)
     for x, _ in progress_bar(loader, desc="reconstruct", disable=not dist.is_main):
         x = x.to(dist.device)
-        recon = to_uint8_levels(tokenizer.decode(tokenizer.encode(x)).float())
+        recon = to_uint8_levels(tokenizer.decode(tokenizer.encode(x, tokens=tokens)).float())
         meter.update(recon, x)
         for net, net_feats in zip(nets, feats):
             net_feats.append(extract_features(net, recon, batch_size=256, progress=False))
@@ -143,16 +146,33 @@ def evaluate_reconstruction(plan: PilotPlan, variant: str, tokenizer, data: Pilo
     if dist.enabled:
         meter.all_gather(dist)
     recon_feats = [gather_features(f, dist) for f in feats]
-    if dist.is_main:
+    if dist.is_main and full:
         save_image_grid(torch.cat(grid), plan.variant_dir(variant) / "reconstructions.png", nrow=8)
     out = {("r" + k): v for k, v in fid(recon_feats[0], space.reference).items()}
     out |= {("r" + k): v for k, v in fid_bootstrap_se(recon_feats[0], space.reference).items()}
-    if dist.is_main:  # what this variant's samples are also measured against (`evaluate_generation`)
+    if dist.is_main and full:  # what this variant's samples are also measured against (`evaluate_generation`)
         FeatureStats.from_features(recon_feats[0]).save(plan.variant_dir(variant) / RECON_STATS)
     out |= meter.compute()  # psnr@N, ssim@N
     if plan.inception:
         out |= {("r" + k): v for k, v in fid(recon_feats[1], space.inception_reference()).items()}
     return out
+
+
+def evaluate_prefixes(plan: PilotPlan, variant: str, tokenizer, data: PilotData, space: FeatureSpace,
+                      dist: DistInfo) -> dict:
+    """rFID (with its bootstrap standard error), PSNR and SSIM from the first k latent tokens, for every k shorter
+    than L that a nested-dropout tokenizer was trained to decode from (empty lists for any other tokenizer): what
+    each prefix keeps. The full length's numbers are the reconstruction stage's."""
+    curve: dict[str, list] = {"tokens": [], "rfid": [], "rfid_se": [], "psnr": [], "ssim": []}
+    counts, length = tokenizer.config.allowed_token_counts[:-1], tokenizer.config.latent_tokens
+    if len(counts) > 7:  # trained on every k (no token_counts given): seven spread evenly make the curve
+        counts = sorted({min(counts, key=lambda k: abs(k - length * i / 8)) for i in range(1, 8)})
+    for tokens in counts:
+        metrics = evaluate_reconstruction(plan, variant, tokenizer, data, space, dist, tokens=tokens)
+        curve["tokens"].append(tokens)
+        for name in ("rfid", "rfid_se", "psnr", "ssim"):
+            curve[name].append(next(v for k, v in metrics.items() if k.startswith((f"{name}[", f"{name}@"))))
+    return curve
 
 
 def evaluate_generation(plan: PilotPlan, run_dir: Path, sampling: str, tokenizer, space: FeatureSpace,

@@ -18,7 +18,9 @@ HEADLINE = ("rfid", "psnr", "ssim", "gfid", "is[", "gmm_nll", "probe_top1", "tok
             "tokenizer_train_images", "diffusion_train_images", "sampling_images_per_s", "variant_total_wall_s")
 
 
-LEARNING_CURVE_PLOT = "learning_curve.png"
+LEARNING_CURVE_PLOT, TOKENS_CURVE_PLOT = "learning_curve.png", "tokens_curve.png"
+# What the rows of the report's sections on prefixes and on the learning curve carry in their names.
+PREFIX_MARK, STEP_MARK = " from the first ", " at diffusion step "
 
 
 def learning_curve(results: dict[str, Any], final_step: int) -> tuple[list, list, list] | None:
@@ -45,8 +47,9 @@ def _flat_metrics(results: dict[str, Any]) -> dict[str, Any]:
     for step, gfid, se in zip(curve.get("steps", []), curve.get("gfid", []), curve.get("gfid_se", [])):
         if final is None:  # snapshots evaluated, the final model not (yet): nothing to name the rows after
             break
-        flat[f"{final[0]} (nocfg) at diffusion step {step}"] = gfid
-        flat[f"{final[0].replace('gfid', 'gfid_se', 1)} (nocfg) at diffusion step {step}"] = se
+        flat[f"{final[0]} (nocfg){STEP_MARK}{step}"] = gfid
+        flat[f"{final[0].replace('gfid', 'gfid_se', 1)} (nocfg){STEP_MARK}{step}"] = se
+    flat.update(_prefix_rows(results))
     flat.update({k: v for k, v in results.get("cost", {}).items() if k != "wall_s"})
     for key in ("tokenizer_train", "decoder_finetune", "diffusion_train", "latents"):
         if key in results and "wall_s" in results[key]:
@@ -137,8 +140,7 @@ def _set_verdict(values: dict[str, float], lower: bool, ses: dict[str, float] | 
 
 def _snapshot_steps(flat: dict[str, Any]) -> list[int]:
     """The diffusion steps of a variant's learning-curve rows, in order."""
-    marker = " at diffusion step "
-    return sorted(int(k.rsplit(marker, 1)[1]) for k in flat if k.startswith("gfid[") and marker in k)
+    return sorted(int(k.rsplit(STEP_MARK, 1)[1]) for k in flat if k.startswith("gfid[") and STEP_MARK in k)
 
 
 def _verdicts(variants: list[str], flat: dict[str, dict[str, Any]], analysis: dict) -> list[str]:
@@ -187,10 +189,53 @@ def _target_sets_note(variants: list[str]) -> list[str]:
             f"run): {named}. The verdicts below name the best set per metric.", ""]
 
 
+def _section_row(key: str) -> bool:
+    return PREFIX_MARK in key or STEP_MARK in key or key.startswith("gfid_vs_recon")
+
+
+def prefix_curve(results: dict[str, Any], length: int) -> dict[str, list] | None:
+    """rFID, its standard error, PSNR and SSIM per number of latent tokens k, the full `length` last; None for a
+    tokenizer without nested token dropout."""
+    curve, full = results.get("prefix_reconstruction"), results.get("reconstruction", {})
+    found = {name: _find(full, name) for name in ("rfid[", "rfid_se[", "psnr@", "ssim@")}
+    if not curve or not curve.get("tokens") or None in found.values():
+        return None
+    out = {name: [*curve[name], found[prefix][1]] for name, prefix in
+           (("rfid", "rfid["), ("rfid_se", "rfid_se["), ("psnr", "psnr@"), ("ssim", "ssim@"))}
+    return {"tokens": [*curve["tokens"], length], **out}
+
+
+def _prefix_rows(results: dict[str, Any]) -> dict[str, Any]:
+    curve, full = results.get("prefix_reconstruction") or {}, results.get("reconstruction", {})
+    rows = {}
+    for name, prefix in (("rfid", "rfid["), ("rfid_se", "rfid_se["), ("psnr", "psnr@"), ("ssim", "ssim@")):
+        key = _find(full, prefix)
+        for tokens, value in zip(curve.get("tokens", []), curve.get(name, [])):
+            if key:
+                rows[f"{key[0]}{PREFIX_MARK}{tokens} tokens"] = value
+    return rows
+
+
+def _prefix_section(variants: list[str], flat: dict[str, dict[str, Any]], out: Path) -> list[str]:
+    """What the first k latent tokens keep, for tokenizers trained with nested token dropout."""
+    rows = [k for k in dict.fromkeys(k for v in variants for k in flat[v]) if PREFIX_MARK in k]
+    if not rows:
+        return []
+    lines = ["", "## Fewer tokens: what the first k latent tokens keep", "",
+             "Tokenizers trained with nested token dropout decode from any prefix of their latent tokens they were "
+             "trained on: reconstruction quality of the held-out images from the first k tokens (the full length's "
+             "is in the main table). A diffusion model on k tokens costs about k/L of one on all of them.", "",
+             "| metric | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    lines += [f"| {k} | " + " | ".join(_fmt(flat[v].get(k, "")) for v in variants) + " |" for k in rows]
+    if (out / TOKENS_CURVE_PLOT).is_file():
+        lines += ["", f"![rFID and PSNR vs number of latent tokens]({TOKENS_CURVE_PLOT})"]
+    return lines
+
+
 def _learnability(variants: list[str], flat: dict[str, dict[str, Any]], out: Path) -> list[str]:
     """The paper's claim about the diffusion side, apart from the decoder: rows and the learning-curve plot."""
     rows = [k for k in dict.fromkeys(k for v in variants for k in flat[v])
-            if k.startswith("gfid_vs_recon") or " at diffusion step " in k]
+            if k.startswith("gfid_vs_recon") or STEP_MARK in k]
     if not rows:
         return []
     lines = ["", "## The diffusion side: how learnable is each latent space?", "",
@@ -254,6 +299,8 @@ def write_report(out: Path, top: dict[str, Any], per_variant: dict[str, dict], a
     if "cifar" in top["plan"]["data"].lower():
         lines += ["The CIFAR-10 copy used is JPEG-compressed: these FIDs compare our variants with each other "
                   "and are not comparable with published CIFAR-10 FIDs.", ""]
+    sections = [k for k in keys if _section_row(k)]  # shown in their own sections below
+    keys = [k for k in keys if k not in sections]
     headline = [k for k in keys if k.startswith(HEADLINE)]
     lines += ["| metric | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
     for k in headline:
@@ -270,6 +317,7 @@ def write_report(out: Path, top: dict[str, Any], per_variant: dict[str, dict], a
     lines += ["", "</details>"]
     lines += ["", "## Does the paper's ordering hold here?", "", PAPER_NOTE, ""]
     lines += _verdicts(variants, flat, analysis)
+    lines += _prefix_section(variants, flat, out)
     if fidelity == "full":
         lines += _learnability(variants, flat, out)
     lines += ["", "## Pictures", "", "GMM held-out NLL vs number of components (lower = fewer modes needed):", "",

@@ -33,10 +33,10 @@ from ..io.weights import ensure_weights, required_weights
 from ..plugins import reload_plugins
 from ..train.run import setup_logging
 from .budgets import PilotBudget, pilot_settings
-from .evaluation import (analyse_latents, evaluate_generation, evaluate_learning_curve, evaluate_reconstruction,
-                         measure_cost, prepare_feature_space, real_floor)
+from .evaluation import (analyse_latents, evaluate_generation, evaluate_learning_curve, evaluate_prefixes,
+                         evaluate_reconstruction, measure_cost, prepare_feature_space, real_floor)
 from .plan import PilotPlan, check_request
-from .report import LEARNING_CURVE_PLOT, learning_curve, write_report
+from .report import LEARNING_CURVE_PLOT, TOKENS_CURVE_PLOT, learning_curve, prefix_curve, write_report
 from .stages import (PEAK_GPU, PEAK_RSS, ResultsFile, cache_variant_latents, load_json, open_pilot_data,
                      open_variant_results, peak_memory, train_diffusion, train_tokenizer, training_log)
 
@@ -100,6 +100,9 @@ def run_pilot(data_spec: str, variants: list[str], budget: str, out: Path, resum
             tokenizer = load_tokenizer(plan.tokenizer_dir(variant) / "model").to(dist.device)
             if results.pending("reconstruction"):
                 results.record("reconstruction", evaluate_reconstruction(plan, variant, tokenizer, data, space, dist))
+            if results.pending("prefix_reconstruction"):
+                results.record("prefix_reconstruction",
+                               evaluate_prefixes(plan, variant, tokenizer, data, space, dist))
             if results.pending("latents"):
                 results.record("latents", cache_variant_latents(plan, variant, tokenizer, data, dist))
             per_variant[variant] = results.stages
@@ -158,6 +161,8 @@ def write_pilot_report(plan: PilotPlan, top: ResultsFile, per_variant: dict[str,
     if fidelity == "full":  # a pilot stopped at the latent fidelity has no diffusion training to plot
         plot_losses({v: plan.variant_dir(v) / "diffusion" for v in plan.variants}, plan.out / "diffusion_loss.png")
         plot_learning_curves(per_variant, plan.settings.diffusion_steps, plan.out / LEARNING_CURVE_PLOT)
+    plot_prefix_curves({v: prefix_curve(per_variant[v], plan.tokenizer_runs[v][-1].config.model.latent_tokens)
+                        for v in plan.variants}, plan.out / TOKENS_CURVE_PLOT)
     memory = peak_memory(dist.device, dist.world)
     for path in (top.path, *(plan.variant_dir(v) / "results.json" for v in plan.variants)):
         recorded = load_json(path)
@@ -201,6 +206,28 @@ def plot_learning_curves(per_variant: dict[str, dict], final_step: int, path: Pa
     ax.set_ylabel("gFID without CFG (lower is better)")
     ax.set_title("How fast the same diffusion model learns each latent space")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def plot_prefix_curves(curves: dict[str, dict[str, list] | None], path: Path) -> Path | None:
+    """rFID (with its standard error) and PSNR against the number of latent tokens decoded from, per variant
+    trained with nested token dropout."""
+    curves = {v: curve for v, curve in curves.items() if curve}
+    if not curves:
+        return None
+    fig = Figure(figsize=(9, 3.5), dpi=120)
+    FigureCanvasAgg(fig)
+    rfid_axes, psnr_axes = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for name, curve in curves.items():
+        rfid_axes.errorbar(curve["tokens"], curve["rfid"], yerr=curve["rfid_se"], marker="o", capsize=3, label=name)
+        psnr_axes.plot(curve["tokens"], curve["psnr"], marker="o", label=name)
+    for axes, label in ((rfid_axes, "rFID (lower is better)"), (psnr_axes, "PSNR, dB (higher is better)")):
+        axes.set_xlabel("latent tokens decoded from (k)")
+        axes.set_ylabel(label)
+        axes.legend()
+    fig.suptitle("What the first k latent tokens keep")
     fig.tight_layout()
     fig.savefig(path)
     return path
