@@ -278,6 +278,23 @@ def test_nonfinite_steps_are_skipped_then_stop_with_emergency_checkpoint(tmp_pat
     assert state["counters"]["skipped_steps"] == 3
 
 
+def test_a_run_does_not_finish_on_weights_that_give_nonfinite_losses(tmp_path: Path):
+    """A short streak of non-finite steps at the end (fewer than max_bad_steps) whose cause is in the weights: the
+    run stops as a diverged one (rolled back, exit 4) instead of saving a model of NaNs as finished."""
+    def poison_the_weights(call, loss):
+        if call == 3:  # as an update with an absurd learning rate would leave them
+            with torch.no_grad():
+                trainer.task.model.weight.fill_(float("inf"))
+            return trainer.task.model(torch.ones(1, 2)).sum() * 0 + float("nan")
+        return loss
+
+    trainer = _toy_trainer(tmp_path, 4, poison_the_weights, ckpt_every=1)
+    with pytest.raises(FloatingPointError, match=r"2 consecutive non-finite steps \(steps 2-3\); rolled back to step"):
+        trainer.fit()
+    emergency = load_checkpoint(next((tmp_path / "checkpoints").glob("emergency-*.pt")))
+    assert all(torch.isfinite(v).all() for v in emergency["model"].values())
+
+
 def test_a_nonfinite_loss_with_finite_gradients_is_still_skipped(tmp_path: Path):
     """Backward runs before the check (one host sync per step); a NaN that reaches the loss but no gradient (a
     term without parameters) must skip the step all the same."""

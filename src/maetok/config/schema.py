@@ -344,8 +344,8 @@ class OptimConfig:
     grad_clip: float = 1.0              # 0 disables clipping
 
     def validate(self, key: str) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"{key}.lr={self.lr} must be > 0")
+        if not 0 < self.lr <= 1:  # above 1, AdamW moves every weight by more than 1 per step: a typo
+            raise ConfigError(f"{key}.lr={self.lr} must lie in (0, 1]")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"{key}.betas={list(self.betas)} must lie in [0, 1)")
         if self.warmup_steps < 0 or self.grad_clip < 0 or self.lr_reference_batch < 0:

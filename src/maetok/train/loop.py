@@ -365,8 +365,7 @@ class Trainer:
         progress.set_postfix(loss=f"{record['loss']:.4f}", ips=f"{record['images_per_s']:.1f}", refresh=False)
 
     def _stop(self, signal_name: str, saved: bool) -> None:
-        """The agreed stop: every rank stops after the same step, with rank 0's checkpoint of it (unless the step
-        was just saved)."""
+        """The agreed stop: every rank stops after the same step, with rank 0's checkpoint of it (unless just saved)."""
         self.stop_requested = signal_name
         if not saved:
             self.save()
@@ -380,7 +379,9 @@ class Trainer:
         log.warning("step %d: non-finite loss or gradient (%s); step skipped (%d in a row)", self.step,
                     {k: v for k, v in _scalars(out).items()}, self.bad_steps)
         self.step += 1
-        if self.bad_steps >= self.cfg.max_bad_steps:
+        # However short the streak, a run must not end on weights that give non-finite losses.
+        ruined = self.step == self.cfg.steps and not all(bool(p.isfinite().all()) for p in self.model.parameters())
+        if self.bad_steps >= self.cfg.max_bad_steps or ruined:
             raise FloatingPointError(self._stop_diverged())
 
     def _stop_diverged(self) -> str:
