@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--collect" ]; then
   src=$2; dst=benchmarks/results/sweep-cifar
-  rm -rf "$dst"; mkdir -p "$dst"; cp "$src"/report.md "$src"/report.json "$src"/*.png "$dst"/
+  mkdir -p "$dst"; find "$dst" -type f ! -name README.md -delete; cp "$src"/report.md "$src"/report.json "$src"/*.png "$dst"/
   cp benchmarks/sweep/maetok-cifar.yaml "$dst"/space.yaml; echo "copied to $dst"; exit 0
 fi
 out=${1:-runs/sweep-cifar}

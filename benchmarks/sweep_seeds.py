@@ -17,9 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
 from common import RESULTS_DIR, machine, markdown_table, utc_now, write_json
+from maetok.pilot.budgets import as_overrides
 
 # What the comparison reads from each pilot's report.json (the maetok column), lower-is-better flag.
 KPIS = {"gfid[resnet56-cifar10]@2000 (nocfg)": True, "gfid[resnet56-cifar10]@2000 (cfg)": True,
@@ -29,14 +28,14 @@ KPIS = {"gfid[resnet56-cifar10]@2000 (nocfg)": True, "gfid[resnet56-cifar10]@200
 def best_settings(sweep: Path) -> list[str]:
     """The best trial's tokenizer settings as --tokenizer-set KEY=VALUE arguments."""
     report = json.loads((sweep / "report.json").read_text())
-    settings = report["best"]["settings"]
+    settings = report["best"][0]["settings"]  # a single objective: one best trial
     out = []
     for key, value in settings.items():
         run_key = key.removeprefix("tokenizer.")
         if run_key == key:
             raise SystemExit(f"{sweep}/report.json: setting {key} is not a tokenizer setting; this script reruns "
                              f"tokenizer settings only")
-        out += ["--tokenizer-set", f"{run_key}={yaml.safe_dump(value, default_flow_style=True).strip()}"]
+        out += ["--tokenizer-set", *as_overrides({run_key: value})]
     return out
 
 
