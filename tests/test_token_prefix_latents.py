@@ -209,3 +209,21 @@ def test_generation_gflops_count_the_sit_at_k_tokens(runs):
     assert 0 < prefix["sit_forward_gflops"] < full["sit_forward_gflops"]
     # The decoder starts from K tokens but fills the tail with the absent token: the same sequence, the same cost.
     assert prefix["decode_gflops"] == full["decode_gflops"] > 0
+
+
+def test_eval_recon_from_the_first_k_tokens_writes_its_own_result(runs):
+    common = ["eval", "recon", "--tokenizer", runs["tok"] / "model", "--ref", "shapes", "--num-samples", 8,
+              "--features", "resnet20-cifar10-random", "--device", "cpu", "--out", "eval"]
+    code, out, err = run(*common, "--tokens", K)
+    assert code == 0, err
+    prefix = json.loads(out)
+    assert prefix["tokens"] == K and prefix["num_images"] == 8
+    code, out, err = run(*common)  # the full length: another file, not refused as already there
+    assert code == 0, err
+    full = json.loads(out)
+    assert prefix["metrics"]["psnr@8"] != full["metrics"]["psnr@8"] and sorted(p.name for p in Path("eval").iterdir()) == \
+        sorted(["tok-model.recon-resnet20-cifar10-random.json", f"tok-model.recon-k{K}-resnet20-cifar10-random.json"])
+    assert "--tokens 3" not in error_line(*common, "--tokens", 3, "--force") and \
+        "decodes from k in" in error_line(*common, "--tokens", 3, "--force")
+    assert "--tokens is for maetok eval recon" in error_line("eval", "gen", "--samples", "x.npz", "--ref", "shapes",
+                                                             "--tokens", K)

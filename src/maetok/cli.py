@@ -307,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["gen", "recon"], help="what to evaluate (see above)")
     p.add_argument("--samples", help="gen: .npz with arr_0 (uint8 NHWC), or an image folder")
     p.add_argument("--tokenizer", type=_checkpoint(hub=True), help="recon: tokenizer weights folder or hub id")
+    p.add_argument("--tokens", type=_count(1), default=None, metavar="K",
+                   help="recon: from the first K latent tokens (a tokenizer trained with nested token dropout)")
     p.add_argument("--ref", required=True, help="reference: data spec, ADM .npz batch or cached stats .npz")
     p.add_argument("--split", default=None, help=SPLIT_HELP)
     p.add_argument("--num-samples", "--num", dest="num_samples", type=_count(0), default=0, metavar="N",

@@ -81,10 +81,14 @@ def _evaluate(args: argparse.Namespace, info: DistInfo, device) -> dict[str, Any
         raise EvalInputError("maetok eval gen needs --samples (.npz with arr_0, or an image folder)")
     if args.what == "recon" and not args.tokenizer:
         raise EvalInputError("maetok eval recon needs --tokenizer (a tokenizer weights folder)")
+    tokens = getattr(args, "tokens", None)
+    if args.what == "gen" and tokens is not None:
+        raise EvalInputError("--tokens is for maetok eval recon (reconstruct from the first K latent tokens); "
+                             "samples carry their own token count")
     net = resolve_feature_net(args.features, device)
     # Before any work, and alike on every rank: an earlier result (hours of Inception on a CPU) is kept.
     path = result_path(out, args.samples, "eval", net.name) if args.what == "gen" else \
-        result_path(out, args.tokenizer, "recon", net.name)
+        result_path(out, args.tokenizer, "recon" if tokens is None else f"recon-k{tokens}", net.name)
     if path.exists() and not getattr(args, "force", False):
         raise EvalInputError(f"{path} already holds an evaluation result; give --force to replace it, or --out "
                              f"another .json file or folder")
@@ -103,7 +107,7 @@ def _evaluate(args: argparse.Namespace, info: DistInfo, device) -> dict[str, Any
     # The same key as `eval gen` uses: one cache of these reference images serves rFID and gFID alike.
     key = reference_key(args.ref, split, args.num_samples, size, net.name)
     result = evaluate_reconstruction(tokenizer, dataset, net, device=device, stats_cache=args.stats_cache,
-                                     cache_key=key, progress=info.is_main, dist=info)
+                                     cache_key=key, progress=info.is_main, dist=info, tokens=tokens)
     result = {"tokenizer": str(args.tokenizer), "reference": {"source": args.ref, "split": split}, **result}
     return write(result, path)
 
