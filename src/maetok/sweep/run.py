@@ -27,7 +27,7 @@ from ..train.run import setup_logging
 from .config import SweepConfig
 from .report import write_sweep_report
 from .study import (count_trials, has_heartbeat, make_pruner, make_sampler, open_storage, open_study,
-                    recover_dead_trials, shown_url, storage_url)
+                    recover_dead_trials, shown_url, storage_url, trial_seed)
 from .trial import TrialRunner, follow, share_command
 
 log = logging.getLogger("maetok.sweep")
@@ -107,7 +107,7 @@ def run_trials(study: optuna.Study, runner: TrialRunner, lock: FileLock, config:
             # Seeded by the trial's place in the study (the storage keeps no sampler state): the same trials so far
             # give the same next proposal, in this process or in a sweep run again.
             total = len(study.get_trials(deepcopy=False))
-            study.sampler = sampler or make_sampler(config.sampler, config.seed + total, config.trials)
+            study.sampler = sampler or make_sampler(config.sampler, trial_seed(config.seed, total), config.trials)
             study.optimize(runner.objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
         finally:
             runner.release_lock()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -102,6 +103,13 @@ def open_study(storage: BaseStorage, config: SweepConfig, space: SearchSpace, de
     if not any(t.user_attrs.get("default") for t in study.get_trials(deepcopy=False)):
         study.enqueue_trial(defaults, user_attrs={"default": True})
     return study
+
+
+def trial_seed(seed: int, trials_so_far: int) -> int:
+    """The sampler's seed for the study's next trial: a pure function of the sweep's --seed and the trials it holds
+    (a resumed sweep proposes what an uninterrupted one would), hashed so that the streams of two --seed values
+    are unrelated (seed + trials_so_far would make --seed 1 repeat --seed 0's proposals one trial later)."""
+    return int(np.random.SeedSequence([seed, trials_so_far]).generate_state(1)[0])
 
 
 def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampler:
