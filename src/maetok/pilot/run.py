@@ -204,7 +204,7 @@ def plot_learning_curves(per_variant: dict[str, dict], final_step: int, path: Pa
         ax.errorbar(steps, gfid, yerr=se, marker="o", capsize=3, label=name)
     ax.set_xlabel("diffusion training step")
     ax.set_ylabel("gFID without CFG (lower is better)")
-    ax.set_title("How fast the same diffusion model learns each latent space")
+    ax.set_title("gFID during diffusion training (same SiT)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
