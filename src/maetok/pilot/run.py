@@ -3,8 +3,10 @@
 For each variant, with the same backbone, budget and seed: train the tokenizer (MAETok: stage 1, then its extra
 decoder fine-tuning stage, as in the paper; the report says so), cache its latents, train the same diffusion
 model, sample with and without CFG, and measure rFID / gFID / IS / precision-recall / PSNR / SSIM, GMM NLL per
-K (one PCA dimension for all), linear-probe accuracy, parameters, GFLOPs and throughput. Writes `report.md`,
-`report.json`, PNG grids and plots.
+K (one PCA dimension for all), linear-probe accuracy, parameters, GFLOPs and throughput; every FID with its
+bootstrap standard error, the samples' FID against the variant's own reconstructions and gFID at the diffusion
+run's snapshots (its learning curve), and for a nested-dropout tokenizer the reconstruction metrics per prefix
+length. Writes `report.md`, `report.json`, PNG grids and plots.
 Every stage writes its result to disk before the next starts, so re-running with --resume continues.
 `fidelity="latent"` stops after the latent stages (tokenizers, reconstruction, latent caches, latent analysis) and
 writes a report without generation metrics; the same pilot continued at `fidelity="full"` reuses them all (a
