@@ -73,6 +73,15 @@ def fixture_cpu_rounding(parity_dir: Path) -> bool:
     return torch.equal(timestep_features(t, recorded.shape[1]), recorded)
 
 
+def close_run_logs() -> None:
+    """Training attaches a file handler for <run>/train.log to the "maetok" logger: take it off and close it (for
+    module-scoped fixtures that train, which the function-scoped `maetok_logger_as_found` cannot serve)."""
+    logger = logging.getLogger("maetok")
+    for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
+        logger.removeHandler(handler)
+        handler.close()
+
+
 @pytest.fixture
 def maetok_logger_as_found():
     """Training and sweeps add handlers to the "maetok" logger (stderr, train.log): take them off after the test,

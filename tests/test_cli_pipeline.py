@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import math
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import close_run_logs
 from maetok.cli import main
 from maetok.io.pretrained import load_sit, load_tokenizer
 
@@ -73,11 +73,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         assert code == 0, out
         yield p
     finally:
-        # Training attaches a file handler for <run>/train.log to the "maetok" logger; do not leave it open.
-        logger = logging.getLogger("maetok")
-        for h in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
-            logger.removeHandler(h)
-            h.close()
+        close_run_logs()  # the runs' train.log handlers
 
 
 @pytest.fixture(autouse=True)

@@ -7,13 +7,13 @@ import contextlib
 import dataclasses
 import io
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import close_run_logs
 from maetok.cli import main
 from maetok.commands.common import ExitCode
 from maetok.config import ConfigError, SiTConfig, TokenizerConfig
@@ -81,11 +81,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                                                dec_heads=2, dec_depth=1, aux_targets=[])), p["plain"])
         yield p
     finally:
-        # Training attaches a file handler for <run>/train.log to the "maetok" logger; do not leave it open.
-        logger = logging.getLogger("maetok")
-        for h in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
-            logger.removeHandler(h)
-            h.close()
+        close_run_logs()  # the runs' train.log handlers
 
 
 @pytest.fixture(autouse=True)

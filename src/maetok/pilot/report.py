@@ -189,6 +189,21 @@ def _target_sets_note(variants: list[str]) -> list[str]:
             f"run): {named}. The verdicts below name the best set per metric.", ""]
 
 
+def _metric_table(variants: list[str], flat: dict[str, dict[str, Any]], keys: list[str]) -> list[str]:
+    """A markdown table: one row per metric key, one column per variant (blank where a variant lacks it)."""
+    return ["| metric | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants),
+            *(f"| {k} | " + " | ".join(_fmt(flat[v].get(k, "")) for v in variants) + " |" for k in keys)]
+
+
+def _section(title: str, text: str, variants: list[str], flat: dict[str, dict[str, Any]], rows: list[str],
+             plot: Path, alt: str) -> list[str]:
+    """A report section of its own rows: the title, what they mean, their table and the plot when it was drawn."""
+    if not rows:
+        return []
+    lines = ["", f"## {title}", "", text, "", *_metric_table(variants, flat, rows)]
+    return lines + (["", f"![{alt}]({plot.name})"] if plot.is_file() else [])
+
+
 def _section_row(key: str) -> bool:
     return PREFIX_MARK in key or STEP_MARK in key or key.startswith("gfid_vs_recon")
 
@@ -219,36 +234,24 @@ def _prefix_rows(results: dict[str, Any]) -> dict[str, Any]:
 def _prefix_section(variants: list[str], flat: dict[str, dict[str, Any]], out: Path) -> list[str]:
     """What the first k latent tokens keep, for tokenizers trained with nested token dropout."""
     rows = [k for k in dict.fromkeys(k for v in variants for k in flat[v]) if PREFIX_MARK in k]
-    if not rows:
-        return []
-    lines = ["", "## Fewer tokens: what the first k latent tokens keep", "",
-             "Tokenizers trained with nested token dropout decode from any prefix of their latent tokens they were "
-             "trained on: reconstruction quality of the held-out images from the first k tokens (the full length's "
-             "is in the main table). A diffusion model on k tokens costs about k/L of one on all of them.", "",
-             "| metric | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
-    lines += [f"| {k} | " + " | ".join(_fmt(flat[v].get(k, "")) for v in variants) + " |" for k in rows]
-    if (out / TOKENS_CURVE_PLOT).is_file():
-        lines += ["", f"![rFID and PSNR vs number of latent tokens]({TOKENS_CURVE_PLOT})"]
-    return lines
+    text = ("Tokenizers trained with nested token dropout decode from any prefix of their latent tokens they were "
+            "trained on: reconstruction quality of the held-out images from the first k tokens (the full length's "
+            "is in the main table). A diffusion model on k tokens costs about k/L of one on all of them.")
+    return _section("Fewer tokens: what the first k latent tokens keep", text, variants, flat, rows,
+                    out / TOKENS_CURVE_PLOT, "rFID and PSNR vs number of latent tokens")
 
 
 def _learnability(variants: list[str], flat: dict[str, dict[str, Any]], out: Path) -> list[str]:
     """The paper's claim about the diffusion side, apart from the decoder: rows and the learning-curve plot."""
     rows = [k for k in dict.fromkeys(k for v in variants for k in flat[v])
             if k.startswith("gfid_vs_recon") or STEP_MARK in k]
-    if not rows:
-        return []
-    lines = ["", "## The diffusion side: how learnable is each latent space?", "",
-             "`gfid_vs_recon`: FID of the samples (no CFG) against this tokenizer's own reconstructions of the "
-             "held-out images, instead of the images: what the decoder loses counts in both sets, so this measures "
-             "how well the diffusion model learned the latent distribution. The rows `at diffusion step N`: gFID "
-             "without CFG of the diffusion model's EMA during its training (same seed, same data order for every "
-             "variant): how fast it learns. `_se` rows: bootstrap standard errors over the samples.", "",
-             "| metric | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
-    lines += [f"| {k} | " + " | ".join(_fmt(flat[v].get(k, "")) for v in variants) + " |" for k in rows]
-    if (out / LEARNING_CURVE_PLOT).is_file():
-        lines += ["", f"![gFID during diffusion training]({LEARNING_CURVE_PLOT})"]
-    return lines
+    text = ("`gfid_vs_recon`: FID of the samples (no CFG) against this tokenizer's own reconstructions of the "
+            "held-out images, instead of the images: what the decoder loses counts in both sets, so this measures "
+            "how well the diffusion model learned the latent distribution. The rows `at diffusion step N`: gFID "
+            "without CFG of the diffusion model's EMA during its training (same seed, same data order for every "
+            "variant): how fast it learns. `_se` rows: bootstrap standard errors over the samples.")
+    return _section("The diffusion side: how learnable is each latent space?", text, variants, flat, rows,
+                    out / LEARNING_CURVE_PLOT, "gFID during diffusion training")
 
 
 LATENT_NOTE = ("**Latent fidelity**: this pilot stopped after the latent stages (tokenizers, reconstruction, latent "
@@ -302,18 +305,13 @@ def write_report(out: Path, top: dict[str, Any], per_variant: dict[str, dict], a
     sections = [k for k in keys if _section_row(k)]  # shown in their own sections below
     keys = [k for k in keys if k not in sections]
     headline = [k for k in keys if k.startswith(HEADLINE)]
-    lines += ["| metric | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
-    for k in headline:
-        lines.append(f"| {k} | " + " | ".join(_fmt(flat[v].get(k, "")) for v in variants) + " |")
+    lines += _metric_table(variants, flat, headline)
     lines += ["", "Costs: parameters and FLOPs are properties of the models (generation_gflops_per_image: every "
               "forward pass of the sampler, guided ones twice, plus the decode). The images/s rows are wall-clock "
               "on this machine while the variants ran one after another, so other load on it moves them; equal "
               "FLOPs mean equal cost."]
     lines += ["", "<details><summary>All metrics (KID, precision/recall, costs, timings)</summary>", "",
-              "| metric | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
-    for k in keys:
-        if k not in headline:
-            lines.append(f"| {k} | " + " | ".join(_fmt(flat[v].get(k, "")) for v in variants) + " |")
+              *_metric_table(variants, flat, [k for k in keys if k not in headline])]
     lines += ["", "</details>"]
     lines += ["", "## Does the paper's ordering hold here?", "", PAPER_NOTE, ""]
     lines += _verdicts(variants, flat, analysis)

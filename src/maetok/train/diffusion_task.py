@@ -34,18 +34,15 @@ def snapshots(run_dir: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
-class DiffusionTask(Task):
-    def __init__(self, cfg: DiffusionRunConfig, device: torch.device, latent_mean: float, latent_std: float,
-                 tokenizer: nn.Module | None = None, num_classes: int = 0):
-        self.cfg, self.device = cfg, device
-        self.mean, self.std = latent_mean, latent_std
-        self.tokenizer = tokenizer.to(device).eval().requires_grad_(False) if tokenizer is not None else None
-        self.model = SiT.from_config(cfg.model).to(device)
-        self.model.transport_path = cfg.transport.path  # saved with the weights (and the EMA copy's), for the SDE
-        self.losses: list[tuple[int, float]] = []
-        self.preview_labels = None
-        if cfg.model.num_classes:
-            self.preview_labels = torch.arange(16) % cfg.model.num_classes
+class LatentTask(Task):
+    """A task trained on normalised tokenizer latents (diffusion training, distillation): batches from a latent
+    cache (z, z_flip, y) or images encoded online by the frozen `tokenizer`, flipped on the main RNG. Subclasses
+    set cfg (its data.random_flip), tokenizer, mean, std and num_classes (0: unconditional)."""
+    cfg: Any
+    tokenizer: nn.Module | None
+    mean: float
+    std: float
+    num_classes: int
 
     def latents_from_batch(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         flip = self.cfg.data.random_flip
@@ -60,14 +57,25 @@ class DiffusionTask(Task):
             with torch.no_grad():
                 z = self.tokenizer.encode(images)
         z = (z.float() - self.mean) / self.std
-        return z, (y.long() if self.cfg.model.num_classes else None)
+        return z, (y.long() if self.num_classes else None)
 
     def check_batch(self, batch: Any) -> None:
         """The labels' range, on the host before the batch moves (SiT checks shapes only)."""
-        n = self.cfg.model.num_classes
-        if not n:
-            return
-        check_labels(torch.as_tensor(batch[-1]), n, "training labels")
+        if self.num_classes:
+            check_labels(torch.as_tensor(batch[-1]), self.num_classes, "training labels")
+
+
+class DiffusionTask(LatentTask):
+    def __init__(self, cfg: DiffusionRunConfig, device: torch.device, latent_mean: float, latent_std: float,
+                 tokenizer: nn.Module | None = None, num_classes: int = 0):
+        self.cfg, self.device = cfg, device
+        self.mean, self.std = latent_mean, latent_std
+        self.tokenizer = tokenizer.to(device).eval().requires_grad_(False) if tokenizer is not None else None
+        self.model = SiT.from_config(cfg.model).to(device)
+        self.model.transport_path = cfg.transport.path  # saved with the weights (and the EMA copy's), for the SDE
+        self.losses: list[tuple[int, float]] = []
+        self.num_classes = cfg.model.num_classes
+        self.preview_labels = torch.arange(16) % self.num_classes if self.num_classes else None
 
     def training_step(self, model: nn.Module, batch: Any, step: int) -> dict[str, torch.Tensor]:
         x0, y = self.latents_from_batch(batch)

@@ -41,14 +41,12 @@ import torch.nn as nn
 from ..config import ConfigError, DiffusionRunConfig, from_dict, load_yaml, without_validation
 from ..config.distill import DistillConfig, DistillRunConfig
 from ..data.images import save_image_grid
-from ..diffusion.labels import check_labels
 from ..diffusion.samplers import sample
 from ..diffusion.shortcut import shortcut_loss, student_sample_config
 from ..diffusion.sit import SiT
 from ..io.pretrained import CONFIG_FILE, load_sit, save_pretrained
 from ..io.rundir import read_run_marker
-from .loop import Task
-from .randomness import pick_flipped
+from .diffusion_task import LatentTask
 
 log = logging.getLogger("maetok.train")
 
@@ -132,7 +130,7 @@ def student_from_teacher(teacher: SiT, distill: DistillConfig) -> SiT:
 # --------------------------------------------------------------------------------------------------------------
 # The task
 # --------------------------------------------------------------------------------------------------------------
-class DistillTask(Task):
+class DistillTask(LatentTask):
     def __init__(self, cfg: DistillRunConfig, device: torch.device, teacher: SiT, latent_mean: float,
                  latent_std: float, tokenizer: nn.Module | None = None):
         self.cfg, self.device = cfg, device
@@ -143,26 +141,6 @@ class DistillTask(Task):
         student_sample_config(self.model.config, cfg.sample)  # the preview grids' settings, refused now if wrong
         self.num_classes = self.model.config.num_classes
         self.preview_labels = torch.arange(16) % self.num_classes if self.num_classes else None
-
-    def latents_from_batch(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        flip = self.cfg.data.random_flip
-        if len(batch) == 3:  # latent cache: (z, z_flip, y); pick flipped or not per item
-            z, z_flip, y = batch
-            if flip:
-                z = pick_flipped(z, z_flip)
-        else:  # images encoded online
-            images, y = batch
-            if flip:
-                images = pick_flipped(images, images.flip(-1))
-            with torch.no_grad():
-                z = self.tokenizer.encode(images)
-        z = (z.float() - self.mean) / self.std
-        return z, (y.long() if self.num_classes else None)
-
-    def check_batch(self, batch: Any) -> None:
-        """The labels' range, on the host before the batch moves (SiT checks shapes only)."""
-        if self.num_classes:
-            check_labels(torch.as_tensor(batch[-1]), self.num_classes, "training labels")
 
     def training_step(self, model: nn.Module, batch: Any, step: int) -> dict[str, torch.Tensor]:
         x0, y = self.latents_from_batch(batch)
