@@ -53,7 +53,7 @@ def check_prefix_tokens(tokenizer, tokens: int | None) -> int | None:
     if tokens is None:
         return None
     try:
-        return tokenizer._check_tokens(int(tokens))
+        return tokenizer.check_tokens(int(tokens))
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

@@ -223,7 +223,7 @@ class MAETok(nn.Module):
         """Images (B, C, H, W) in [-1, 1] -> latent (B, k, C), the first k = `tokens` of the L tokens (default L).
         VAE: the posterior mean unless `sample`."""
         self._check_images(images)
-        k = self._check_tokens(self.config.latent_tokens if tokens is None else tokens)
+        k = self.check_tokens(self.config.latent_tokens if tokens is None else tokens)
         h = self.encoder(images)
         if self.config.variant == "vae":
             mean, logvar = _split_posterior(h)
@@ -236,7 +236,7 @@ class MAETok(nn.Module):
         cfg = self.config
         L, C = cfg.latent_tokens, cfg.latent_dim
         own = z.shape[1] if z.dim() == 3 and z.shape[1] in cfg.allowed_token_counts else L
-        k = self._check_tokens(own if tokens is None else tokens)
+        k = self.check_tokens(own if tokens is None else tokens)
         if z.dim() != 3 or z.shape[2] != C or z.shape[1] not in (k, L):
             want = f"(B, {L}, {C})" if k == L else f"(B, {k}, {C}) or (B, {L}, {C})"
             raise ValueError(f"decode expects latents of shape {want}, got {tuple(z.shape)}")
@@ -291,7 +291,7 @@ class MAETok(nn.Module):
         keep = torch.arange(z.shape[1], device=z.device) < tokens[:, None]
         return torch.where(keep[..., None], z, self.absent_latent.to(z.dtype)), tokens
 
-    def _check_tokens(self, tokens: int) -> int:
+    def check_tokens(self, tokens: int) -> int:
         """The API boundary for prefix lengths: one clear line naming the lengths this tokenizer was trained on."""
         allowed, L = self.config.allowed_token_counts, self.config.latent_tokens
         if tokens not in allowed:
