@@ -7,9 +7,11 @@ from pathlib import Path
 
 import torch
 
+from ..config import ConfigError
 from ..data import open_dataset
 from ..data.datasets import held_out_split
 from ..data.images import save_image_grid
+from ..data.latents import check_prefix_tokens
 from ..eval.recon import psnr, ssim, to_uint8_levels
 from ..io.pretrained import load_tokenizer
 from .common import CLIError, finished_output
@@ -21,10 +23,10 @@ def cmd_tokenizer_reconstruct(args: argparse.Namespace) -> int:
     # Before loading anything: a second run into the same folder would overwrite the first one's results.
     finished_output(args.out, RECON_FILES, "reconstructions", args.force)
     model = load_tokenizer(args.model)
-    allowed = model.config.allowed_token_counts
-    if args.tokens is not None and args.tokens not in allowed:
-        raise CLIError(f"--tokens {args.tokens}: {args.model} decodes from K in {allowed} of its "
-                       f"{model.config.latent_tokens} latent tokens")
+    try:  # before the images are opened, with the rule and message `latents cache` and `eval recon` use
+        check_prefix_tokens(model, args.tokens)
+    except ConfigError as e:
+        raise CLIError(f"--tokens {args.tokens}: --model {args.model}: {e}") from None
     size = model.config.image_size
     split = args.split or held_out_split(args.images)  # no --split: test/, else val/
     ds = open_dataset(args.images, split=split, image_size=size, limit=args.num_samples)
