@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -339,3 +340,27 @@ def test_quick_pilot_produces_the_report(tmp_path: Path):
     out = Path(os.environ.get("MAETOK_PILOT_OUT", tmp_path / "pilot"))
     assert main(["demo", "--out", str(out)]) == 0
     _check_report(out, ["ae", "vae", "maetok"])
+
+
+def test_pilot_resume_verified_passes_over_a_damaged_checkpoint(tmp_path: Path, capsys):
+    """An interrupted training stage whose newest checkpoint is damaged: --resume refuses it in one line (exit 3)
+    naming --resume=verified, which continues from the checkpoint before it, as `tokenizer train` does."""
+    out = tmp_path / "pilot"
+    args = ["pilot", "--budget", "smoke", "--variants", "ae", "--out", str(out), "--device", "cpu",
+            "--tokenizer-set", "train.ckpt_every=10", "diffusion_steps=8"]
+    assert main(args) == 0
+    # Make the tokenizer stage look interrupted at its last checkpoint, and damage that checkpoint.
+    run_dir = out / "ae" / "tokenizer"
+    shutil.rmtree(run_dir / "model")
+    results = json.loads((out / "ae" / "results.json").read_text())
+    stage = next(k for k in results if k.startswith("tokenizer"))
+    (out / "ae" / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != stage}))
+    newest = sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))[-1]
+    newest.write_bytes(newest.read_bytes()[:1000])
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 3
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("maetok:")]  # not the log
+    assert len(err) == 1 and newest.name in err[0] and "--resume=verified" in err[0], err
+    assert main([*args, "--resume=verified"]) == 0
+    assert (run_dir / "model" / "config.json").is_file()
+    assert "resuming from ckpt-" in (run_dir / "train.log").read_text()

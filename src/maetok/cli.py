@@ -338,7 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="quick", choices=["smoke", "quick", "standard", "full"])
     p.add_argument("--out", default="runs/pilot")
     p.add_argument("--inception", action="store_true", help="also compute Inception FIDs (slow on CPU)")
-    p.add_argument("--resume", action="store_true", help="continue a pilot in --out")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="verified",
+                   help="continue a pilot in --out: its finished stages are kept, an interrupted training stage "
+                   "continues from its newest checkpoint (--resume=verified: the newest that verifies)")
     p.add_argument("--force", action="store_true", help="delete --out and start over")
     p.add_argument("--device", default="auto", type=_device_type(indexed=False), help=TRAIN_DEVICE_HELP)
     p.add_argument("--collective-timeout", type=_positive_seconds, default=None, metavar="SECONDS",

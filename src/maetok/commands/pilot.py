@@ -10,16 +10,18 @@ from ..io.distributed import resolve_device
 from ..pilot import PilotInterrupted, pilot_settings, run_pilot
 from ..pilot.target_sets import with_target_sets
 from .common import out_folder
+from .training import resume_request
 
 
 def cmd_pilot(args: argparse.Namespace) -> int:
     out_folder(args.out, "pilots")
-    settings = pilot_settings(args.budget, args.overrides, args.tokenizer_set, args.diffusion_set)
+    resume, overrides = resume_request(args)  # an override right after a bare --resume is an override
+    settings = pilot_settings(args.budget, overrides, args.tokenizer_set, args.diffusion_set)
     # Each set of --target-sets takes maetok's place; its target names are checked by run_pilot, once a resumed
     # pilot's plugins are loaded again.
     variants = with_target_sets(args.variants.split(","), args.target_sets)
     try:
-        report = run_pilot(args.data, variants, args.budget, Path(args.out), resume=args.resume,
+        report = run_pilot(args.data, variants, args.budget, Path(args.out), resume=resume,
                            force=args.force, device=resolve_device(args.device), inception=args.inception,
                            settings=settings, collective_timeout=args.collective_timeout)
     except PilotInterrupted as e:

@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 from ..config import ConfigError
 from ..io.distributed import DistInfo, barrier, cleanup, init_distributed
 from ..io.pretrained import load_tokenizer
-from ..io.rundir import RunDirExists
+from ..io.rundir import RunDirExists, resume_mode
 from ..io.weights import ensure_weights, required_weights
 from ..plugins import reload_plugins
 from ..train.run import setup_logging
@@ -54,7 +54,7 @@ def check_fidelity(fidelity: str) -> None:
         raise ConfigError(f"unknown pilot fidelity {fidelity!r}; choose one of {', '.join(FIDELITIES)}")
 
 
-def run_pilot(data_spec: str, variants: list[str], budget: str, out: Path, resume: bool = False,
+def run_pilot(data_spec: str, variants: list[str], budget: str, out: Path, resume: bool | str = False,
               force: bool = False, device: str = "cpu", inception: bool = False,
               settings: PilotBudget | None = None, collective_timeout: float | None = None,
               fidelity: str = "full") -> Path | None:
@@ -62,8 +62,11 @@ def run_pilot(data_spec: str, variants: list[str], budget: str, out: Path, resum
     `settings`: the budget's settings when changed from BUDGETS[budget] (see `pilot_settings`).
     `collective_timeout`: seconds a rank may wait for the others (default PILOT_COLLECTIVE_TIMEOUT); past it the
     waiting collective raises with a traceback instead of hanging.
-    `fidelity`: "full" (every stage), or "latent" (no diffusion model, sampling or cost: see the module's doc)."""
+    `fidelity`: "full" (every stage), or "latent" (no diffusion model, sampling or cost: see the module's doc).
+    `resume`: True or "latest" (an interrupted training stage continues from its newest checkpoint, refused when
+    that does not verify), or "verified" (from the newest checkpoint that verifies)."""
     check_fidelity(fidelity)
+    resume = resume_mode(resume)
     timeout = PILOT_COLLECTIVE_TIMEOUT if collective_timeout is None else timedelta(seconds=collective_timeout)
     dist = init_distributed(device, timeout=timeout)
     if not dist.enabled:
@@ -98,7 +101,8 @@ def run_pilot(data_spec: str, variants: list[str], budget: str, out: Path, resum
             results, folder = open_variant_results(plan, variant, dist), plan.variant_dir(variant)
             for run in plan.tokenizer_runs[variant]:  # MAETok: stage 1, then decoder fine-tuning on its encoder
                 if results.pending(run.stage):
-                    results.record(run.stage, train_tokenizer(run.config, folder / run.folder, dist))
+                    results.record(run.stage, train_tokenizer(run.config, folder / run.folder, dist,
+                                                                     resume))
             tokenizer = load_tokenizer(plan.tokenizer_dir(variant) / "model").to(dist.device)
             if results.pending("reconstruction"):
                 results.record("reconstruction", evaluate_reconstruction(plan, variant, tokenizer, data, space, dist))
@@ -112,7 +116,7 @@ def run_pilot(data_spec: str, variants: list[str], budget: str, out: Path, resum
                 continue
             if results.pending("diffusion_train"):
                 results.record("diffusion_train", train_diffusion(plan.diffusion_runs[variant], folder / "diffusion",
-                                                                  dist))
+                                                                  dist, resume))
             for sampling in plan.sampling:
                 if results.pending(f"generation_{sampling}"):
                     results.record(f"generation_{sampling}",

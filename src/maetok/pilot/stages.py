@@ -203,20 +203,24 @@ def _finished(summary: dict, run_dir: Path) -> dict:
     return {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool, type(None)))}
 
 
-def train_tokenizer(config, run_dir: Path, dist: DistInfo) -> dict:
-    """Train a tokenizer run into `run_dir`, resuming an interrupted one there; a finished one is not redone."""
+def train_tokenizer(config, run_dir: Path, dist: DistInfo, resume: str | None = "latest") -> dict:
+    """Train a tokenizer run into `run_dir`, resuming an interrupted one there (`resume`: from which checkpoint, see
+    `resume_checkpoint`); a finished one is not redone."""
     finished, started = _run_state(run_dir, dist)
     if finished:
         return {"skipped": ALREADY_TRAINED}
-    return _finished(run_tokenizer(config, run_dir, resume=started, force=False, device=dist.device.type), run_dir)
+    return _finished(run_tokenizer(config, run_dir, resume=(resume or "latest") if started else False, force=False,
+                                  device=dist.device.type), run_dir)
 
 
-def train_diffusion(config, run_dir: Path, dist: DistInfo) -> dict:
-    """Train a diffusion run into `run_dir`, resuming an interrupted one there; a finished one is not redone."""
+def train_diffusion(config, run_dir: Path, dist: DistInfo, resume: str | None = "latest") -> dict:
+    """Train a diffusion run into `run_dir`, resuming an interrupted one there (`resume`: from which checkpoint, see
+    `resume_checkpoint`); a finished one is not redone."""
     finished, started = _run_state(run_dir, dist)
     if finished:
         return {"skipped": ALREADY_TRAINED}
-    return _finished(run_diffusion(config, run_dir, resume=started, force=False, device=dist.device.type), run_dir)
+    return _finished(run_diffusion(config, run_dir, resume=(resume or "latest") if started else False, force=False,
+                                  device=dist.device.type), run_dir)
 
 
 def cache_variant_latents(plan: PilotPlan, variant: str, tokenizer, data: PilotData, dist: DistInfo) -> dict:
