@@ -12,10 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from common import RESULTS_DIR, machine, markdown_table, utc_now, write_json
 from maetok.pilot.budgets import as_overrides
@@ -68,6 +72,39 @@ def verdict(best: dict, default: dict, lower: bool) -> str:
     return f"{diff:+.3g} (2 SE {2 * se:.2g}): {word} seed noise"
 
 
+def plot_seeds(result: dict, path: Path) -> None:
+    """Each seed's value and the mean ± sd per configuration, one panel per KPI: the spread is the yardstick."""
+    names = [n for n in KPIS if n != "psnr@2000"]
+    fig = Figure(figsize=(3.2 * len(names), 3.2), dpi=120)
+    FigureCanvasAgg(fig)
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(1, len(names), i + 1)
+        for x, which in enumerate(("default", "best")):
+            values, stats = result[name][which]["per_seed"], result[name][which]
+            ax.scatter([x] * len(values), values, color=f"C{x}", alpha=0.6)
+            ax.errorbar(x + 0.15, stats["mean"], yerr=stats["sd"], fmt="s", color=f"C{x}", capsize=4)
+        ax.set_xticks([0, 1], ["default", "sweep's best"])
+        ax.set_xlim(-0.5, 1.5)
+        ax.set_title(name.replace("[resnet56-cifar10]@2000", "") + (" (lower is better)" if KPIS[name] else ""),
+                     fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def copy_reports(pilots: dict[str, list[Path]], dest: Path) -> dict[str, list[str]]:
+    """Each pilot's report (markdown and JSON) under dest/<configuration>-<n>/, so the table can be traced."""
+    copied = {}
+    for which, dirs in pilots.items():
+        copied[which] = []
+        for n, pilot in enumerate(dirs):
+            folder = dest / f"{which}-{n}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in ("report.md", "report.json"):
+                shutil.copyfile(pilot / name, folder / name)
+            copied[which].append(folder.name)
+    return copied
+
+
 def collect(pilots: dict[str, list[Path]], dest: Path, sweep: Path) -> None:
     kpis = {which: [read_kpis(p) for p in dirs] for which, dirs in pilots.items()}
     rows, result = [], {}
@@ -81,8 +118,10 @@ def collect(pilots: dict[str, list[Path]], dest: Path, sweep: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     write_json(dest / "sweep-seeds.json", {"kpis": result, "pilots": {w: [str(p) for p in d] for w, d in
                                                                       pilots.items()},
+                                           "reports": copy_reports(pilots, dest),
                                            "best_settings": best_settings(sweep), "machine": machine(),
                                            "date": utc_now()})
+    plot_seeds(result, dest / "sweep-seeds.png")
     table = markdown_table(["metric", "default: mean ± sd (per seed)", "sweep's best: mean ± sd (per seed)",
                             "best - default"], rows)
     (dest / "sweep-seeds.md").write_text(
