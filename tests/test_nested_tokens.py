@@ -71,6 +71,18 @@ def test_training_decodes_from_random_prefixes_and_aux_sees_full_z():
     assert model.eval()(torch.rand(2, 3, 16, 16)).tokens is None  # eval decodes the full length
 
 
+def test_full_length_probability_sets_how_often_all_tokens_are_kept():
+    """token_full_prob=p: a sample keeps all L tokens with probability p, the shorter lengths share the rest."""
+    model = tiny_model("model.token_dropout=nested", "model.token_counts=[1,2,4]", "model.token_full_prob=0.75")
+    _, tokens = model.drop_tail_tokens(torch.zeros(20000, 4, 4), torch.Generator().manual_seed(0))
+    share = {k: (tokens == k).float().mean().item() for k in (1, 2, 4)}
+    assert set(tokens.tolist()) == {1, 2, 4}
+    assert abs(share[4] - 0.75) < 0.015 and abs(share[1] - 0.125) < 0.01 and abs(share[2] - 0.125) < 0.01
+    uniform = tiny_model("model.token_dropout=nested", "model.token_counts=[1,2,4]")
+    _, tokens = uniform.drop_tail_tokens(torch.zeros(20000, 4, 4), torch.Generator().manual_seed(0))
+    assert all(abs((tokens == k).float().mean().item() - 1 / 3) < 0.015 for k in (1, 2, 4))
+
+
 @pytest.mark.parametrize("variant", ["maetok", "vae", "ae"])
 def test_option_off_is_the_model_without_the_option(variant: str):
     plain, off = tiny_model(f"model.variant={variant}"), tiny_model(f"model.variant={variant}",
@@ -119,6 +131,9 @@ def test_bad_prefix_lengths_get_one_clear_line():
     (["model.token_dropout=nested", "model.token_counts=[0,4]"], r"in \[1, model.latent_tokens=4\]"),
     (["model.token_dropout=nested", "model.token_counts=[2,6]"], "must be increasing"),
     (["model.token_dropout=tail"], "not allowed"),
+    (["model.token_full_prob=0.5"], "needs model.token_dropout=nested"),
+    (["model.token_dropout=nested", "model.token_full_prob=1.5"], r"must lie in \[0, 1\]"),
+    (["model.token_dropout=nested", "model.token_counts=[4]", "model.token_full_prob=0.5"], "a length below 4"),
 ])
 def test_config_rejects_bad_token_counts(override: list[str], needle: str):
     with pytest.raises(ConfigError, match=needle):

@@ -83,6 +83,9 @@ class TokenizerConfig:
     # tokens, so that any k in `token_counts` decodes alone (coarse first, detail later). [] = every k in 1..L.
     token_dropout: Literal["none", "nested"] = "none"
     token_counts: list[int] = field(default_factory=list)
+    # How often a training sample keeps all L tokens; the shorter lengths share the rest equally. Raising it buys
+    # back full-length quality at the prefixes' expense. None: every allowed length equally often.
+    token_full_prob: float | None = None
     # Global latent statistics, measured after training; normalize(z) = (z - mean) / std.
     latent_mean: float = 0.0
     latent_std: float = 1.0
@@ -140,6 +143,11 @@ class TokenizerConfig:
         if counts and (any(not 1 <= k <= L for k in counts) or counts != sorted(set(counts)) or counts[-1] != L):
             raise ConfigError(f"{key}.token_counts={counts} must be increasing, each in [1, {key}.latent_tokens="
                               f"{L}], and end with {L}")
+        full = self.token_full_prob
+        if full is not None and (self.token_dropout == "none" or not 0.0 <= full <= 1.0
+                                 or len(self.allowed_token_counts) < 2):
+            raise ConfigError(f"{key}.token_full_prob={full} needs {key}.token_dropout=nested with a length below "
+                              f"{L} to train, and must lie in [0, 1]")
 
 
 @dataclass

@@ -276,17 +276,23 @@ class MAETok(nn.Module):
 
     def drop_tail_tokens(self, z: torch.Tensor,
                          generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Nested ("tail") token dropout: per sample, k drawn uniformly from the allowed prefix lengths; tokens
-        k..L-1 become the learned `absent_latent`. Returns (z with tails replaced, k per sample).
+        """Nested ("tail") token dropout: per sample, k drawn from the allowed prefix lengths (uniformly, or L with
+        probability `token_full_prob` and the shorter ones uniformly otherwise); tokens k..L-1 become the learned
+        `absent_latent`. Returns (z with tails replaced, k per sample).
 
         Why a learned absent token rather than a shorter sequence or an attention mask: the decoder's sequence,
         its L-row position embedding and its adaLN modulation from z on the latent rows all stay as they are,
         so every variant and the official weights take it unchanged, and `decode` of a k-prefix is the same
         computation as in training (pad with the absent token). Both z and its modulation see the same stand-in.
         """
-        counts = torch.tensor(self.config.allowed_token_counts)
-        pick = torch.randint(len(counts), (z.shape[0],), generator=generator,
-                             device=generator.device if generator is not None else "cpu")
+        counts, full = torch.tensor(self.config.allowed_token_counts), self.config.token_full_prob
+        draw_on = generator.device if generator is not None else "cpu"
+        if full is None:
+            pick = torch.randint(len(counts), (z.shape[0],), generator=generator, device=draw_on)
+        else:  # a shorter length for every sample, then L instead for a `full` fraction of them
+            pick = torch.randint(len(counts) - 1, (z.shape[0],), generator=generator, device=draw_on)
+            keep_all = torch.rand(z.shape[0], generator=generator, device=draw_on) < full
+            pick = torch.where(keep_all, len(counts) - 1, pick)
         tokens = counts[pick.cpu()].to(z.device)
         keep = torch.arange(z.shape[1], device=z.device) < tokens[:, None]
         return torch.where(keep[..., None], z, self.absent_latent.to(z.dtype)), tokens
