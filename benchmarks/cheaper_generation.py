@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nested", type=Path, help="finished pilot whose tokenizer has nested token dropout")
     ap.add_argument("--fixed", type=Path, help="finished pilot with the same settings, without nested dropout")
+    ap.add_argument("--also-nested", type=Path, nargs="*", default=[], metavar="PILOT",
+                    help="more finished nested-dropout pilots (e.g. another model.token_full_prob), measured in "
+                         "reconstruction only, each labelled by the tokenizer settings it changes")
     ap.add_argument("--variant", help="the variant in --nested (default: its first)")
     ap.add_argument("--fixed-variant", help="the variant in --fixed (default: its first)")
     ap.add_argument("--out", type=Path, default=Path("runs/cheaper-generation"))
@@ -143,6 +146,7 @@ class Context:
     data: PilotData
     state: dict
     num_samples: int
+    also_nested: dict[str, Pilot] = field(default_factory=dict)  # label -> pilot, reconstruction only
     _tokenizers: dict = field(default_factory=dict)
 
     @property
@@ -179,6 +183,14 @@ class Context:
 def open_context(args: argparse.Namespace) -> Context:
     nested, data = open_pilot(args.nested, args.variant)
     fixed, _ = open_pilot(args.fixed, args.fixed_variant, data)
+    also = {}
+    for folder in args.also_nested:
+        pilot, _ = open_pilot(folder, None, data)
+        changed = settings_differences(pilot, nested)
+        if pilot.plan.settings.tokenizer.get("model.latent_tokens") != nested.plan.settings.tokenizer.get(
+                "model.latent_tokens"):
+            raise SystemExit(f"--also-nested {folder}: another latent token count than --nested's")
+        also["nested[" + ", ".join(f"{k.removeprefix('tokenizer.')}={v[0]}" for k, v in changed.items()) + "]"] = pilot
     if (nested.recorded["data"], nested.plan.n_eval) != (fixed.recorded["data"], fixed.plan.n_eval):
         raise SystemExit(f"the pilots measure on different data or counts: {nested.recorded['data']} "
                          f"(n_eval {nested.plan.n_eval}) and {fixed.recorded['data']} (n_eval {fixed.plan.n_eval})")
@@ -196,11 +208,13 @@ def open_context(args: argparse.Namespace) -> Context:
     state["pilots"] = {name: {"folder": str(p.folder), "variant": p.variant, "data": p.recorded["data"],
                               "budget": p.recorded["budget"], "settings": p.recorded["settings"],
                               "n_eval": p.plan.n_eval} for name, p in (("nested", nested), ("fixed", fixed))}
+    state["pilots"] |= {label: {"folder": str(p.folder), "variant": p.variant, "settings": p.recorded["settings"]}
+                        for label, p in also.items()}
     state["settings_differ"] = settings_differences(nested, fixed)
     state["pilot_sampling"] = {name: to_dict(cfg) for name, cfg in nested.plan.sampling.items()}
     args.out.mkdir(parents=True, exist_ok=True)
     return Context(args.out, DistInfo(device=torch.device(args.device)), nested, fixed, data, state,
-                   settings["num_samples"])
+                   settings["num_samples"], also)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -229,14 +243,15 @@ def reconstruct(tokenizer, space: FeatureSpace, tokens: int | None, device: torc
 def stage_reconstruction(ctx: Context) -> None:
     """Lever 1: the nested tokenizer from its first k tokens, and the fixed tokenizer at L, measured alike. The
     pilots' own reconstruction records are kept beside (they should agree at L)."""
-    points = [(f"nested-k{k}", ctx.nested, k) for k in ctx.ks] + [(f"fixed-k{ctx.L}", ctx.fixed, None)]
-    for key, pilot, k in points:
+    tokenizers = {"nested": ctx.nested, **ctx.also_nested}
+    points = [(f"{label}-k{k}", label, pilot, k) for label, pilot in tokenizers.items() for k in ctx.ks]
+    for key, label, pilot, k in points + [(f"fixed-k{ctx.L}", "fixed", ctx.fixed, None)]:
         if key in ctx.state.get("reconstruction", {}):
             continue
         started = time.perf_counter()
         record = reconstruct(ctx.tokenizer(pilot), ctx.space, k, ctx.device)
         own = pilot.results()["reconstruction"] if k in (None, ctx.L) else {}
-        ctx.save("reconstruction", key, {"tokenizer": "nested" if pilot is ctx.nested else "fixed",
+        ctx.save("reconstruction", key, {"tokenizer": label,
                                          "tokens": k or ctx.L, **record, "pilot_record": own,
                                          "wall_s": time.perf_counter() - started})
     print(f"[1/4] reconstruction from k in {ctx.ks} tokens, and the fixed tokenizer at {ctx.L}: done", flush=True)

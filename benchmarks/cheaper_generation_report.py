@@ -45,10 +45,11 @@ def _pct(a: float, b: float) -> float:
     return 100.0 * (a - b) / b
 
 
-def price_of_option(state: dict, L: int) -> dict:
-    """What nested dropout costs at full length: the nested tokenizer's numbers at L against the fixed one's."""
-    rec, gen = state["reconstruction"], state.get("generation", {})
-    nested, fixed = rec[f"nested-k{L}"], rec[f"fixed-k{L}"]
+def price_of_option(state: dict, L: int, tokenizer: str = "nested") -> dict:
+    """What nested dropout costs at full length: a nested tokenizer's numbers at L against the fixed one's (and
+    gFID for "nested", the one with diffusion models)."""
+    rec, gen = state["reconstruction"], state.get("generation", {}) if tokenizer == "nested" else {}
+    nested, fixed = rec[f"{tokenizer}-k{L}"], rec[f"fixed-k{L}"]
     out = {"rfid_nested": nested["rfid"], "rfid_nested_se": nested["rfid_se"], "rfid_fixed": fixed["rfid"],
            "rfid_fixed_se": fixed["rfid_se"], "rfid_pct": _pct(nested["rfid"], fixed["rfid"]),
            "psnr_db": nested["psnr"] - fixed["psnr"], "ssim": nested["ssim"] - fixed["ssim"]}
@@ -60,6 +61,22 @@ def price_of_option(state: dict, L: int) -> dict:
             out[f"gfid_{guidance}_nested"], out[f"gfid_{guidance}_fixed"] = a["gfid"], b["gfid"]
             out[f"gfid_{guidance}_pct"] = _pct(a["gfid"], b["gfid"])
     return out
+
+
+def other_nested(state: dict) -> list[str]:
+    """The labels of the nested tokenizers measured in reconstruction only (--also-nested)."""
+    return sorted({r["tokenizer"] for r in state["reconstruction"].values()} - {"nested", "fixed"})
+
+
+def _price_line(price: dict, L: int, label: str) -> str:
+    line = (f"Price of the option at full length ({label} vs fixed at k = L = {L}): rFID {price['rfid_pct']:+.1f}% "
+            f"({_pm(price['rfid_nested'], price['rfid_nested_se'])} vs "
+            f"{_pm(price['rfid_fixed'], price['rfid_fixed_se'])}), PSNR {price['psnr_db']:+.2f} dB, SSIM "
+            f"{price['ssim']:+.3f}")
+    if "gfid_cfg_pct" in price:
+        line += (f"; gFID with CFG {price['gfid_cfg_pct']:+.1f}% ({price['gfid_cfg_nested']:.2f} vs "
+                 f"{price['gfid_cfg_fixed']:.2f})")
+    return line + "."
 
 
 def build_result(state: dict) -> dict:
@@ -75,7 +92,9 @@ def build_result(state: dict) -> dict:
             "feature_net": state.get("feature_net"), "pilot_sampling": state["pilot_sampling"], "latent_tokens": L,
             "models": state.get("models", {}), "distill": state.get("distill", {}).get("student"),
             "reconstruction": sorted(state["reconstruction"].values(), key=lambda r: (r["tokenizer"], r["tokens"])),
-            "price_of_option_at_L": price_of_option(state, L), "generation": list(points.values()),
+            "price_of_option_at_L": price_of_option(state, L),
+            "price_of_other_nested_at_L": {t: price_of_option(state, L, t) for t in other_nested(state)},
+            "generation": list(points.values()),
             "pareto_front": front}
 
 
@@ -110,12 +129,9 @@ def markdown(result: dict) -> str:
              f"{nested['n_eval']} held-out images under `{net}`, ± the bootstrap standard error of the samples drawn.",
              "", "## 1. Fewer tokens: reconstruction", "",
              markdown_table(["tokenizer", "k", "k / L", f"rFID[{net}] ± SE", "PSNR (dB)", "SSIM"], rec_rows), "",
-             f"Price of the option at full length (nested vs fixed at k = L = {L}): rFID "
-             f"{price['rfid_pct']:+.1f}% ({_pm(price['rfid_nested'], price['rfid_nested_se'])} vs "
-             f"{_pm(price['rfid_fixed'], price['rfid_fixed_se'])}), PSNR {price['psnr_db']:+.2f} dB, SSIM "
-             f"{price['ssim']:+.3f}" + (f"; gFID with CFG {price['gfid_cfg_pct']:+.1f}% "
-                                        f"({price['gfid_cfg_nested']:.2f} vs {price['gfid_cfg_fixed']:.2f})"
-                                        if "gfid_cfg_pct" in price else "") + ".", "",
+             _price_line(price, L, "nested"), "",
+             *(line for label, other in result["price_of_other_nested_at_L"].items()
+               for line in (_price_line(other, L, f"`{label}`"), "")),
              f"## 2. Fewer tokens: generation ({pilot_sampler}, the pilot's sampler)", "",
              markdown_table(["model", "k", "guidance", *gen_head], tok_rows), "",
              "## 3. Fewer steps: teacher (k = L) and distilled student", "",
@@ -138,9 +154,11 @@ def plot_reconstruction(result: dict, path: Path) -> None:
     for i, (metric, label) in enumerate((("rfid", "rFID (lower is better)"), ("psnr", "PSNR dB (higher is better)"))):
         ax = fig.add_subplot(1, 2, i + 1)
         nested = rows.get("nested", [])
-        se = [r["rfid_se"] for r in nested] if metric == "rfid" else None
-        ax.errorbar([r["tokens"] for r in nested], [r[metric] for r in nested], yerr=se, marker="o", capsize=3,
-                    label="nested dropout, first k tokens")
+        for j, (tokenizer, curve) in enumerate((t, c) for t, c in rows.items() if t != "fixed"):
+            se = [r["rfid_se"] for r in curve] if metric == "rfid" else None
+            name = "nested dropout" if tokenizer == "nested" else tokenizer
+            ax.errorbar([r["tokens"] for r in curve], [r[metric] for r in curve], yerr=se, marker="os^v"[j % 4],
+                        capsize=3, color=f"C{j}", label=f"{name}, first k tokens")
         for r in rows.get("fixed", []):
             ax.errorbar([r["tokens"]], [r[metric]], yerr=[r["rfid_se"]] if metric == "rfid" else None, marker="*",
                         markersize=12, linestyle="none", color="C3", capsize=3, label=f"fixed length (L = {L})")

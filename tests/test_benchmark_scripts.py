@@ -189,14 +189,19 @@ def test_cheaper_generation_measures_every_lever_on_two_smoke_pilots_and_resumes
         return tmp_path / name
 
     nested, fixed = pilot("nested", nested_set), pilot("fixed", [])
+    full_more = pilot("nested-full", [*nested_set, "model.token_full_prob=0.75"])  # reconstruction only
     out, results = tmp_path / "cheaper", tmp_path / "results"
-    argv = ["--nested", str(nested), "--fixed", str(fixed), "--out", str(out), "--distill-steps", "2",
+    argv = ["--nested", str(nested), "--fixed", str(fixed), "--also-nested", str(full_more), "--out", str(out),
+            "--distill-steps", "2",
             "--steps-list", "1", "2", "--num-samples", "16", "--distill-set", "train.batch_size=16"]
     assert cheaper_generation.main(argv) == 0
     assert cheaper_generation.main(["--out", str(out), "--collect", "--results", str(results)]) == 0
     result = json.loads((results / "cheaper-generation.json").read_text())
+    other = "nested[model.token_full_prob=0.75]"
     assert {(r["tokenizer"], r["tokens"]) for r in result["reconstruction"]} == \
-        {("nested", 4), ("nested", 8), ("nested", 12), ("nested", 16), ("fixed", 16)}
+        {(t, k) for t in ("nested", other) for k in (4, 8, 12, 16)} | {("fixed", 16)}
+    assert set(result["price_of_other_nested_at_L"]) == {other}
+    assert f"Price of the option at full length (`{other}` vs fixed" in (results / "cheaper-generation.md").read_text()
     assert all(r["rfid"] >= 0 and r["psnr"] > 0 and r["num_images"] == 16 for r in result["reconstruction"])
     for r in result["reconstruction"]:  # at L, measured as the pilots measured their own
         if r["tokens"] == 16:
