@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The committed cheaper-generation results on CIFAR-10 (benchmarks/results/cheaper-generation): a MAETok with
-# nested token dropout (HOG target, k in 8/16/24/32) at the standard pilot budget, one that keeps all tokens
-# more often, the same MAETok without it
-# (the maetok[hog] variant of benchmarks/pilot_target_sets.sh, run that first), then the three levers
+# nested token dropout (HOG target, k in 8/16/24/32) at the standard pilot budget, one that keeps all tokens half
+# the time, and the same MAETok without it (the maetok[hog] variant of benchmarks/pilot_target_sets.sh, run that
+# first), then the three levers
 # (benchmarks/cheaper_generation.py). One thread; resumable: run it again to continue.
 # usage: bash benchmarks/cheaper_generation.sh [RUNS]   (default runs); then
 #        .venv/bin/python benchmarks/cheaper_generation.py --out RUNS/cheaper-generation --collect
