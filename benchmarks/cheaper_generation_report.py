@@ -226,17 +226,21 @@ def readme(result: dict) -> str:
     pilot = result["pilot_sampling"]["cfg"]
     differ = ", ".join(f"`{k}`" for k in result["settings_differ"]) or "nothing"
     steps = " ".join(map(str, s["steps_list"]))
+    also = {label: p for label, p in result["pilots"].items() if label not in ("nested", "fixed")}
     return "\n".join([
         "# Cheaper generation: fewer tokens, fewer steps, a distilled student", "",
         "Made by `benchmarks/cheaper_generation.py` from two finished pilots of the same data and budget:", "",
         f"    python benchmarks/cheaper_generation.py --nested {nested['folder']} --fixed {fixed['folder']} \\",
+        *([f"        --also-nested {' '.join(p['folder'] for p in also.values())} \\"] if also else []),
         f"        --out {result['out']} --distill-steps {s['distill_steps']} --steps-list {steps}"
         + (f" --num-samples {s['num_samples']}" if s["num_samples"] != nested["n_eval"] else "")
         + (f" --distill-set {' '.join(s['distill_set'])}" if s["distill_set"] else ""),
         f"    python benchmarks/cheaper_generation.py --out {result['out']} --collect", "",
         f"- `--nested` (`{nested['variant']}` of `{nested['data']}`, `{nested['budget']}` budget) trained its "
         f"tokenizer with nested token dropout; `--fixed` (`{fixed['variant']}`) is the same pilot without it (the "
-        f"pilots' settings differ in {differ}).",
+        f"pilots' settings differ in {differ})."
+        + "".join(f" `--also-nested` `{label}` is another nested-dropout pilot, measured in reconstruction only."
+                  for label in also),
         f"- Reconstruction: the {nested['n_eval']} held-out images the pilot scores, encoded to the first k of "
         f"L = {result['latent_tokens']} tokens and decoded; rFID, PSNR and SSIM as the pilot computes them "
         "(uint8 levels), the fixed tokenizer's measured the same way (its pilot's own numbers are in the JSON).",
