@@ -27,6 +27,8 @@ from maetok.pilot.budgets import as_overrides
 # What the comparison reads from each pilot's report.json (the maetok column), lower-is-better flag.
 KPIS = {"gfid[resnet56-cifar10]@2000 (nocfg)": True, "gfid[resnet56-cifar10]@2000 (cfg)": True,
         "rfid[resnet56-cifar10]@2000": True, "probe_top1@2000": False, "psnr@2000": False}
+# What generating an image costs each configuration (set by its token count: the same for every seed).
+COSTS = ("generation_gflops_per_image_nocfg", "generation_gflops_per_image_cfg")
 
 
 def best_settings(sweep: Path) -> list[str]:
@@ -105,8 +107,13 @@ def copy_reports(pilots: dict[str, list[Path]], dest: Path) -> dict[str, list[st
     return copied
 
 
+def read_costs(pilot: Path) -> dict[str, float]:
+    return {name: json.loads((pilot / "report.json").read_text())["maetok"][name] for name in COSTS}
+
+
 def collect(pilots: dict[str, list[Path]], dest: Path, sweep: Path) -> None:
     kpis = {which: [read_kpis(p) for p in dirs] for which, dirs in pilots.items()}
+    costs = {which: read_costs(dirs[0]) for which, dirs in pilots.items()}
     rows, result = [], {}
     for name, lower in KPIS.items():
         stats = {which: summary([k[name] for k in runs]) for which, runs in kpis.items()}
@@ -118,7 +125,7 @@ def collect(pilots: dict[str, list[Path]], dest: Path, sweep: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     write_json(dest / "sweep-seeds.json", {"kpis": result, "pilots": {w: [str(p) for p in d] for w, d in
                                                                       pilots.items()},
-                                           "reports": copy_reports(pilots, dest),
+                                           "costs": costs, "reports": copy_reports(pilots, dest),
                                            "best_settings": best_settings(sweep), "machine": machine(),
                                            "date": utc_now()})
     plot_seeds(result, dest / "sweep-seeds.png")
@@ -126,7 +133,9 @@ def collect(pilots: dict[str, list[Path]], dest: Path, sweep: Path) -> None:
                             "best - default"], rows)
     (dest / "sweep-seeds.md").write_text(
         "# The sweep's best configuration vs the default, 3 tokenizer seeds each (standard budget, CIFAR-10)\n\n"
-        f"{table}\n\n'Beyond' means the difference of the means exceeds twice its standard error (Welch, "
+        f"{table}\n\nGeneration GFLOPs per image (SiT forwards + decode; without / with CFG): default "
+        f"{costs['default'][COSTS[0]]:.3f} / {costs['default'][COSTS[1]]:.3f}, sweep's best "
+        f"{costs['best'][COSTS[0]]:.3f} / {costs['best'][COSTS[1]]:.3f}.\n\n'Beyond' means the difference of the means exceeds twice its standard error (Welch, "
         "n = 3 per side: a rough test).\n")
     print(f"wrote {dest}")
 

@@ -234,3 +234,42 @@ def test_cheaper_generation_measures_every_lever_on_two_smoke_pilots_and_resumes
         monkeypatch.setattr(cheaper_generation, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} ran again"))
     assert cheaper_generation.main(argv) == 0
     assert (out / "measurements.json").read_text() == state
+
+
+def test_sweep_seeds_compares_the_best_and_the_default_over_seeds(benchmarks, tmp_path):
+    """The table, verdicts, costs, copied reports and plot of `sweep_seeds.py --collect`, from made-up pilots."""
+    import sweep_seeds
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "report.json").write_text(json.dumps({"best": [{"settings": {
+        "tokenizer.model.latent_tokens": 27, "tokenizer.model.mask.ratio_mean": 0.5}}]}))
+    gfid = {"default": [25.0, 24.0, 26.0], "best": [20.0, 20.5, 19.5]}  # best ahead beyond the spread
+    probe = {"default": [0.47, 0.48, 0.46], "best": [0.46, 0.49, 0.47]}  # a tie
+    pilots = {}
+    for which in ("default", "best"):
+        pilots[which] = []
+        for seed in range(3):
+            folder = tmp_path / f"{which}-seed{seed}"
+            folder.mkdir()
+            kpis = {name: 20.0 for name in sweep_seeds.KPIS} | {
+                "gfid[resnet56-cifar10]@2000 (nocfg)": gfid[which][seed], "probe_top1@2000": probe[which][seed]}
+            costs = {name: 1.0 if which == "default" else 0.85 for name in sweep_seeds.COSTS}
+            (folder / "report.json").write_text(json.dumps({"maetok": kpis | costs}))
+            (folder / "report.md").write_text(f"# {which} {seed}\n")
+            pilots[which].append(folder)
+    dest = tmp_path / "results"
+    sweep_seeds.collect(pilots, dest, sweep)
+    result = json.loads((dest / "sweep-seeds.json").read_text())
+    gfid_row = result["kpis"]["gfid[resnet56-cifar10]@2000 (nocfg)"]
+    assert gfid_row["default"]["mean"] == pytest.approx(25.0) and gfid_row["best"]["per_seed"] == gfid["best"]
+    assert gfid_row["best_minus_default"].startswith("-5 ") and "best ahead beyond seed noise" in \
+        gfid_row["best_minus_default"]
+    assert "within seed noise" in result["kpis"]["probe_top1@2000"]["best_minus_default"]
+    assert result["best_settings"] == ["--tokenizer-set", "model.latent_tokens=27", "--tokenizer-set",
+                                       "model.mask.ratio_mean=0.5"]
+    assert result["costs"]["best"]["generation_gflops_per_image_nocfg"] == 0.85
+    assert (dest / "best-2" / "report.md").read_text() == "# best 2\n"
+    md = (dest / "sweep-seeds.md").read_text()
+    assert "default 1.000 / 1.000, sweep's best 0.850 / 0.850" in md
+    assert (dest / "sweep-seeds.png").stat().st_size > 0
