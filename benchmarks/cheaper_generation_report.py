@@ -6,8 +6,9 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
-from common import machine, machine_line, markdown_table, utc_now, write_json
+from common import RESULTS_DIR, machine, machine_line, markdown_table, utc_now, write_json
 
 # Families of generation points in the figure: (label, marker, filled).
 K_CFG, K_NOCFG, FIXED = "k tokens, pilot sampler + CFG", "k tokens, pilot sampler, no CFG", "fixed tokenizer at L"
@@ -212,6 +213,10 @@ def plot_cost(result: dict, path: Path) -> None:
     speed.set_ylabel("images/s measured (sampling + decoding)")
     threads = result["machine"].get("torch_threads")
     speed.set_title(f"Measured speed (torch threads: {threads}; see the JSON's machine)", fontsize=9)
+    for axis in (ax.xaxis, speed.xaxis, speed.yaxis):  # plain numbers at 1, 2, 5 x 10^n, none between
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(FormatStrFormatter("%g"))
+        axis.set_minor_formatter(NullFormatter())
     fig.tight_layout()
     fig.savefig(path)
 
@@ -219,7 +224,7 @@ def plot_cost(result: dict, path: Path) -> None:
 # --------------------------------------------------------------------------------------------------------------
 # The folder
 # --------------------------------------------------------------------------------------------------------------
-def readme(result: dict) -> str:
+def readme(result: dict, dest: Path) -> str:
     nested, fixed, s = result["pilots"]["nested"], result["pilots"]["fixed"], result["settings"]
     net = (result["feature_net"] or {}).get("feature_net", "the pilot's feature network")
     distill = result["distill"] or {}
@@ -227,6 +232,7 @@ def readme(result: dict) -> str:
     differ = ", ".join(f"`{k}`" for k in result["settings_differ"]) or "nothing"
     steps = " ".join(map(str, s["steps_list"]))
     also = {label: p for label, p in result["pilots"].items() if label not in ("nested", "fixed")}
+    # Paths under the repository are shown relative to it: the commands run from its root.
     return "\n".join([
         "# Cheaper generation: fewer tokens, fewer steps, a distilled student", "",
         "Made by `benchmarks/cheaper_generation.py` from two finished pilots of the same data and budget:", "",
@@ -235,7 +241,8 @@ def readme(result: dict) -> str:
         f"        --out {result['out']} --distill-steps {s['distill_steps']} --steps-list {steps}"
         + (f" --num-samples {s['num_samples']}" if s["num_samples"] != nested["n_eval"] else "")
         + (f" --distill-set {' '.join(s['distill_set'])}" if s["distill_set"] else ""),
-        f"    python benchmarks/cheaper_generation.py --out {result['out']} --collect", "",
+        f"    python benchmarks/cheaper_generation.py --out {result['out']} --collect"
+        + ("" if dest.resolve() == RESULTS_DIR / "cheaper-generation" else f" --results {dest}"), "",
         f"- `--nested` (`{nested['variant']}` of `{nested['data']}`, `{nested['budget']}` budget) trained its "
         f"tokenizer with nested token dropout; `--fixed` (`{fixed['variant']}`) is the same pilot without it (the "
         f"pilots' settings differ in {differ})."
@@ -261,7 +268,7 @@ def readme(result: dict) -> str:
         "other jobs on the machine the GFLOPs are the comparable cost.", "",
         "Files: `cheaper-generation.json` (every point, with settings and paths), `cheaper-generation.md` (a table "
         "per lever), `reconstruction.png` (rFID and PSNR against k), `gflops_vs_gfid.png` (gFID and images/s "
-        "against GFLOPs per image, the Pareto front circled)."])
+        "against GFLOPs per image, the Pareto front circled)."]).replace(f"{RESULTS_DIR.parent.parent}/", "")
 
 
 def collect(state: dict, dest: Path) -> dict:
@@ -272,7 +279,7 @@ def collect(state: dict, dest: Path) -> dict:
     (dest / "cheaper-generation.md").write_text(md + "\n")
     plot_reconstruction(result, dest / "reconstruction.png")
     plot_cost(result, dest / "gflops_vs_gfid.png")
-    (dest / "README.md").write_text(readme(result) + "\n")
+    (dest / "README.md").write_text(readme(result, dest) + "\n")
     print(md)
     return result
 
