@@ -101,8 +101,7 @@ def run_pilot(data_spec: str, variants: list[str], budget: str, out: Path, resum
             results, folder = open_variant_results(plan, variant, dist), plan.variant_dir(variant)
             for run in plan.tokenizer_runs[variant]:  # MAETok: stage 1, then decoder fine-tuning on its encoder
                 if results.pending(run.stage):
-                    results.record(run.stage, train_tokenizer(run.config, folder / run.folder, dist,
-                                                                     resume))
+                    results.record(run.stage, train_tokenizer(run.config, folder / run.folder, dist, resume))
             tokenizer = load_tokenizer(plan.tokenizer_dir(variant) / "model").to(dist.device)
             if results.pending("reconstruction"):
                 results.record("reconstruction", evaluate_reconstruction(plan, variant, tokenizer, data, space, dist))
