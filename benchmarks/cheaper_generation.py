@@ -190,7 +190,8 @@ def open_context(args: argparse.Namespace) -> Context:
         if pilot.plan.settings.tokenizer.get("model.latent_tokens") != nested.plan.settings.tokenizer.get(
                 "model.latent_tokens"):
             raise SystemExit(f"--also-nested {folder}: another latent token count than --nested's")
-        also["nested[" + ", ".join(f"{k.removeprefix('tokenizer.')}={v[0]}" for k, v in changed.items()) + "]"] = pilot
+        also["nested[" + ", ".join(k.removeprefix("tokenizer.") + (" unset" if v[0] is None else f"={v[0]}")
+                                   for k, v in changed.items()) + "]"] = pilot
     if (nested.recorded["data"], nested.plan.n_eval) != (fixed.recorded["data"], fixed.plan.n_eval):
         raise SystemExit(f"the pilots measure on different data or counts: {nested.recorded['data']} "
                          f"(n_eval {nested.plan.n_eval}) and {fixed.recorded['data']} (n_eval {fixed.plan.n_eval})")

@@ -235,7 +235,8 @@ def readme(result: dict, dest: Path) -> str:
     # Paths under the repository are shown relative to it: the commands run from its root.
     return "\n".join([
         "# Cheaper generation: fewer tokens, fewer steps, a distilled student", "",
-        "Made by `benchmarks/cheaper_generation.py` from two finished pilots of the same data and budget:", "",
+        "Made by `benchmarks/cheaper_generation.py` from finished pilots of the same data and budget (`bash "
+        "benchmarks/cheaper_generation.sh` runs the CIFAR-10 pilots and then this):", "",
         f"    python benchmarks/cheaper_generation.py --nested {nested['folder']} --fixed {fixed['folder']} \\",
         *([f"        --also-nested {' '.join(p['folder'] for p in also.values())} \\"] if also else []),
         f"        --out {result['out']} --distill-steps {s['distill_steps']} --steps-list {steps}"
