@@ -273,3 +273,27 @@ def test_sweep_seeds_compares_the_best_and_the_default_over_seeds(benchmarks, tm
     md = (dest / "sweep-seeds.md").read_text()
     assert "default 1.000 / 1.000, sweep's best 0.850 / 0.850" in md
     assert (dest / "sweep-seeds.png").stat().st_size > 0
+
+
+def test_nested_draw_tables_rfid_per_prefix_for_each_draw_and_seed(benchmarks, tmp_path):
+    """`nested_draw.py --collect` from made-up pilot folders: the full length from the main reconstruction, the
+    prefixes from prefix_reconstruction, a mean per draw."""
+    import nested_draw
+
+    pilots = {}
+    for name, offset in (("uniform-seed0", 4.0), ("uniform-seed1", 6.0), ("full50-seed0", 0.0)):
+        variant = tmp_path / name / nested_draw.VARIANT_DIR
+        (variant / "tokenizer-ft" / "model").mkdir(parents=True)
+        (variant / "tokenizer-ft" / "model" / "config.json").write_text(json.dumps({"config": {"latent_tokens": 4}}))
+        (variant / "results.json").write_text(json.dumps({
+            "reconstruction": {"rfid[net]@16": 20.0 + offset, "psnr@16": 18.0},
+            "prefix_reconstruction": {"tokens": [1, 2], "rfid": [22.0 + offset, 21.0 + offset], "psnr": [17, 17.5]}}))
+        pilots[name] = tmp_path / name
+    dest = tmp_path / "results"
+    nested_draw.collect(pilots, dest)
+    result = json.loads((dest / "nested-draw.json").read_text())
+    assert result["curves"]["uniform-seed1"] == {"1": {"rfid": 28.0, "psnr": 17}, "2": {"rfid": 27.0, "psnr": 17.5},
+                                                 "4": {"rfid": 26.0, "psnr": 18.0}}
+    assert result["mean_rfid"]["uniform"] == {"1": 27.0, "2": 26.0, "4": 25.0}
+    assert result["mean_rfid"]["full50"] == {"1": 22.0, "2": 21.0, "4": 20.0}
+    assert "| uniform: mean rFID over 2 seeds | 27.00 | 26.00 | 25.00 |" in (dest / "nested-draw.md").read_text()
