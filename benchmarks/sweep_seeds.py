@@ -135,8 +135,8 @@ def collect(pilots: dict[str, list[Path]], dest: Path, sweep: Path) -> None:
         "# The sweep's best configuration vs the default, 3 tokenizer seeds each (standard budget, CIFAR-10)\n\n"
         f"{table}\n\nGeneration GFLOPs per image (SiT forwards + decode; without / with CFG): default "
         f"{costs['default'][COSTS[0]]:.3f} / {costs['default'][COSTS[1]]:.3f}, sweep's best "
-        f"{costs['best'][COSTS[0]]:.3f} / {costs['best'][COSTS[1]]:.3f}.\n\n'Beyond' means the difference of the means exceeds twice its standard error (Welch, "
-        "n = 3 per side: a rough test).\n")
+        f"{costs['best'][COSTS[0]]:.3f} / {costs['best'][COSTS[1]]:.3f}.\n\n'Beyond' means the difference of the "
+        "means exceeds twice its standard error (Welch, n = 3 per side: a rough test).\n")
     print(f"wrote {dest}")
 
 
