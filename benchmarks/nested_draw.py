@@ -27,6 +27,7 @@ VARIANT_DIR = "maetok-hog"
 
 
 def run(draw: str, seed: int, data: str, out: Path) -> None:
+    """One latent-fidelity pilot of `draw` at tokenizer seed `seed` in out/<draw>-seed<seed> (resumed if there)."""
     folder = out / f"{draw}-seed{seed}"
     settings = pilot_settings("standard", [], [*NESTED, *DRAWS[draw], f"train.seed={seed}"], [])
     run_pilot(data, with_target_sets(["maetok"], "hog"), "standard", folder, resume=folder.exists(),
@@ -37,7 +38,10 @@ def read_curve(pilot: Path) -> dict[int, dict[str, float]]:
     """rFID and PSNR per prefix length k, the full length from the pilot's main reconstruction."""
     results = json.loads((pilot / VARIANT_DIR / "results.json").read_text())
     full, prefix = results["reconstruction"], results["prefix_reconstruction"]
-    pick = lambda start: next(v for k, v in full.items() if k.startswith(start))  # noqa: E731 (two uses)
+
+    def pick(prefix_of_name: str) -> float:  # the metric's name carries its feature net and sample count
+        return next(v for k, v in full.items() if k.startswith(prefix_of_name))
+
     curve = {k: {"rfid": r, "psnr": p} for k, r, p in zip(prefix["tokens"], prefix["rfid"], prefix["psnr"])}
     stage = next(d for d in (pilot / VARIANT_DIR / "tokenizer-ft", pilot / VARIANT_DIR / "tokenizer") if d.is_dir())
     length = json.loads((stage / "model" / "config.json").read_text())["config"]["latent_tokens"]
