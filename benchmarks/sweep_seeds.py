@@ -54,9 +54,10 @@ def run_pilot(data: str, out: Path, settings: list[str], seed: int) -> None:
     subprocess.run(command, check=True)
 
 
-def read_kpis(pilot: Path) -> dict[str, float]:
+def read_maetok(pilot: Path, names) -> dict[str, float]:
+    """The named metrics of the pilot's maetok column (report.json)."""
     report = json.loads((pilot / "report.json").read_text())
-    return {name: report["maetok"][name] for name in KPIS}
+    return {name: report["maetok"][name] for name in names}
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -107,13 +108,9 @@ def copy_reports(pilots: dict[str, list[Path]], dest: Path) -> dict[str, list[st
     return copied
 
 
-def read_costs(pilot: Path) -> dict[str, float]:
-    return {name: json.loads((pilot / "report.json").read_text())["maetok"][name] for name in COSTS}
-
-
 def collect(pilots: dict[str, list[Path]], dest: Path, sweep: Path) -> None:
-    kpis = {which: [read_kpis(p) for p in dirs] for which, dirs in pilots.items()}
-    costs = {which: read_costs(dirs[0]) for which, dirs in pilots.items()}
+    kpis = {which: [read_maetok(p, KPIS) for p in dirs] for which, dirs in pilots.items()}
+    costs = {which: read_maetok(dirs[0], COSTS) for which, dirs in pilots.items()}
     rows, result = [], {}
     for name, lower in KPIS.items():
         stats = {which: summary([k[name] for k in runs]) for which, runs in kpis.items()}

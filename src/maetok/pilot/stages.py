@@ -187,11 +187,12 @@ def real_images(dataset: Dataset, n: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 # Training and latents
 # --------------------------------------------------------------------------------------------------------------
-def _run_state(run_dir: Path, dist: DistInfo) -> tuple[bool, bool]:
-    """(finished, started) of a training run's folder, as every rank sees it before rank 0 creates anything."""
+def _run_state(run_dir: Path, dist: DistInfo, resume: str | None) -> tuple[bool, str | bool]:
+    """(finished, how to start the run) for a training run's folder, as every rank sees it before rank 0 creates
+    anything: a folder already there holds an interrupted run, resumed from the checkpoint `resume` picks."""
     finished, started = (run_dir / "model" / "config.json").is_file(), run_dir.exists()
     barrier(dist)
-    return finished, started
+    return finished, (resume or "latest") if started else False
 
 
 def _finished(summary: dict, run_dir: Path) -> dict:
@@ -206,21 +207,19 @@ def _finished(summary: dict, run_dir: Path) -> dict:
 def train_tokenizer(config, run_dir: Path, dist: DistInfo, resume: str | None = "latest") -> dict:
     """Train a tokenizer run into `run_dir`, resuming an interrupted one there (`resume`: from which checkpoint, see
     `resume_checkpoint`); a finished one is not redone."""
-    finished, started = _run_state(run_dir, dist)
+    finished, resume = _run_state(run_dir, dist, resume)
     if finished:
         return {"skipped": ALREADY_TRAINED}
-    return _finished(run_tokenizer(config, run_dir, resume=(resume or "latest") if started else False, force=False,
-                                  device=dist.device.type), run_dir)
+    return _finished(run_tokenizer(config, run_dir, resume=resume, force=False, device=dist.device.type), run_dir)
 
 
 def train_diffusion(config, run_dir: Path, dist: DistInfo, resume: str | None = "latest") -> dict:
     """Train a diffusion run into `run_dir`, resuming an interrupted one there (`resume`: from which checkpoint, see
     `resume_checkpoint`); a finished one is not redone."""
-    finished, started = _run_state(run_dir, dist)
+    finished, resume = _run_state(run_dir, dist, resume)
     if finished:
         return {"skipped": ALREADY_TRAINED}
-    return _finished(run_diffusion(config, run_dir, resume=(resume or "latest") if started else False, force=False,
-                                  device=dist.device.type), run_dir)
+    return _finished(run_diffusion(config, run_dir, resume=resume, force=False, device=dist.device.type), run_dir)
 
 
 def cache_variant_latents(plan: PilotPlan, variant: str, tokenizer, data: PilotData, dist: DistInfo) -> dict:
